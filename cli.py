@@ -1,0 +1,133 @@
+"""python cli.py <command> ...: the toolkit's one entry point. It parses arguments and calls the packages.
+
+Commands: `backbones` (what can embed images) and `extract` (images to a feature store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+
+from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, WeightsUnavailable
+from extract.manifest import ManifestError
+from extract.preprocess import VIEWS
+from extract.run import PRECISIONS, ConfigError, ExtractConfig, Summary, extract
+from features.store import FeatureStore, StoreError
+
+USER_ERRORS = (ManifestError, BackboneError, WeightsUnavailable, StoreError, ConfigError)
+"""Errors caused by input or options: printed as one clear message, exit status 2, no traceback."""
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    print(f"{'backbone':<20} {'dim':>5} {'input':>6}  {'default weights':<66} present")
+    for name, family in REGISTRY.items():
+        present = "yes" if family.weights_present() else f"no ({family.default_file()})"
+        print(f"{name:<20} {family.dim:>5} {family.preprocess.crop:>4}px  {family.default_weights:<66} {present}")
+    print(f"\nAny torchvision classification model also works as {TORCHVISION_PREFIX}<name>, e.g. "
+          f"{TORCHVISION_PREFIX}convnext_tiny (its DEFAULT weights, recorded by exact name).")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    cfg = ExtractConfig(**{k: v for k, v in vars(args).items() if k in ExtractConfig.__dataclass_fields__})
+    summary = extract(cfg)
+    print(describe(summary))
+    return 1 if cfg.strict and summary.failed else 0
+
+
+def describe(summary: Summary, max_failures: int = 20) -> str:
+    """What an extraction wrote: rows, labels, each backbone's provenance, this run's work, failures."""
+    store = FeatureStore(summary.store)
+    samples = store.samples()
+    labels = Counter(label for label in samples.label if label)
+    lines = [
+        f"wrote {summary.store}: {len(samples)} rows, {sum(labels.values())} labelled "
+        f"({', '.join(f'{k} {v}' for k, v in labels.most_common()) or 'no labels'}), "
+        f"{len(set(samples.group))} groups, {len(store.failed())} failed"
+    ]
+    for name in store.backbones:
+        a = store.backbone_attrs(name)
+        random = "  RANDOM INIT (--weights none)" if a.get("random_init") else ""
+        lines.append(
+            f"  {name}: {a['dim']}-d, {int(store.done(name).sum())}/{len(samples)} rows done, "
+            f"weights {a['weights']}, {a['input_size']} px, {a['precision']}, views {a['views']}, "
+            f"fingerprint {a['fingerprint']}{random}"
+        )
+    embedded = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
+    lines.append(f"this run: embedded {embedded} in {summary.seconds:.1f} s")
+    if summary.failed:
+        lines.append(f"{len(summary.failed)} images of this data set could not be used (kept under /failed):")
+        lines += [f"  {i}: {reason}" for i, reason in list(summary.failed.items())[:max_failures]]
+        if len(summary.failed) > max_failures:
+            lines.append(f"  ... and {len(summary.failed) - max_failures} more")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("backbones", help="list backbones, dims, input sizes, weight status")
+    listing.set_defaults(func=cmd_backbones)
+
+    d = ExtractConfig()
+    ex = commands.add_parser(
+        "extract",
+        help="embed a data set with frozen backbones into a feature store",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ex.add_argument("--data", required=True, help="class-folder tree, CSV manifest, HAM10000_metadata.csv or ISIC one-hot CSV")
+    ex.add_argument("--images", default=d.images, help="folder that CSV paths and bare image ids are relative to")
+    ex.add_argument("--backbone", required=True, help="backbone name(s), comma-separated (see `backbones`)")
+    ex.add_argument("--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone")
+    ex.add_argument("--out", default=d.out, help="feature store to write or extend")
+    ex.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
+    ex.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
+    ex.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    ex.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
+    ex.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
+    ex.add_argument("--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)")
+    ex.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
+    ex.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
+    ex.set_defaults(func=cmd_extract)
+    return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (it may be replaced, e.g. by a test harness)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _Format(logging.Formatter):
+    """Plain messages; warnings and errors say so."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = _StderrHandler()
+    handler.setFormatter(_Format())
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

