@@ -86,9 +86,11 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB by scaling (never clipping) and alpha compositing."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         return _high_depth_to_rgb8(img)
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBa", "La", "PA", "LA"):
+    if img.mode == "La":  # premultiplied; Pillow converts it only to LA
+        img = img.convert("LA")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # a colour key or palette alpha
+        img = img.convert("RGBA")
+    if img.mode in ("RGBa", "PA", "LA"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
         background = Image.new("RGB", img.size, ALPHA_BACKGROUND)

@@ -1,0 +1,65 @@
+"""Peak memory and speed of `cli.py extract` against the number of images (it should not grow).
+
+Runs EfficientNet-Lite0 (real weights) on the first N images of ../shared/data/ham10000_mel_nv_150
+for each N, each in a fresh process, decoding in that process (--workers 0) so that its peak resident
+memory covers everything; prints images/s and peak RSS.
+
+    python bench/extract_memory.py [--sizes 250,1000,2000] [--precision auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+
+
+def one(n: int, precision: str, workdir: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from extract.run import ExtractConfig, extract
+
+    rows = list(csv.DictReader(open(DATA / "labels.csv")))[:n]
+    manifest = workdir / f"first{n}.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    started = time.monotonic()
+    summary = extract(ExtractConfig(data=str(manifest), images=str(DATA), backbone="efficientnet_lite0",
+                                    out=str(workdir / f"first{n}.h5"), workers=0, precision=precision))
+    seconds = time.monotonic() - started
+    return {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "embedded": summary.embedded["efficientnet_lite0"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="250,1000,2000")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.precision, Path(args.workdir))))
+        return
+    print(f"{'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12}   (efficientnet_lite0, precision {args.precision})")
+    with tempfile.TemporaryDirectory() as workdir:
+        for n in [int(s) for s in args.sizes.split(",")]:
+            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--workdir", workdir,
+                                  "--precision", args.precision], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{r['images']:>7} {r['seconds']:>8} {r['images_per_s']:>9} {r['peak_rss_mb']:>12}")
+
+
+if __name__ == "__main__":
+    main()
