@@ -289,8 +289,11 @@ def assemble(
     journal: Journal,
     root_attrs: dict,
     overwrite: bool,
+    required: list[str],
 ) -> None:
     """Write the store with `samples` rows, the journal's embeddings and failures; rename into place.
+
+    Every id in `required` must end up embedded by every backbone of `layouts`, or listed as failed.
 
     Rows of `samples` begin with the existing store's rows in their order. Backbones in the store but
     not in `layouts` are kept (grown with undone rows); a backbone whose fingerprint changed is
@@ -324,6 +327,11 @@ def assemble(
             samples.sha256 = [sha.get(i, "") for i in samples.image_id]
             _write_samples(f, samples)
             _write_failed(f, {i: r for i, r in failed.items() if i in row_of})
+            rows = np.array([row_of[i] for i in required if i not in failed], dtype=np.int64)
+            for name, group in groups.items():  # every row filled (as dinov2 asserts it)
+                missing = rows[~group["done"][()][rows]]
+                if len(missing):
+                    raise RuntimeError(f"{name}: {len(missing)} rows were not embedded, e.g. {samples.image_id[missing[0]]}")
         os.replace(tmp, store)
     except BaseException:
         tmp.unlink(missing_ok=True)
