@@ -89,11 +89,11 @@ class ExtractConfig:
 
 
 def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
+    return device
 
 
 def resolve_precision(precision: str, device: str) -> str:
