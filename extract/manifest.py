@@ -12,11 +12,12 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from extract.images import IMAGE_SUFFIXES
+from features.store import Samples
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "file": ("path", "image", "image_id", "image_name", "filename", "file"),
@@ -32,21 +33,13 @@ class ManifestError(ValueError):
 
 
 @dataclass
-class Manifest:
-    """One row per image, in the order images will be stored."""
+class Manifest(Samples):
+    """The rows of a data set (as the store's /samples table, files not yet hashed) and their origin."""
 
-    source: str
-    kind: str
-    root: Path
+    source: str = ""
+    kind: str = ""
+    root: Path = Path(".")
     """Folder that `path` entries are relative to (the data root recorded in the store)."""
-    image_id: list[str] = field(default_factory=list)
-    path: list[str] = field(default_factory=list)
-    label: list[str] = field(default_factory=list)
-    group: list[str] = field(default_factory=list)
-    meta: dict[str, list[str]] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.image_id)
 
     def file(self, row: int) -> Path:
         return self.root / self.path[row]
@@ -66,6 +59,7 @@ class Manifest:
                 + (" ..." if len(duplicates) > 5 else "")
             )
         self.group = [g or i for g, i in zip(self.group, self.image_id)]
+        self.sha256 = [""] * len(self)  # hashed when the images are read
         return self
 
 

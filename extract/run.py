@@ -154,17 +154,6 @@ def _collate(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dic
 # ----------------------------------------------------------------------------------------- planning
 
 
-def _manifest_samples(manifest: Manifest) -> Samples:
-    return Samples(
-        image_id=list(manifest.image_id),
-        path=list(manifest.path),
-        label=list(manifest.label),
-        group=list(manifest.group),
-        sha256=[""] * len(manifest),
-        meta={k: list(v) for k, v in manifest.meta.items()},
-    )
-
-
 def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
     identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": "torch"}
     return {
@@ -192,7 +181,7 @@ def _plan(
     """The store's rows after this run, and per backbone which of them this run must embed."""
     old = FeatureStore(out) if out.is_file() else None
     old_samples = old.samples() if old else Samples()
-    merged = merge_samples(old_samples, _manifest_samples(manifest))
+    merged = merge_samples(old_samples, manifest)
     n_old = len(old_samples)
     in_manifest = np.zeros(len(merged), dtype=bool)
     row_of = {image_id: row for row, image_id in enumerate(merged.image_id)}
