@@ -25,8 +25,10 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     for name, family in REGISTRY.items():
         present = "yes" if family.weights_present() else f"no ({family.default_file()})"
         print(f"{name:<20} {family.dim:>5} {family.preprocess.crop:>4}px  {family.default_weights:<66} {present}")
-    print(f"\nAny torchvision classification model also works as {TORCHVISION_PREFIX}<name>, e.g. "
-          f"{TORCHVISION_PREFIX}convnext_tiny (its DEFAULT weights, recorded by exact name).")
+    print(
+        f"\nAny torchvision classification model also works as {TORCHVISION_PREFIX}<name>, e.g. "
+        f"{TORCHVISION_PREFIX}convnext_tiny (its DEFAULT weights, recorded by exact name)."
+    )
     return 0
 
 
@@ -78,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed a data set with frozen backbones into a feature store",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ex.add_argument("--data", required=True, help="class-folder tree, CSV manifest, HAM10000_metadata.csv or ISIC one-hot CSV")
+    ex.add_argument(
+        "--data", required=True, help="class-folder tree, CSV manifest, HAM10000_metadata.csv or ISIC one-hot CSV"
+    )
     ex.add_argument("--images", default=d.images, help="folder that CSV paths and bare image ids are relative to")
     ex.add_argument("--backbone", required=True, help="backbone name(s), comma-separated (see `backbones`)")
-    ex.add_argument("--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone")
+    ex.add_argument(
+        "--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone"
+    )
     ex.add_argument("--out", default=d.out, help="feature store to write or extend")
     ex.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
     ex.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")

@@ -34,12 +34,24 @@ def one(n: int, precision: str, workdir: Path) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     started = time.monotonic()
-    summary = extract(ExtractConfig(data=str(manifest), images=str(DATA), backbone="efficientnet_lite0",
-                                    out=str(workdir / f"first{n}.h5"), workers=0, precision=precision))
+    summary = extract(
+        ExtractConfig(
+            data=str(manifest),
+            images=str(DATA),
+            backbone="efficientnet_lite0",
+            out=str(workdir / f"first{n}.h5"),
+            workers=0,
+            precision=precision,
+        )
+    )
     seconds = time.monotonic() - started
-    return {"images": n, "seconds": round(seconds, 1), "images_per_s": round(n / seconds, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "embedded": summary.embedded["efficientnet_lite0"]}
+    return {
+        "images": n,
+        "seconds": round(seconds, 1),
+        "images_per_s": round(n / seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "embedded": summary.embedded["efficientnet_lite0"],
+    }
 
 
 def main() -> None:
@@ -52,11 +64,18 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, args.precision, Path(args.workdir))))
         return
-    print(f"{'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12}   (efficientnet_lite0, precision {args.precision})")
+    print(
+        f"{'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12}"
+        f"   (efficientnet_lite0, precision {args.precision})"
+    )
     with tempfile.TemporaryDirectory() as workdir:
         for n in [int(s) for s in args.sizes.split(",")]:
-            out = subprocess.run([sys.executable, __file__, "--one", str(n), "--workdir", workdir,
-                                  "--precision", args.precision], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(n), "--workdir", workdir, "--precision", args.precision],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{r['images']:>7} {r['seconds']:>8} {r['images_per_s']:>9} {r['peak_rss_mb']:>12}")
 

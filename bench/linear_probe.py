@@ -50,7 +50,9 @@ def main() -> None:
         for backbone in [args.backbone] if args.backbone else store.backbones:
             attrs = store.backbone_attrs(backbone)
             auc = probe_auc(store, backbone)
-            print(f"{path:<40} {backbone:<20} {attrs['precision']:<9} {int(store.done(backbone).sum()):>5} {auc:>18.4f}")
+            print(
+                f"{path:<40} {backbone:<20} {attrs['precision']:<9} {int(store.done(backbone).sum()):>5} {auc:>18.4f}"
+            )
 
 
 if __name__ == "__main__":

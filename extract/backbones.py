@@ -301,12 +301,10 @@ def get_family(name: str) -> Family:
     if name in REGISTRY:
         return REGISTRY[name]
     if name.startswith(TORCHVISION_PREFIX):
-        model = name[len(TORCHVISION_PREFIX):]
+        model = name[len(TORCHVISION_PREFIX) :]
         known = torchvision.models.list_models(module=torchvision.models)
         if model not in known:
-            raise BackboneError(
-                f"unknown torchvision classification model {model!r}; known: {', '.join(known)}"
-            )
+            raise BackboneError(f"unknown torchvision classification model {model!r}; known: {', '.join(known)}")
         return TorchvisionFamily(model, name=name)
     raise BackboneError(
         f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}, or torchvision:<model> for any "

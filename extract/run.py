@@ -44,6 +44,7 @@ from features.store import (
 
 log = logging.getLogger("extract")
 
+
 class ConfigError(ValueError):
     """An option value that cannot work; raised before any image is read."""
 
@@ -175,8 +176,20 @@ def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
     }
 
 
+def _refuse_other_settings(out: Path, layouts: list[BackboneLayout], overwrite: bool) -> None:
+    """A store's embeddings made with another fingerprint are never mixed with new ones."""
+    if overwrite or not out.is_file():
+        return
+    store = FeatureStore(out)
+    for layout in layouts:
+        if layout.name in store.backbones:
+            stored = store.backbone_attrs(layout.name)
+            if stored.get("fingerprint") != layout.attrs["fingerprint"]:
+                raise StoreError(_mismatch(out, layout, stored))
+
+
 def _plan(
-    out: Path, manifest: Manifest, layouts: list[BackboneLayout], journal: Journal, overwrite: bool
+    out: Path, manifest: Manifest, layouts: list[BackboneLayout], journal: Journal
 ) -> tuple[Samples, dict[str, np.ndarray]]:
     """The store's rows after this run, and per backbone which of them this run must embed."""
     old = FeatureStore(out) if out.is_file() else None
@@ -191,13 +204,12 @@ def _plan(
     todo = {}
     for layout in layouts:
         done = np.zeros(len(merged), dtype=bool)
-        if old and layout.name in old.backbones:
-            stored = old.backbone_attrs(layout.name)
-            if stored.get("fingerprint") != layout.attrs["fingerprint"]:
-                if not overwrite:
-                    raise StoreError(_mismatch(out, layout, stored))
-            else:
-                done[:n_old] = old.done(layout.name)
+        if (
+            old
+            and layout.name in old.backbones
+            and old.backbone_attrs(layout.name).get("fingerprint") == layout.attrs["fingerprint"]
+        ):
+            done[:n_old] = old.done(layout.name)  # (other settings: replaced, as --overwrite asked)
         done[[row_of[i] for i in stale]] = False
         done[[row_of[i] for i in journalled.get(layout.name, ()) if i in row_of]] = True
         todo[layout.name] = in_manifest & ~done
@@ -262,12 +274,11 @@ def extract(cfg: ExtractConfig) -> Summary:
                 "use them for tests only. The store marks them random_init=True.",
                 backbone.name,
             )
-    layouts = [
-        BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones
-    ]
+    layouts = [BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones]
+    _refuse_other_settings(out, layouts, cfg.overwrite)
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
-    samples, todo = _plan(out, manifest, layouts, journal, cfg.overwrite)
+    samples, todo = _plan(out, manifest, layouts, journal)
     summary = Summary(store=out, rows=len(samples))
     log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
     _embed(cfg, manifest, samples, backbones, todo, journal, summary)
@@ -337,11 +348,19 @@ def _embed(
                     need = todo[backbone.name][batch_rows]
                     if need.any():
                         x = tensors[preprocesses.index(backbone.preprocess)][torch.from_numpy(need)]
-                        _add(pending, backbone, [samples.image_id[r] for r in batch_rows[need]], _forward(backbone, x, cfg.tta, device))
+                        _add(
+                            pending,
+                            backbone,
+                            [samples.image_id[r] for r in batch_rows[need]],
+                            _forward(backbone, x, cfg.tta, device),
+                        )
                         summary.embedded[backbone.name] += int(need.sum())
                 progress.update(len(positions) + len(failures))
                 progress.set_postfix(failed=n_failed, refresh=False)
-                if len(pending.ids) + len(pending.failed) >= cfg.flush_rows or time.monotonic() - last_flush > cfg.flush_seconds:
+                if (
+                    len(pending.ids) + len(pending.failed) >= cfg.flush_rows
+                    or time.monotonic() - last_flush > cfg.flush_seconds
+                ):
                     journal.write(_stacked(pending))
                     pending, last_flush = Chunk(), time.monotonic()
     except KeyboardInterrupt:

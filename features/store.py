@@ -331,7 +331,9 @@ def assemble(
             for name, group in groups.items():  # every row filled (as dinov2 asserts it)
                 missing = rows[~group["done"][()][rows]]
                 if len(missing):
-                    raise RuntimeError(f"{name}: {len(missing)} rows were not embedded, e.g. {samples.image_id[missing[0]]}")
+                    raise RuntimeError(
+                        f"{name}: {len(missing)} rows were not embedded, e.g. {samples.image_id[missing[0]]}"
+                    )
         os.replace(tmp, store)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -368,11 +370,15 @@ def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout], ove
         if name not in root:
             group = root.create_group(name)
             rows = max(1, min(n, CHUNK_BYTES // (4 * layout.dim * layout.views)))
-            group.create_dataset("data", (n, layout.dim), np.float32, maxshape=(None, layout.dim), chunks=(rows, layout.dim))
+            group.create_dataset(
+                "data", (n, layout.dim), np.float32, maxshape=(None, layout.dim), chunks=(rows, layout.dim)
+            )
             group.create_dataset("done", (n,), bool, maxshape=(None,), chunks=(max(1, min(n, 65536)),))
             if layout.views > 1:
                 shape = (n, layout.views, layout.dim)
-                group.create_dataset("views", shape, np.float32, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:])
+                group.create_dataset(
+                    "views", shape, np.float32, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:]
+                )
         root[name].attrs.update(layout.attrs)
     return {name: root[name] for name in wanted}
 

@@ -163,7 +163,9 @@ def test_densenet_files_with_legacy_key_names_load(tmp_path):
     path = tmp_path / "densenet121-legacy.pth"
     torch.save(legacy, path)
     loaded = load_backbone("densenet121", str(path))
-    assert torch.equal(loaded.module.features.denseblock1.denselayer1.norm1.weight, model.features.denseblock1.denselayer1.norm1.weight)
+    assert torch.equal(
+        loaded.module.features.denseblock1.denselayer1.norm1.weight, model.features.denseblock1.denselayer1.norm1.weight
+    )
 
 
 def test_efficientnet_lite0_real_weights_know_a_real_photo():

@@ -27,8 +27,11 @@ DIM = 400  # TINY's embedding size
 
 def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> run.Summary:
     """Extract in this process; fp32 so that results are comparable bit for bit between runs."""
-    return extract(ExtractConfig(data=str(data), backbone=backbone, weights="none", out=str(out),
-                                 precision="fp32", workers=0, **cfg))
+    return extract(
+        ExtractConfig(
+            data=str(data), backbone=backbone, weights="none", out=str(out), precision="fp32", workers=0, **cfg
+        )
+    )
 
 
 def _csv_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Path:
@@ -36,8 +39,16 @@ def _csv_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Pa
     rows = []
     for k in range(start, start + n):
         save(root / "img" / f"im{k:03d}.jpg", lesion(k), quality=90)
-        rows.append({"image_id": f"im{k:03d}", "path": f"img/im{k:03d}.jpg", "label": "mel" if k % 2 else "nv",
-                     "lesion_id": f"L{k // 2}", "age": "" if k == 3 else str(30 + k), "site": "back"})
+        rows.append(
+            {
+                "image_id": f"im{k:03d}",
+                "path": f"img/im{k:03d}.jpg",
+                "label": "mel" if k % 2 else "nv",
+                "lesion_id": f"L{k // 2}",
+                "age": "" if k == 3 else str(30 + k),
+                "site": "back",
+            }
+        )
     manifest = root / name
     with open(manifest, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -49,8 +60,9 @@ def _csv_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Pa
 def test_mixed_folder_embeds_good_images_and_lists_bad_ones(tmp_path, cli):
     kinds = mixed_folder(tmp_path / "data")
     out = tmp_path / "store.h5"
-    code, stdout, stderr = cli("extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none",
-                               "--out", out, *FP32)
+    code, stdout, stderr = cli(
+        "extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none", "--out", out, *FP32
+    )
     assert code == 0, stderr
     assert "RANDOM" in stderr and "RANDOM INIT" in stdout
     store = FeatureStore(out)
@@ -75,8 +87,9 @@ def test_mixed_folder_embeds_good_images_and_lists_bad_ones(tmp_path, cli):
     assert store.attrs["format"] == FORMAT and store.attrs["format_version"] == 1
     assert json.loads(store.attrs["extract_config"])["backbone"] == TINY
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "store.h5"]  # no temporary file left
-    code, _, _ = cli("extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none",
-                     "--out", out, "--strict", *FP32)
+    code, _, _ = cli(
+        "extract", "--data", tmp_path / "data", "--backbone", TINY, "--weights", "none", "--out", out, "--strict", *FP32
+    )
     assert code == 1  # --strict: failures make the exit status non-zero
 
 
@@ -94,11 +107,23 @@ def test_store_layout_follows_format_1(tmp_path):
         group = f[f"embeddings/{TINY}"]
         assert group["data"].shape == (5, DIM) and group["data"].dtype == np.float32
         assert group["done"][()].all() and "views" not in group
-        for key in ("weights", "weights_sha256", "input_size", "resize", "mean", "std", "precision", "views",
-                    "torch_version", "torchvision_version", "fingerprint"):
+        for key in (
+            "weights",
+            "weights_sha256",
+            "input_size",
+            "resize",
+            "mean",
+            "std",
+            "precision",
+            "views",
+            "torch_version",
+            "torchvision_version",
+            "fingerprint",
+        ):
             assert key in group.attrs, key
         assert f["failed/image_id"].shape == (0,)
         import hashlib
+
         assert f["samples/sha256"].asstr()[0] == hashlib.sha256((tmp_path / "img/im000.jpg").read_bytes()).hexdigest()
 
 
@@ -116,8 +141,11 @@ def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
     alone = _extract(manifest, tmp_path / "lite.h5", backbone="efficientnet_lite0")
     assert alone.embedded == {"efficientnet_lite0": 6}
     # each backbone got its own preprocessing (Lite0: (x - 127) / 128), not the other's
-    np.testing.assert_allclose(store.embeddings("efficientnet_lite0"),
-                               FeatureStore(tmp_path / "lite.h5").embeddings("efficientnet_lite0"), atol=1e-5)
+    np.testing.assert_allclose(
+        store.embeddings("efficientnet_lite0"),
+        FeatureStore(tmp_path / "lite.h5").embeddings("efficientnet_lite0"),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("tta,n_views", [("flip", 2), ("d8", 8)])
@@ -169,12 +197,26 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, cli):
     out = tmp_path / "s.h5"
     _extract(manifest, out)
     stamp = out.stat().st_mtime_ns
-    code, _, err = cli("extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out,
-                       "--tta", "flip", *FP32)
+    code, _, err = cli(
+        "extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out, "--tta", "flip", *FP32
+    )
     assert code == 2 and "views: 'none' -> 'flip'" in err and "--overwrite" in err
-    assert out.stat().st_mtime_ns == stamp
-    code, _, err = cli("extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out,
-                       "--tta", "flip", "--overwrite", *FP32)
+    assert out.stat().st_mtime_ns == stamp and not journal_folder(out).exists()
+    code, _, err = cli(
+        "extract",
+        "--data",
+        manifest,
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--out",
+        out,
+        "--tta",
+        "flip",
+        "--overwrite",
+        *FP32,
+    )
     assert code == 0, err
     assert FeatureStore(out).embeddings(TINY, views=True).shape == (3, 2, DIM)
 
@@ -183,11 +225,13 @@ def test_manifest_errors_stop_before_any_work(tmp_path, cli):
     manifest = _csv_set(tmp_path, 3)
     rows = manifest.read_text().splitlines()
     (tmp_path / "dup.csv").write_text("\n".join(rows + [rows[1]]) + "\n")
-    code, _, err = cli("extract", "--data", tmp_path / "dup.csv", "--backbone", TINY, "--weights", "none",
-                       "--out", tmp_path / "s.h5")
+    code, _, err = cli(
+        "extract", "--data", tmp_path / "dup.csv", "--backbone", TINY, "--weights", "none", "--out", tmp_path / "s.h5"
+    )
     assert code == 2 and "duplicate image ids" in err and "im000" in err
-    code, _, err = cli("extract", "--data", manifest, "--images", tmp_path / "nowhere", "--backbone", TINY,
-                       "--out", tmp_path / "s.h5")
+    code, _, err = cli(
+        "extract", "--data", manifest, "--images", tmp_path / "nowhere", "--backbone", TINY, "--out", tmp_path / "s.h5"
+    )
     assert code == 2 and "nowhere" in err
     assert not (tmp_path / "s.h5").exists() and not journal_folder(tmp_path / "s.h5").exists()
 
@@ -206,15 +250,33 @@ def test_interrupted_assembly_is_redone_from_the_journal(tmp_path, monkeypatch):
     assert not out.exists() and len(Journal(journal_folder(out)).chunks()) == 3
     assert _extract(manifest, out).embedded == {TINY: 0}  # all rows came from the journal
     _extract(manifest, tmp_path / "fresh.h5")
-    np.testing.assert_allclose(FeatureStore(out).embeddings(TINY), FeatureStore(tmp_path / "fresh.h5").embeddings(TINY), atol=1e-5)
+    np.testing.assert_allclose(
+        FeatureStore(out).embeddings(TINY), FeatureStore(tmp_path / "fresh.h5").embeddings(TINY), atol=1e-5
+    )
     assert not journal_folder(out).exists()
 
 
 def test_kill_9_then_rerun_resumes_to_the_same_store(tmp_path):
     manifest = _csv_set(tmp_path, 48)
     out = tmp_path / "killed.h5"
-    command = [sys.executable, str(ROOT / "cli.py"), "extract", "--data", str(manifest), "--backbone", TINY,
-               "--weights", "none", "--out", str(out), "--batch-size", "4", "--flush-rows", "4", *FP32]
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "extract",
+        "--data",
+        str(manifest),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--flush-rows",
+        "4",
+        *FP32,
+    ]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = Journal(journal_folder(out))
     deadline = time.monotonic() + 120
@@ -242,8 +304,11 @@ def test_real_isic_images_with_metadata(tmp_path, shared_data):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    summary = extract(ExtractConfig(data=str(manifest), images=str(source), backbone="efficientnet_lite0",
-                                    out=str(tmp_path / "s.h5"), workers=0))
+    summary = extract(
+        ExtractConfig(
+            data=str(manifest), images=str(source), backbone="efficientnet_lite0", out=str(tmp_path / "s.h5"), workers=0
+        )
+    )
     assert summary.embedded == {"efficientnet_lite0": 6} and not summary.failed
     store = FeatureStore(tmp_path / "s.h5")
     samples = store.samples()
@@ -258,8 +323,13 @@ def test_real_isic_images_with_metadata(tmp_path, shared_data):
 def test_backbones_command_lists_the_registry(cli):
     code, out, _ = cli("backbones")
     assert code == 0
-    for name, dim in [("resnet50", 2048), ("vgg11", 4096), ("densenet121", 1024), ("inception_v3", 2048),
-                      ("efficientnet_lite0", 1280)]:
+    for name, dim in [
+        ("resnet50", 2048),
+        ("vgg11", 4096),
+        ("densenet121", 1024),
+        ("inception_v3", 2048),
+        ("efficientnet_lite0", 1280),
+    ]:
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert str(dim) in line
     assert "299px" in next(line for line in out.splitlines() if line.startswith("inception_v3"))

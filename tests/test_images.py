@@ -29,7 +29,6 @@ from extract.images import (
 )
 
 
-
 def smooth(w: int = 96, h: int = 72) -> np.ndarray:
     """An (h, w, 3) picture without noise (JPEG keeps it within a few levels), not symmetric."""
     yy, xx = np.mgrid[0:h, 0:w]
@@ -131,9 +130,7 @@ def test_exif_orientation_6_jpeg_is_turned_clockwise(tmp_path):
 
 def test_rgba_alpha_is_composited_onto_white(tmp_path):
     assert ALPHA_BACKGROUND == (255, 255, 255)
-    arr = np.array(
-        [[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128], [200, 100, 50, 255]]], dtype=np.uint8
-    )
+    arr = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128], [200, 100, 50, 255]]], dtype=np.uint8)
     got = pixels(save(tmp_path / "rgba.png", arr))
     assert got[0, 0].tolist() == [255, 255, 255]  # fully transparent -> background
     assert got[0, 1].tolist() == [10, 20, 30]  # opaque keeps its colour
@@ -379,7 +376,7 @@ def test_truncated_jpeg(tmp_path):
     path = save_truncated_jpeg(tmp_path / "t.jpg", lesion(30))
     text = reason(path)
     assert text.startswith("truncated or corrupt image: ")
-    assert "truncated" in text[len("truncated or corrupt image: "):]  # Pillow's own detail kept
+    assert "truncated" in text[len("truncated or corrupt image: ") :]  # Pillow's own detail kept
 
 
 def test_truncated_png(tmp_path):

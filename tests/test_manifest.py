@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from imagefiles import lesion, mixed_folder, save
+from imagefiles import mixed_folder, save
 
 from extract.manifest import Manifest, ManifestError, read_manifest
 
