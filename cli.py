@@ -6,9 +6,27 @@ Commands: `backbones` (what can embed images) and `extract` (images to a feature
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
 import sys
 from collections import Counter
+from pathlib import Path
+
+
+def _use_project_venv() -> None:
+    """`python cli.py` run by a Python without the dependencies re-runs itself in the project's .venv
+    (made by `make demo` / `make test` / `make venv`), so the documented commands work as written."""
+    if importlib.util.find_spec("torch") and importlib.util.find_spec("h5py"):
+        return
+    venv = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
+    if venv.is_file() and Path(sys.prefix).resolve() != venv.parent.parent.resolve():
+        os.execv(str(venv), [str(venv), str(Path(__file__).resolve()), *sys.argv[1:]])
+    sys.exit("error: the dependencies are not installed; run `make venv` (or `pip install -e .`) first")
+
+
+if __name__ == "__main__":
+    _use_project_venv()
 
 from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, WeightsUnavailable
 from extract.manifest import ManifestError
@@ -133,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
