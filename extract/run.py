@@ -325,7 +325,7 @@ def _embed(
         if cfg.precision != "fp32"
         else contextlib.nullcontext()
     )
-    pending = Chunk()
+    pending = _Pending()
     n_failed = 0
     last_flush = time.monotonic()
     progress = tqdm(
@@ -348,28 +348,21 @@ def _embed(
                     need = todo[backbone.name][batch_rows]
                     if need.any():
                         x = tensors[preprocesses.index(backbone.preprocess)][torch.from_numpy(need)]
-                        _add(
-                            pending,
-                            backbone,
-                            [samples.image_id[r] for r in batch_rows[need]],
-                            _forward(backbone, x, cfg.tta, device),
-                        )
+                        ids = [samples.image_id[r] for r in batch_rows[need]]
+                        pending.add(backbone.name, ids, _forward(backbone, x, cfg.tta, device))
                         summary.embedded[backbone.name] += int(need.sum())
                 progress.update(len(positions) + len(failures))
                 progress.set_postfix(failed=n_failed, refresh=False)
-                if (
-                    len(pending.ids) + len(pending.failed) >= cfg.flush_rows
-                    or time.monotonic() - last_flush > cfg.flush_seconds
-                ):
-                    journal.write(_stacked(pending))
-                    pending, last_flush = Chunk(), time.monotonic()
+                if len(pending) >= cfg.flush_rows or time.monotonic() - last_flush > cfg.flush_seconds:
+                    journal.write(pending.chunk())
+                    pending, last_flush = _Pending(), time.monotonic()
     except KeyboardInterrupt:
-        journal.write(_stacked(pending))
+        journal.write(pending.chunk())
         log.error("interrupted: finished rows are kept in %s; rerun the same command to resume", journal.folder)
         raise
     finally:
         progress.close()
-    journal.write(_stacked(pending))
+    journal.write(pending.chunk())
 
 
 def _forward(backbone: Backbone, batch: torch.Tensor, tta: str, device: torch.device) -> np.ndarray:
@@ -380,15 +373,28 @@ def _forward(backbone: Backbone, batch: torch.Tensor, tta: str, device: torch.de
     return emb.view(len(VIEWS[tta]), len(batch), -1).transpose(0, 1).cpu().numpy()
 
 
-def _add(chunk: Chunk, backbone: Backbone, ids: list[str], views: np.ndarray) -> None:
-    parts = chunk.embeddings.setdefault(backbone.name, ([], [], []))
-    parts[0].extend(ids)
-    parts[1].append(views)
+@dataclass
+class _Pending:
+    """Results of the batches since the last journal write."""
 
+    ids: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    views: dict[str, tuple[list[str], list[np.ndarray]]] = field(default_factory=dict)
+    """backbone -> (image ids, per-batch (B, V, dim) arrays)."""
 
-def _stacked(chunk: Chunk) -> Chunk:
-    """Lists of per-batch (B, V, dim) arrays to one (n, dim) mean and, with several views, (n, V, dim)."""
-    for name, (ids, parts, _) in list(chunk.embeddings.items()):
-        views = np.concatenate(parts)
-        chunk.embeddings[name] = (ids, views.mean(axis=1), views if views.shape[1] > 1 else None)
-    return chunk
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.failed)
+
+    def add(self, backbone: str, ids: list[str], views: np.ndarray) -> None:
+        got_ids, arrays = self.views.setdefault(backbone, ([], []))
+        got_ids.extend(ids)
+        arrays.append(views)
+
+    def chunk(self) -> Chunk:
+        """As a journal chunk: per backbone the (n, dim) mean of the views, and the views if several."""
+        chunk = Chunk(ids=self.ids, sha256=self.sha256, failed=self.failed)
+        for name, (ids, arrays) in self.views.items():
+            views = np.concatenate(arrays)
+            chunk.embeddings[name] = (ids, views.mean(axis=1), views if views.shape[1] > 1 else None)
+        return chunk

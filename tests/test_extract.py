@@ -334,3 +334,23 @@ def test_backbones_command_lists_the_registry(cli):
         assert str(dim) in line
     assert "299px" in next(line for line in out.splitlines() if line.startswith("inception_v3"))
     assert "torchvision:<name>" in out
+
+
+def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
+    manifest = _csv_set(tmp_path, 8)
+    out = tmp_path / "s.h5"
+    original, calls = run._forward, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(run, "_forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _extract(manifest, out, batch_size=2, flush_rows=100)
+    monkeypatch.undo()
+    assert sum(len(ids) for ids in Journal(journal_folder(out)).done_ids().values()) == 4  # 2 batches
+    assert _extract(manifest, out).embedded == {TINY: 4}
+    assert FeatureStore(out).done(TINY).all()
