@@ -286,7 +286,7 @@ def extract(cfg: ExtractConfig) -> Summary:
         "data_root": str(manifest.root.resolve()),
         "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
     }
-    assemble(out, samples, layouts, journal, root_attrs, cfg.overwrite, manifest.image_id)
+    assemble(out, samples, layouts, journal, root_attrs, manifest.image_id)
     failed = FeatureStore(out).failed()
     summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
     summary.seconds = time.monotonic() - started

@@ -288,7 +288,6 @@ def assemble(
     layouts: list[BackboneLayout],
     journal: Journal,
     root_attrs: dict,
-    overwrite: bool,
     required: list[str],
 ) -> None:
     """Write the store with `samples` rows, the journal's embeddings and failures; rename into place.
@@ -297,20 +296,16 @@ def assemble(
 
     Rows of `samples` begin with the existing store's rows in their order. Backbones in the store but
     not in `layouts` are kept (grown with undone rows); a backbone whose fingerprint changed is
-    replaced only with `overwrite`.
+    replaced (the caller refuses that unless the user passed --overwrite).
     """
     tmp = store.with_name(store.name + ".tmp")
-    if store.is_file():
-        shutil.copyfile(store, tmp)
-    elif tmp.exists():
-        tmp.unlink()
     try:
-        with h5py.File(tmp, "a") as f:
+        with h5py.File(tmp, "w") as f:
+            failed = _copy_previous(store, f, layouts) if store.is_file() else {}
             _write_root(f, root_attrs)
             sha = dict(zip(samples.image_id, samples.sha256))
-            failed = read_failed(f)
             row_of = {image_id: row for row, image_id in enumerate(samples.image_id)}
-            groups = _prepare_embeddings(f, len(samples), layouts, overwrite)
+            groups = _prepare_embeddings(f, len(samples), layouts)
             for chunk in journal.read():
                 sha.update(zip(chunk.ids, chunk.sha256))
                 for image_id in chunk.ids:
@@ -341,6 +336,26 @@ def assemble(
     journal.remove()
 
 
+def _copy_previous(store: Path, f: h5py.File, layouts: list[BackboneLayout]) -> dict[str, str]:
+    """Copy the existing store's attributes and groups into the new file; return its failures.
+
+    A fresh file rather than the old one edited in place: HDF5 does not reclaim the space of deleted
+    datasets, so a store rewritten in place would grow with every rerun. Embeddings made with another
+    fingerprint are not copied (they are being replaced, as --overwrite asked).
+    """
+    fingerprints = {layout.name: layout.attrs["fingerprint"] for layout in layouts}
+    with h5py.File(store, "r") as old:
+        f.attrs.update(old.attrs)
+        for key in old:
+            if key not in ("samples", "failed", "embeddings"):
+                old.copy(old[key], f, key)  # e.g. /splits, kept as they are
+        embeddings = f.create_group("embeddings")
+        for name, group in old.get("embeddings", {}).items():
+            if fingerprints.get(name, group.attrs.get("fingerprint")) == group.attrs.get("fingerprint"):
+                old.copy(group, embeddings, name)
+        return read_failed(old)
+
+
 def _write_root(f: h5py.File, attrs: dict) -> None:
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     f.attrs["format"] = FORMAT
@@ -353,15 +368,10 @@ def _write_root(f: h5py.File, attrs: dict) -> None:
         f.attrs[key] = value
 
 
-def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout], overwrite: bool) -> dict:
-    """Create, replace or grow each backbone's datasets to `n` rows; return the groups by name."""
+def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout]) -> dict:
+    """Create or grow each backbone's datasets to `n` rows; return the groups of `layouts` by name."""
     root = f.require_group("embeddings")
     wanted = {layout.name: layout for layout in layouts}
-    for name, layout in wanted.items():
-        if name in root and root[name].attrs.get("fingerprint") != layout.attrs["fingerprint"]:
-            if not overwrite:
-                raise StoreError(f"fingerprint of {name} changed; pass --overwrite to replace it")
-            del root[name]
     for name in root:
         group = root[name]
         for ds in group.values():
@@ -393,8 +403,6 @@ def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:
 
 
 def _write_samples(f: h5py.File, samples: Samples) -> None:
-    if "samples" in f:
-        del f["samples"]
     group = f.create_group("samples")
     for name in SAMPLE_FIELDS:
         group.create_dataset(name, data=np.array(getattr(samples, name), dtype=object), dtype=STR)
@@ -407,8 +415,6 @@ def _write_samples(f: h5py.File, samples: Samples) -> None:
 
 
 def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
-    if "failed" in f:
-        del f["failed"]
     group = f.create_group("failed")
     group.create_dataset("image_id", data=np.array(list(failed), dtype=object), dtype=STR)
     group.create_dataset("reason", data=np.array(list(failed.values()), dtype=object), dtype=STR)

@@ -176,7 +176,9 @@ def test_more_images_embeds_only_the_new_ones(tmp_path):
     assert np.array_equal(store.embeddings(TINY)[:4], before)
     _extract(full, tmp_path / "fresh.h5")
     np.testing.assert_allclose(store.embeddings(TINY), FeatureStore(tmp_path / "fresh.h5").embeddings(TINY), atol=1e-5)
+    size = out.stat().st_size
     assert _extract(full, out).embedded == {TINY: 0}
+    assert out.stat().st_size == size  # rewritten compactly: reruns do not leak HDF5 free space
 
 
 def test_a_changed_image_file_is_embedded_again(tmp_path):
