@@ -115,7 +115,6 @@ class Summary:
     """What an extraction did, for the user and for tests."""
 
     store: Path
-    rows: int
     embedded: dict[str, int] = field(default_factory=dict)
     """Rows embedded by this run, per backbone."""
     failed: dict[str, str] = field(default_factory=dict)
@@ -279,7 +278,7 @@ def extract(cfg: ExtractConfig) -> Summary:
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
     samples, todo = _plan(out, manifest, layouts, journal)
-    summary = Summary(store=out, rows=len(samples))
+    summary = Summary(store=out)
     log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
     _embed(cfg, manifest, samples, backbones, todo, journal, summary)
     root_attrs = {
