@@ -1,6 +1,7 @@
 """python cli.py <command> ...: the toolkit's one entry point. It parses arguments and calls the packages.
 
-Commands: `backbones` (what can embed images) and `extract` (images to a feature store).
+Commands: `backbones` (what can embed images), `extract` (images to a feature store), `fit` (a tuned
+head and its report), `evaluate` (a run on its test rows or another store), `predict` (new images).
 """
 
 from __future__ import annotations
@@ -28,13 +29,32 @@ def _use_project_venv() -> None:
 if __name__ == "__main__":
     _use_project_venv()
 
+import numpy as np
+
+from classify.fit import FitConfig, FitError, fit, predictions_csv
+from classify.predict import evaluate_run, predict
+from classify.heads import HEADS, HeadError
+from classify.inputs import VIEW_MODES
+from classify.report import headline
+from classify.runs import RunError
 from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, WeightsUnavailable
 from extract.manifest import ManifestError
 from extract.preprocess import VIEWS
 from extract.run import PRECISIONS, ConfigError, ExtractConfig, Summary, extract
+from features.splits import SplitError
 from features.store import FeatureStore, StoreError
 
-USER_ERRORS = (ManifestError, BackboneError, WeightsUnavailable, StoreError, ConfigError)
+USER_ERRORS = (
+    ManifestError,
+    BackboneError,
+    WeightsUnavailable,
+    StoreError,
+    ConfigError,
+    SplitError,
+    FitError,
+    HeadError,
+    RunError,
+)
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback."""
 
 
@@ -55,6 +75,37 @@ def cmd_extract(args: argparse.Namespace) -> int:
     summary = extract(cfg)
     print(describe(summary))
     return 1 if cfg.strict and summary.failed else 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    cfg = FitConfig(**{k: v for k, v in vars(args).items() if k in FitConfig.__dataclass_fields__})
+    metrics = fit(cfg)
+    print(headline(metrics))
+    print(f"report: {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    metrics = evaluate_run(args.run, args.features, args.label_map)
+    where = "test rows" if args.features is None else args.features
+    print(
+        f"{args.run} on {where}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
+        f"n={metrics['n']} ({metrics['lesions']} lesions); metrics in {Path(args.run) / 'evaluations'}"
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    result = predict(args.run, args.images, args.batch_size, args.workers, args.device)
+    Path(args.out).write_text(
+        predictions_csv(np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True)
+    )
+    print(f"wrote {args.out}: {len(result.ids)} images classified")
+    if result.failed:
+        print(f"{len(result.failed)} images could not be used:")
+        for image_id, reason in result.failed.items():
+            print(f"  {image_id}: {reason}")
+    return 0
 
 
 def describe(summary: Summary, max_failures: int = 20) -> str:
@@ -116,6 +167,67 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
     ex.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
     ex.set_defaults(func=cmd_extract)
+
+    f = FitConfig()
+    fit_parser = commands.add_parser(
+        "fit",
+        help="tune a head on a feature store with Optuna, test it once, write a run folder with a report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    fit_parser.add_argument("--features", required=True, help="feature store (FILE.h5) from `extract`")
+    fit_parser.add_argument("--head", required=True, help=f"one of: {', '.join(HEADS)}")
+    fit_parser.add_argument("--out", required=True, help="run folder")
+    fit_parser.add_argument(
+        "--backbone",
+        default=f.backbone,
+        help="backbone(s) of the store, comma-separated (concatenated); default: its only one",
+    )
+    fit_parser.add_argument("--trials", type=int, default=f.trials, help="trials this process adds to the study")
+    fit_parser.add_argument("--timeout", type=float, default=f.timeout, help="stop starting trials after S seconds")
+    fit_parser.add_argument("--n-jobs", type=int, default=f.n_jobs, help="trials run in parallel threads")
+    fit_parser.add_argument(
+        "--storage", default=f.storage, help="Optuna storage URL (default: a journal file in the run folder)"
+    )
+    fit_parser.add_argument(
+        "--study", default=f.study, help="study name (resume it; default: derived from store, inputs, split, head)"
+    )
+    fit_parser.add_argument(
+        "--folds", type=int, default=f.folds, help="grouped cross-validation folds of the study rows"
+    )
+    fit_parser.add_argument(
+        "--test-fraction", type=float, default=f.test_fraction, help="share of lesions kept for the test"
+    )
+    fit_parser.add_argument("--seed", type=int, default=f.seed, help="seeds the split, the sampler and the heads")
+    fit_parser.add_argument(
+        "--views", default=f.views, choices=list(VIEW_MODES), help="mean of the test-time views, or all of them"
+    )
+    fit_parser.add_argument(
+        "--meta", default=f.meta, help="metadata columns to add, comma-separated (e.g. age,sex,localization)"
+    )
+    fit_parser.add_argument(
+        "--positive", default=f.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
+    )
+    fit_parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
+    fit_parser.set_defaults(func=cmd_fit)
+
+    ev = commands.add_parser("evaluate", help="score a run on its test rows, or on another labelled store")
+    ev.add_argument("--run", required=True, help="run folder from `fit`")
+    ev.add_argument(
+        "--features", default=None, help="another feature store (external validation); default: the run's test rows"
+    )
+    ev.add_argument(
+        "--label-map", default="", help="store_label=run_label,... when the stores name classes differently"
+    )
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = commands.add_parser("predict", help="classify new images with a run")
+    pr.add_argument("--run", required=True, help="run folder from `fit`")
+    pr.add_argument("--images", required=True, nargs="+", help="image files, folders of images, or one manifest CSV")
+    pr.add_argument("--out", default="predictions.csv", help="ISIC-style CSV of probabilities and the predicted class")
+    pr.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
+    pr.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
+    pr.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    pr.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -342,7 +342,7 @@ def load_backbone(name: str, weights: str = "default") -> Backbone:
         path = family.fetch_default() if weights == "default" else Path(weights)
         state = _read_state(path)
         model = _load_state(family, family.architecture(), state, path)
-        identity = family.default_weights if weights == "default" else str(weights)
+        identity = family.default_weights if weights == "default" else str(path.resolve())
         sha = file_sha256(path)
     model.eval()
     for param in model.parameters():

@@ -199,6 +199,27 @@ READERS: list[tuple[Callable[[Path], bool], Callable[[Path, Path | None], Manife
 """How each kind of --data is recognised and read, first match wins."""
 
 
+def read_paths(paths: list[str | Path]) -> Manifest:
+    """Images named one by one, folders of them (searched recursively) or a single manifest CSV, as
+    for `cli.py predict`. A path that does not exist becomes a row that fails as a missing file."""
+    if len(paths) == 1 and Path(paths[0]).is_file() and str(paths[0]).lower().endswith(".csv"):
+        return read_manifest(paths[0])
+    root = Path.cwd()
+    manifest = Manifest(source=", ".join(str(p) for p in paths), kind="paths", root=root)
+    for given in map(Path, paths):
+        if given.is_dir():
+            folder = read_folder(given, None)
+            files = [given / p for p in folder.path]
+        else:
+            files = [given]
+        for file in files:
+            manifest.image_id.append(_strip_suffix(file.name))
+            manifest.path.append(_relative(file.resolve(), root))
+            manifest.label.append("")
+            manifest.group.append("")
+    return manifest.check()
+
+
 def read_manifest(data: str | Path, images: str | Path | None = None) -> Manifest:
     """Read --data (with --images for CSVs); every manifest error is raised here, before any work."""
     data = Path(data)

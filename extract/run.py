@@ -250,8 +250,8 @@ def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
 # ----------------------------------------------------------------------------------------- running
 
 
-def extract(cfg: ExtractConfig) -> Summary:
-    """Run an extraction as configured; return what it did."""
+def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
+    """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did."""
     started = time.monotonic()
     cfg = cfg.resolved()
     if cfg.tta not in VIEWS:
@@ -262,7 +262,7 @@ def extract(cfg: ExtractConfig) -> Summary:
     weights = [w.strip() for w in cfg.weights.split(",")]
     if len(weights) not in (1, len(names)):
         raise ConfigError(f"--weights: give one value, or one per backbone ({len(names)})")
-    manifest = read_manifest(cfg.data, cfg.images)
+    manifest = manifest or read_manifest(cfg.data, cfg.images)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     backbones = [load_backbone(n, w) for n, w in zip(names, weights * len(names) if len(weights) == 1 else weights)]

@@ -418,3 +418,20 @@ def _write_failed(f: h5py.File, failed: dict[str, str]) -> None:
     group = f.create_group("failed")
     group.create_dataset("image_id", data=np.array(list(failed), dtype=object), dtype=STR)
     group.create_dataset("reason", data=np.array(list(failed.values()), dtype=object), dtype=STR)
+
+
+def write_arrays(store: Path, samples: Samples, embeddings: dict[str, tuple[np.ndarray, dict]]) -> None:
+    """A store from arrays already in memory (synthetic stores for tests and benchmarks), written
+    through the same journal and assembly as an extraction. `embeddings`: backbone -> ((N, dim) or
+    (N, V, dim) array, provenance attributes, which must include a fingerprint)."""
+    store = Path(store)
+    journal = Journal(journal_folder(store))
+    journal.start({name: attrs["fingerprint"] for name, (_, attrs) in embeddings.items()}, overwrite=True)
+    chunk = Chunk(ids=list(samples.image_id), sha256=list(samples.sha256))
+    layouts = []
+    for name, (values, attrs) in embeddings.items():
+        views = values if values.ndim == 3 else values[:, None, :]
+        layouts.append(BackboneLayout(name, views.shape[2], views.shape[1], attrs))
+        chunk.embeddings[name] = (list(samples.image_id), views.mean(axis=1), views if views.shape[1] > 1 else None)
+    journal.write(chunk)
+    assemble(store, samples, layouts, journal, {}, [])

@@ -35,3 +35,51 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def synthetic_store(
+    path: Path,
+    n: int = 120,
+    dim: int = 16,
+    classes=("mel", "nv"),
+    per_group: int = 2,
+    separation: float = 3.0,
+    seed: int = 0,
+    views: int = 1,
+    backbone: str = "fake",
+) -> Path:
+    """A format-1 store of random embeddings with class structure, lesion groups and metadata."""
+    import numpy as np
+
+    from features.store import Samples, write_arrays
+
+    rng = np.random.default_rng(seed)
+    labels = np.array([classes[i % len(classes)] for i in range(n // per_group) for _ in range(per_group)][:n])
+    groups = [f"L{i // per_group:04d}" for i in range(n)]
+    centres = rng.normal(0, 1, (len(classes), dim)) * separation / np.sqrt(dim)
+    codes = np.array([classes.index(c) for c in labels])
+    x = centres[codes] + rng.normal(0, 1, (n, dim))
+    if views > 1:
+        x = x[:, None, :] + rng.normal(0, 0.3, (n, views, dim))
+    samples = Samples(
+        image_id=[f"img{i:04d}" for i in range(n)],
+        path=[f"img{i:04d}.jpg" for i in range(n)],
+        label=list(labels),
+        group=groups,
+        sha256=[""] * n,
+        meta={
+            "age": [str(20 + i % 50) if i % 7 else "" for i in range(n)],
+            "site": [("back", "face")[i % 2] for i in range(n)],
+        },
+    )
+    attrs = {
+        "fingerprint": f"synthetic{seed}",
+        "identity": "{}",
+        "weights": "none",
+        "weights_sha256": "",
+        "precision": "fp32",
+        "views": "none" if views == 1 else f"v{views}",
+        "dim": dim,
+    }
+    write_arrays(path, samples, {backbone: (x.astype(np.float32), attrs)})
+    return path

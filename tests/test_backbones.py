@@ -123,7 +123,7 @@ def test_weights_file_full_or_backbone_only(tmp_path):
     full = tmp_path / "full.pth"
     torch.save({"state_dict": model.state_dict()}, full)
     loaded = load_backbone(TINY, str(full))
-    assert loaded.source == "file" and loaded.weights == str(full)
+    assert loaded.source == "file" and loaded.weights == str(full.resolve())
     assert torch.equal(loaded.module.stem[0].weight, model.stem[0].weight)
     stripped = tmp_path / "backbone.pth"
     torch.save(loaded.module.state_dict(), stripped)

@@ -1,0 +1,270 @@
+"""`cli.py fit`: tune a head on a feature store with Optuna, refit the best, score it once on the test
+rows, and write a run folder with its report.
+
+The protocol (../shared/DESIGN.md): a lesion-grouped, stratified split is made once and stored in the
+feature store; the study only sees the study rows, scored by grouped K-fold cross-validation; the best
+parameters are refitted on all study rows and scored once on the test rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import optuna
+import torch
+from filelock import FileLock
+
+from classify.heads import get_head
+from classify.inputs import InputSpec, MetaEncoder, embeddings, fit_views, proba_views, store_meta, usable, with_meta
+from classify.metrics import default_positive, evaluate
+from classify.report import write_report
+from classify.runs import jsonable, save_run, write_json, write_text
+from classify.study import Objective, history, open_study, progress, storage_for
+from features.splits import TEST, UNUSED, SplitSpec, ensure_split, split_counts
+from features.store import FeatureStore, StoreError
+
+log = logging.getLogger("classify")
+
+
+class FitError(ValueError):
+    """Options that cannot work with this store; raised before any training."""
+
+
+@dataclass
+class FitConfig:
+    """Every option of `cli.py fit` and its default: the one place these defaults live."""
+
+    features: str = ""
+    head: str = ""
+    out: str = ""
+    backbone: str = ""
+    """Comma-separated; empty: the store's only backbone."""
+    trials: int = 20
+    """Trials this process adds to the study."""
+    timeout: float | None = None
+    n_jobs: int = 1
+    storage: str | None = None
+    study: str | None = None
+    folds: int = 5
+    test_fraction: float = 0.2
+    seed: int = 0
+    views: str = "mean"
+    meta: str = ""
+    """Comma-separated metadata columns to use beside the embeddings."""
+    positive: str | None = None
+    device: str = "auto"
+
+
+@dataclass
+class Data:
+    """The matrices of one fit: every usable row, and which are study and test rows."""
+
+    x: np.ndarray
+    y: np.ndarray
+    groups: np.ndarray
+    ids: np.ndarray
+    folds: np.ndarray
+    encoder: MetaEncoder
+
+    @property
+    def study(self) -> np.ndarray:
+        return self.folds >= 0
+
+    @property
+    def test(self) -> np.ndarray:
+        return self.folds == TEST
+
+
+def _backbones(store: FeatureStore, value: str) -> tuple[str, ...]:
+    names = tuple(b.strip() for b in value.split(",") if b.strip())
+    if not names:
+        if len(store.backbones) != 1:
+            raise FitError(
+                f"{store.path} holds {', '.join(store.backbones) or 'no embeddings'}: name one with --backbone"
+            )
+        names = tuple(store.backbones)
+    for name in names:
+        store.backbone_attrs(name)  # raises, listing the store's backbones
+    return names
+
+
+def load_data(store: FeatureStore, spec: InputSpec, split: np.ndarray) -> Data:
+    """The rows a fit uses (labelled, in the split, embedded by every backbone) as matrices."""
+    samples = store.samples()
+    keep = usable(store, spec) & (split != UNUSED)
+    meta = store_meta(store, spec.meta)
+    encoder = MetaEncoder.fit({c: v[keep & (split >= 0)] for c, v in meta.items()})
+    x = with_meta(embeddings(store, spec), encoder.transform(meta, len(split)))
+    pick = lambda values: np.asarray(values, dtype=object)[keep]  # noqa: E731
+    return Data(x[keep], pick(samples.label), pick(samples.group), pick(samples.image_id), split[keep], encoder)
+
+
+def study_name(store: FeatureStore, spec: InputSpec, split: SplitSpec, head: str) -> str:
+    """One study per store x inputs x split x head, recognisable and unique."""
+    identity = {
+        "fingerprints": {b: store.backbone_attrs(b)["fingerprint"] for b in spec.backbones},
+        "rows": store.samples().image_id[:1] + [str(len(store.samples().image_id))],
+        "inputs": spec.as_dict(),
+        "split": split.name,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{head}.{'+'.join(spec.backbones)}.{digest}"
+
+
+def _redact(url: str | None) -> str | None:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
+
+
+def fit(cfg: FitConfig) -> dict:
+    """Run the whole fit as configured; return the metrics written to RUN/metrics.json."""
+    started = time.monotonic()
+    if not cfg.out:
+        raise FitError("--out RUN: name the run folder")
+    head_cls = get_head(cfg.head)
+    store = FeatureStore(cfg.features)
+    spec = InputSpec(
+        _backbones(store, cfg.backbone), cfg.views, tuple(c.strip() for c in cfg.meta.split(",") if c.strip())
+    )
+    split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
+    split = ensure_split(store, split_spec)
+    data = load_data(store, spec, split)
+    if set(data.groups[data.test]) & set(data.groups[data.study]):
+        raise StoreError(f"{store.path}: split {split_spec.name} puts a lesion on both sides")  # never expected
+    classes = sorted(set(data.y))
+    positive = cfg.positive or default_positive(classes)
+    if positive is not None and positive not in classes:
+        raise FitError(f"--positive {positive!r}: not a class of this store ({', '.join(classes)})")
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
+    log.info(
+        "%s: %d study rows in %d folds, %d test rows (%s); head %s; study %s",
+        store.path,
+        data.study.sum(),
+        cfg.folds,
+        data.test.sum(),
+        split_spec.name,
+        head_cls.name,
+        name,
+    )
+    study = open_study(name, storage_for(cfg.storage, run), cfg.seed)
+    fixed = {"device": cfg.device} if "device" in head_cls().get_params() else {}
+    objective = Objective(
+        head_cls,
+        data.x[data.study],
+        data.y[data.study],
+        data.groups[data.study],
+        data.folds[data.study],
+        cfg.seed,
+        fixed,
+    )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(
+        objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress(cfg.trials)]
+    )
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not completed:
+        raise FitError(f"study {name}: no trial completed (all pruned or failed); run more --trials")
+    best = study.best_trial
+    params = {**head_cls.search_space(optuna.trial.FixedTrial(best.params)), **fixed}
+    with FileLock(str(run / ".final.lock")):  # several workers may finish at once: one writes at a time
+        metrics = _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name)
+    log.info("fit took %.0f s", time.monotonic() - started)
+    return metrics
+
+
+def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name) -> dict:
+    """Out-of-fold predictions of the best parameters, the refit on all study rows, the test score,
+    and every file of the run folder."""
+    majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
+    x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
+    cv_proba = np.zeros((len(y), len(classes)))
+    for k in range(cfg.folds):
+        head = head_cls(**params, random_state=cfg.seed)
+        fit_views(head, x[folds != k], y[folds != k], g[folds != k])
+        cv_proba[folds == k] = _aligned(proba_views(head, x[folds == k]), head.classes_, classes)
+    head = head_cls(**params, random_state=cfg.seed)
+    fit_views(head, x, y, g)
+    test_proba = _aligned(proba_views(head, data.x[data.test]), head.classes_, classes)
+    metrics = {
+        "test": evaluate(data.y[data.test], test_proba, classes, data.groups[data.test], positive, majority, cfg.seed),
+        "cv": {
+            **evaluate(y, cv_proba, classes, g, positive, majority, cfg.seed),
+            "study_best_value": study.best_value,
+            "folds": cfg.folds,
+        },
+    }
+    extraction = {
+        b: {
+            k: store.backbone_attrs(b)[k]
+            for k in ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
+        }
+        for b in spec.backbones
+    }
+    card = {
+        "store": str(store.path.resolve()),
+        "split": split_spec.name,
+        "inputs": spec.as_dict(),
+        "meta_encoder": data.encoder.columns,
+        "extraction": extraction,
+        "positive": positive,
+        "majority": majority,
+        "study": name,
+    }
+    save_run(run, head, card)
+    config = {
+        **dataclasses.asdict(cfg),
+        "storage": _redact(cfg.storage) or str(run / "study.journal"),
+        "backbone": ",".join(spec.backbones),
+        "study": name,
+        "positive": positive,
+        "split": split_spec.name,
+        "params": params,
+        "torch_version": str(torch.__version__),
+        "optuna_version": optuna.__version__,
+    }
+    write_json(run / "config.json", config)
+    trials = history(study)
+    best = study.best_trial
+    write_json(
+        run / "study.json",
+        {
+            "name": name,
+            "best": {"number": best.number, "value": best.value, "params": best.params, **best.user_attrs},
+            "trials": trials,
+        },
+    )
+    write_json(run / "metrics.json", metrics)
+    write_text(run / "test_predictions.csv", predictions_csv(data.ids[data.test], test_proba, classes))
+    write_text(run / "cv_predictions.csv", predictions_csv(data.ids[data.study], cv_proba, classes))
+    counts = split_counts(data.folds, data.y)
+    write_report(run, metrics, config, trials, counts, test_labels=data.y[data.test], test_proba=test_proba)
+    return jsonable(metrics)
+
+
+def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndarray:
+    """Columns in `classes` order (a fold's head may know fewer classes than the whole study)."""
+    out = np.zeros((len(proba), len(classes)))
+    for j, c in enumerate(have):
+        out[:, classes.index(c)] = proba[:, j]
+    return out
+
+
+def predictions_csv(ids: np.ndarray, proba: np.ndarray, classes: list[str], predicted: bool = False) -> str:
+    """ISIC-style: `image` then one probability column per class (and `predicted` if asked)."""
+    header = ["image", *classes] + (["predicted"] if predicted else [])
+    lines = [",".join(header)]
+    for image_id, row in zip(ids, proba):
+        cells = [str(image_id), *(f"{p:.6f}" for p in row)]
+        if predicted:
+            cells.append(classes[int(np.argmax(row))])
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,406 @@
+"""Heads: classifiers on embeddings with the scikit-learn contract, their search spaces and safe files.
+
+Each head stores only its parameters in `__init__`, learns in `fit` (returning self), exposes
+`classes_` and `predict_proba` columns in that order, so `clone`, `Pipeline` and
+`cross_val_predict` work. All weight classes as "balanced" by default and handle any number of
+classes. `fit` also takes the lesion `groups` (for a grouped inner validation split) and `report`, a
+callback `report(step, value)` called per epoch or boosting round with a higher-is-better value, so
+that an Optuna pruner can stop a bad trial early.
+
+Saved heads hold data, not programs: arrays in `.npz` (no pickle), tensors loaded with
+`weights_only`, XGBoost's own UBJSON; the run folder records each file's SHA-256 (classify/runs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import numpy as np
+import optuna
+import torch
+import xgboost as xgb
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
+from sklearn.utils.class_weight import compute_sample_weight
+
+Report = Callable[[int, float], None]
+"""report(step, value): an intermediate, higher-is-better score during fit."""
+
+
+class HeadError(ValueError):
+    """An unknown head, or a head file that cannot be used."""
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Shared behaviour: labels <-> indices, balanced weights, predict, saving."""
+
+    name: ClassVar[str]
+
+    def _encode(self, y: np.ndarray) -> np.ndarray:
+        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
+        if len(self.classes_) < 2:
+            raise HeadError(f"{self.name}: need at least two classes, got {list(self.classes_)}")
+        return codes
+
+    def _weights(self, codes: np.ndarray, sample_weight: np.ndarray | None) -> np.ndarray:
+        weights = np.ones(len(codes)) if self.class_weight is None else compute_sample_weight(self.class_weight, codes)
+        return weights * (1.0 if sample_weight is None else np.asarray(sample_weight, dtype=float))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    @classmethod
+    def search_space(cls, trial: optuna.Trial) -> dict:
+        """The Optuna search space: parameter name -> suggested value."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> list[str]:
+        """Write the fitted head into `folder`; return the file names (the run records their hashes)."""
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls, folder: Path, params: dict, classes: list[str]) -> "Head":
+        raise NotImplementedError
+
+
+def _inner_split(codes: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int):
+    """Train/validation rows for early stopping: lesion-grouped when groups are known."""
+    if groups is not None and len(np.unique(groups)) >= 5:
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        return next(splitter.split(codes, codes, groups))
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+    return next(splitter.split(codes, codes))
+
+
+HEADS: dict[str, type[Head]] = {}
+"""The head registry: name -> class."""
+
+
+def register(cls: type[Head]) -> type[Head]:
+    HEADS[cls.name] = cls
+    return cls
+
+
+def get_head(name: str) -> type[Head]:
+    if name not in HEADS:
+        raise HeadError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+# ----------------------------------------------------------------------------------------- linear
+
+
+@register
+class LinearHead(Head):
+    """Standardised multinomial logistic regression (L2, lbfgs)."""
+
+    name = "linear"
+
+    def __init__(
+        self, C: float = 0.01, class_weight: str | None = "balanced", max_iter: int = 2000, random_state: int = 0
+    ):
+        self.C = C
+        self.class_weight = class_weight
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    @classmethod
+    def search_space(cls, trial: optuna.Trial) -> dict:
+        return {"C": trial.suggest_float("C", 1e-4, 10.0, log=True)}
+
+    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "LinearHead":
+        codes = self._encode(y)
+        X = np.asarray(X, dtype=np.float64)
+        self.mean_ = X.mean(axis=0)
+        self.scale_ = X.std(axis=0)
+        self.scale_[self.scale_ == 0] = 1.0
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+        model.fit((X - self.mean_) / self.scale_, codes, sample_weight=self._weights(codes, sample_weight))
+        self.coef_, self.intercept_ = model.coef_, model.intercept_
+        return self  # one convex solve: nothing to report before it ends
+
+    def predict_proba(self, X) -> np.ndarray:
+        z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        if z.shape[1] == 1:  # binary: one logit for the second class
+            p = 1.0 / (1.0 + np.exp(-z[:, 0]))
+            return np.column_stack([1 - p, p])
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def save(self, folder: Path) -> list[str]:
+        np.savez(folder / "head.npz", mean=self.mean_, scale=self.scale_, coef=self.coef_, intercept=self.intercept_)
+        return ["head.npz"]
+
+    @classmethod
+    def load(cls, folder: Path, params: dict, classes: list[str]) -> "LinearHead":
+        head = cls(**params)
+        with np.load(folder / "head.npz", allow_pickle=False) as z:
+            head.mean_, head.scale_, head.coef_, head.intercept_ = z["mean"], z["scale"], z["coef"], z["intercept"]
+        head.classes_ = np.array(classes, dtype=object)
+        return head
+
+
+# ----------------------------------------------------------------------------------------- mlp
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float, n_out: int) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for width in hidden:
+        layers += [torch.nn.Linear(n_in, width), torch.nn.GELU(), torch.nn.Dropout(dropout)]
+        n_in = width
+    layers.append(torch.nn.Linear(n_in, n_out))
+    return torch.nn.Sequential(*layers)
+
+
+@register
+class MLPHead(Head):
+    """A PyTorch MLP on standardised inputs: AdamW, class-weighted cross-entropy, early stopping on
+    the balanced accuracy of an inner (lesion-grouped) validation split; the best epoch is kept."""
+
+    name = "mlp"
+
+    def __init__(
+        self,
+        hidden: tuple[int, ...] = (512,),
+        dropout: float = 0.3,
+        weight_decay: float = 1e-3,
+        lr: float = 1e-3,
+        epochs: int = 100,
+        patience: int = 10,
+        batch_size: int = 128,
+        val_fraction: float = 0.15,
+        class_weight: str | None = "balanced",
+        device: str = "auto",
+        random_state: int = 0,
+    ):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.weight_decay = weight_decay
+        self.lr = lr
+        self.epochs = epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.class_weight = class_weight
+        self.device = device
+        self.random_state = random_state
+
+    @classmethod
+    def search_space(cls, trial: optuna.Trial) -> dict:
+        width = trial.suggest_categorical("width", [256, 512, 1024])
+        layers = trial.suggest_int("layers", 1, 2)
+        return {
+            "hidden": (width,) * layers,
+            "dropout": trial.suggest_float("dropout", 0.0, 0.6),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
+            "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+        }
+
+    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "MLPHead":
+        codes = self._encode(y)
+        X = np.asarray(X, dtype=np.float32)
+        self.mean_ = X.mean(axis=0)
+        self.scale_ = X.std(axis=0) + 1e-6
+        train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
+        weights = self._weights(codes, sample_weight)
+        device = _device(self.device)
+        generator = torch.Generator().manual_seed(self.random_state)
+        torch.manual_seed(self.random_state)
+        model = _mlp(X.shape[1], tuple(self.hidden), self.dropout, len(self.classes_)).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        xs = torch.from_numpy((X - self.mean_) / self.scale_).to(device)
+        ys = torch.from_numpy(codes).long().to(device)
+        ws = torch.from_numpy(weights).float().to(device)
+        best, best_state, waited = -1.0, None, 0
+        for epoch in range(self.epochs):
+            model.train()
+            order = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)].to(device)
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                loss = torch.nn.functional.cross_entropy(model(xs[batch]), ys[batch], reduction="none")
+                loss = (loss * ws[batch]).sum() / ws[batch].sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            model.eval()
+            with torch.inference_mode():
+                predicted = model(xs[torch.from_numpy(val).to(device)]).argmax(1).cpu().numpy()
+            score = float(balanced_accuracy_score(codes[val], predicted))
+            if score > best:
+                best, waited = score, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                waited += 1
+            if report is not None:
+                report(epoch, best)  # the best so far: what early stopping keeps, and less noisy
+            if waited >= self.patience:
+                break
+        model.load_state_dict(best_state)
+        self.model_ = model.cpu().eval()
+        self.best_epoch_, self.best_val_score_ = epoch - waited, best
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        x = torch.from_numpy((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_)
+        with torch.inference_mode():
+            return torch.softmax(self.model_(x), dim=1).numpy().astype(np.float64)
+
+    def save(self, folder: Path) -> list[str]:
+        state = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
+        state["mean"], state["scale"] = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
+        torch.save(state, folder / "head.pt")
+        return ["head.pt"]
+
+    @classmethod
+    def load(cls, folder: Path, params: dict, classes: list[str]) -> "MLPHead":
+        head = cls(**{**params, "hidden": tuple(params.get("hidden", (512,)))})
+        state = torch.load(folder / "head.pt", map_location="cpu", weights_only=True)
+        head.mean_, head.scale_ = state.pop("mean").numpy(), state.pop("scale").numpy()
+        head.model_ = _mlp(len(head.mean_), head.hidden, head.dropout, len(classes))
+        head.model_.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
+        head.model_.eval()
+        head.classes_ = np.array(classes, dtype=object)
+        return head
+
+
+# ----------------------------------------------------------------------------------------- xgboost
+
+
+@register
+class XGBoostHead(Head):
+    """Gradient-boosted `hist` trees with balanced sample weights and early stopping on an inner
+    (lesion-grouped) validation split; on the GPU when there is one."""
+
+    name = "xgboost"
+
+    def __init__(
+        self,
+        n_estimators: int = 1000,
+        max_depth: int = 4,
+        learning_rate: float = 0.1,
+        subsample: float = 0.8,
+        colsample_bytree: float = 0.3,
+        min_child_weight: float = 1.0,
+        reg_lambda: float = 1.0,
+        max_bin: int = 64,
+        early_stopping_rounds: int = 30,
+        val_fraction: float = 0.15,
+        class_weight: str | None = "balanced",
+        device: str = "auto",
+        n_jobs: int = 0,
+        random_state: int = 0,
+    ):
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.learning_rate = learning_rate
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.min_child_weight = min_child_weight
+        self.reg_lambda = reg_lambda
+        self.max_bin = max_bin
+        self.early_stopping_rounds = early_stopping_rounds
+        self.val_fraction = val_fraction
+        self.class_weight = class_weight
+        self.device = device
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    REPORT_EVERY: ClassVar[int] = 10
+    """Boosting rounds between intermediate reports to the pruner."""
+
+    @classmethod
+    def search_space(cls, trial: optuna.Trial) -> dict:
+        return {
+            "max_depth": trial.suggest_int("max_depth", 2, 8),
+            "learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
+            "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+            "colsample_bytree": trial.suggest_float("colsample_bytree", 0.05, 0.6),
+            "min_child_weight": trial.suggest_float("min_child_weight", 0.5, 20.0, log=True),
+            "reg_lambda": trial.suggest_float("reg_lambda", 0.1, 20.0, log=True),
+        }
+
+    def _params(self) -> dict:
+        binary = len(self.classes_) == 2
+        device = _device(self.device).type
+        return {
+            "objective": "binary:logistic" if binary else "multi:softprob",
+            "eval_metric": "logloss" if binary else "mlogloss",
+            **({} if binary else {"num_class": len(self.classes_)}),
+            "tree_method": "hist",
+            "device": device,
+            "max_depth": self.max_depth,
+            "eta": self.learning_rate,
+            "subsample": self.subsample,
+            "colsample_bytree": self.colsample_bytree,
+            "min_child_weight": self.min_child_weight,
+            "lambda": self.reg_lambda,
+            "max_bin": self.max_bin,
+            "seed": self.random_state,
+            "nthread": self.n_jobs or os.cpu_count() or 1,
+        }
+
+    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "XGBoostHead":
+        codes = self._encode(y)
+        X = np.asarray(X, dtype=np.float32)
+        weights = self._weights(codes, sample_weight)
+        train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
+        dtrain = xgb.QuantileDMatrix(X[train], codes[train], weight=weights[train], max_bin=self.max_bin)
+        dval = xgb.QuantileDMatrix(X[val], codes[val], weight=weights[val], ref=dtrain, max_bin=self.max_bin)
+        callbacks = [_Reporter(report, self.REPORT_EVERY)] if report is not None else []
+        self.booster_ = xgb.train(
+            self._params(),
+            dtrain,
+            num_boost_round=self.n_estimators,
+            evals=[(dval, "val")],
+            early_stopping_rounds=self.early_stopping_rounds,
+            callbacks=callbacks,
+            verbose_eval=False,
+        )
+        self.best_iteration_ = int(self.booster_.best_iteration)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        p = self.booster_.predict(
+            xgb.DMatrix(np.asarray(X, dtype=np.float32)), iteration_range=(0, self.best_iteration_ + 1)
+        )
+        return np.column_stack([1 - p, p]).astype(np.float64) if p.ndim == 1 else p.astype(np.float64)
+
+    def save(self, folder: Path) -> list[str]:
+        self.booster_.save_model(folder / "head.ubj")
+        (folder / "head-xgboost.json").write_text(json.dumps({"best_iteration": self.best_iteration_}))
+        return ["head.ubj", "head-xgboost.json"]
+
+    @classmethod
+    def load(cls, folder: Path, params: dict, classes: list[str]) -> "XGBoostHead":
+        head = cls(**params)
+        head.booster_ = xgb.Booster()
+        head.booster_.load_model(folder / "head.ubj")
+        head.best_iteration_ = json.loads((folder / "head-xgboost.json").read_text())["best_iteration"]
+        head.classes_ = np.array(classes, dtype=object)
+        return head
+
+
+class _Reporter(xgb.callback.TrainingCallback):
+    """Every `every` boosting rounds, report minus the best validation loss so far (higher is better)."""
+
+    def __init__(self, report: Report, every: int):
+        super().__init__()
+        self.report, self.every = report, every
+
+    def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
+        if epoch % self.every == 0:
+            (losses,) = evals_log["val"].values()
+            self.report(epoch // self.every, -float(min(losses)))  # the best so far, as early stopping keeps
+        return False

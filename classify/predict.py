@@ -1,0 +1,158 @@
+"""Using a run: `evaluate` scores it on its test rows or on another labelled store (external
+validation), `predict` embeds new images exactly as the run's store was embedded and classifies them.
+
+Embeddings from other settings are not comparable, so both check the backbones' fingerprints (weights,
+preprocessing, precision, views) against the ones the run was trained on before scoring anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from classify.fit import predictions_csv
+from classify.inputs import embeddings, proba_views, usable, with_meta
+from classify.metrics import evaluate
+from classify.runs import Run, RunError, load_run, write_json, write_text
+from extract.backbones import get_family
+from extract.manifest import read_paths
+from extract.run import ExtractConfig, extract
+from features.splits import TEST, read_split
+from features.store import FeatureStore, StoreError
+
+log = logging.getLogger("classify")
+
+
+def check_fingerprints(run: Run, store: FeatureStore) -> None:
+    """The store's embeddings must come from the run's backbones with the run's exact settings."""
+    for backbone, expected in run.card["extraction"].items():
+        if backbone not in store.backbones:
+            raise StoreError(
+                f"{store.path} has no {backbone} embeddings (it has: {', '.join(store.backbones) or 'none'}); "
+                f"extract them with the run's settings first"
+            )
+        attrs = store.backbone_attrs(backbone)
+        if attrs["fingerprint"] != expected["fingerprint"]:
+            old, new = json.loads(expected["identity"]), json.loads(attrs.get("identity", "{}"))
+            differ = [f"{k}: run {old.get(k)!r}, store {new.get(k)!r}" for k in sorted(old) if old.get(k) != new.get(k)]
+            raise RunError(
+                f"{store.path}: its {backbone} embeddings were made with other settings than the run's "
+                f"({'; '.join(differ)}); they are not comparable"
+            )
+
+
+def _meta(store: FeatureStore, run: Run) -> dict[str, np.ndarray]:
+    """The run's metadata columns from the store; columns it lacks count as blank (with a warning)."""
+    samples = store.samples()
+    missing = [c for c in run.inputs.meta if c not in samples.meta]
+    if missing:
+        log.warning("%s lacks metadata %s: treated as missing for every row", store.path, ", ".join(missing))
+    return {c: np.array(samples.meta[c], dtype=object) for c in run.inputs.meta if c in samples.meta}
+
+
+def _inputs(store: FeatureStore, run: Run) -> np.ndarray:
+    n = len(store.samples().image_id)
+    return with_meta(embeddings(store, run.inputs), run.encoder.transform(_meta(store, run), n))
+
+
+def parse_label_map(text: str) -> dict[str, str]:
+    """`melanoma=mel,nevus=nv` -> {"melanoma": "mel", "nevus": "nv"}."""
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise RunError(f"--label-map {text!r}: write it as store_label=run_label,...")
+    return {a.strip(): b.strip() for a, b in pairs}
+
+
+def evaluate_run(run_dir: str | Path, features: str | None = None, label_map: str = "") -> dict:
+    """Metrics of a run on its own test rows, or on every labelled row of another store."""
+    run = load_run(run_dir)
+    own = features is None or Path(features).resolve() == Path(run.card["store"])
+    store = FeatureStore(features or run.card["store"])
+    check_fingerprints(run, store)
+    samples = store.samples()
+    rows = usable(store, run.inputs)
+    if own:
+        split = read_split(store, run.card["split"])
+        if split is None:
+            raise RunError(f"{store.path}: the run's split {run.card['split']} is missing from the store")
+        rows &= split == TEST
+    mapping = parse_label_map(label_map)
+    labels = np.array([mapping.get(v, v) for v in samples.label], dtype=object)
+    rows &= labels != ""
+    unknown = sorted(set(labels[rows]) - set(run.classes))
+    if unknown:
+        raise RunError(
+            f"{store.path}: labels {', '.join(unknown)} are not classes of the run ({', '.join(run.classes)}); "
+            f"map them with --label-map store_label=run_label,..."
+        )
+    if not rows.any():
+        raise RunError(f"{store.path}: no labelled rows to evaluate on")
+    proba = proba_views(run.head, _inputs(store, run)[rows])
+    groups = np.array(samples.group, dtype=object)[rows]
+    metrics = evaluate(labels[rows], proba, run.classes, groups, run.card.get("positive"), run.card["majority"])
+    name = "test" if own else Path(store.path).stem
+    folder = run.folder / "evaluations" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(
+        folder / "metrics.json",
+        {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled", **metrics},
+    )
+    write_text(
+        folder / "predictions.csv", predictions_csv(np.array(samples.image_id, dtype=object)[rows], proba, run.classes)
+    )
+    return metrics
+
+
+@dataclass
+class Prediction:
+    ids: list[str]
+    proba: np.ndarray
+    classes: list[str]
+    failed: dict[str, str]
+
+
+def _weights_option(backbone: str, recorded: dict) -> str:
+    """How to ask `extract` for the weights the run's store was made with."""
+    if recorded["weights"] == "none":
+        return "none"
+    if recorded["weights"] == get_family(backbone).default_weights:
+        return "default"
+    if not Path(recorded["weights"]).is_file():
+        raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
+    return recorded["weights"]
+
+
+def predict(
+    run_dir: str | Path, paths: list[str], batch_size: int = 0, workers: int = -1, device: str = "auto"
+) -> Prediction:
+    """Class probabilities of new images, embedded exactly as the run's training store was."""
+    run = load_run(run_dir)
+    manifest = read_paths(paths)
+    with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
+        store_path = Path(tmp) / "predict.h5"
+        for backbone, recorded in run.card["extraction"].items():  # one pass each: settings may differ
+            extract(
+                ExtractConfig(
+                    backbone=backbone,
+                    weights=_weights_option(backbone, recorded),
+                    out=str(store_path),
+                    precision=recorded["precision"],
+                    tta=recorded["views"],
+                    batch_size=batch_size,
+                    workers=workers,
+                    device=device,
+                ),
+                manifest=manifest,
+            )
+        store = FeatureStore(store_path)
+        check_fingerprints(run, store)
+        rows = usable(store, run.inputs)
+        proba = proba_views(run.head, _inputs(store, run)[rows])
+        ids = [i for i, ok in zip(store.samples().image_id, rows) if ok]
+        failed = store.failed()
+    return Prediction(ids, proba, run.classes, failed)

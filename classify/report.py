@@ -1,0 +1,215 @@
+"""The human-readable side of a run: report.md and its PNG plots (confusion matrix, ROC curves,
+reliability diagram, optimisation history)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from classify.metrics import ECE_BINS  # noqa: E402
+
+PLOTS = "plots"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _ci(metrics: dict, key: str) -> str:
+    interval = metrics.get("ci95", {}).get(key) or []
+    return (
+        f"{_fmt(metrics[key])} ({_fmt(interval[0])}-{_fmt(interval[1])})" if len(interval) == 2 else _fmt(metrics[key])
+    )
+
+
+def headline(metrics: dict) -> str:
+    """One line per part: balanced accuracy and AUC with their intervals, and the baseline."""
+    lines = []
+    for part in ("test", "cv"):
+        m = metrics[part]
+        lines.append(
+            f"{part:>4}: balanced accuracy {_ci(m, 'balanced_accuracy')}, AUC {_ci(m, 'auc')}  "
+            f"(majority-class baseline: {_fmt(m['baseline']['balanced_accuracy'])}, AUC 0.5; n={m['n']})"
+        )
+    return "\n".join(lines)
+
+
+def write_report(
+    run: Path,
+    metrics: dict,
+    config: dict,
+    trials: list[dict],
+    counts: dict,
+    test_labels: np.ndarray,
+    test_proba: np.ndarray,
+) -> None:
+    """report.md and plots/*.png in the run folder."""
+    plots = run / PLOTS
+    plots.mkdir(exist_ok=True)
+    classes = metrics["test"]["classes"]
+    _confusion(plots / "confusion_matrix.png", np.array(metrics["test"]["confusion_matrix"]), classes)
+    _roc(plots / "roc_curves.png", test_labels, test_proba, classes, metrics["test"].get("positive"))
+    _reliability(plots / "reliability.png", test_labels, test_proba, classes)
+    _history(plots / "optimisation_history.png", trials)
+    (run / "report.md").write_text(_markdown(metrics, config, trials, counts))
+
+
+def _markdown(metrics: dict, config: dict, trials: list[dict], counts: dict) -> str:
+    test, cv = metrics["test"], metrics["cv"]
+    states = {}
+    for t in trials:
+        states[t["state"].lower()] = states.get(t["state"].lower(), 0) + 1
+    lines = [
+        f"# Run report: {config['head']} on {config['backbone']}",
+        "",
+        f"Store `{config['features']}`, split `{config['split']}` (lesion-grouped, stratified; the test rows "
+        f"were never seen by the study), views `{config['views']}`, metadata `{config['meta'] or 'none'}`.",
+        "",
+        "## Headline",
+        "",
+        "| | balanced accuracy (95 % CI) | AUC (95 % CI) | accuracy | ECE | n (lesions) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| test | {_ci(test, 'balanced_accuracy')} | {_ci(test, 'auc')} | {_fmt(test['accuracy'])} | "
+        f"{_fmt(test['ece'])} | {test['n']} ({test['lesions']}) |",
+        f"| cross-validation (out of fold) | {_ci(cv, 'balanced_accuracy')} | {_ci(cv, 'auc')} | "
+        f"{_fmt(cv['accuracy'])} | {_fmt(cv['ece'])} | {cv['n']} ({cv['lesions']}) |",
+        f"| majority class ({test['baseline']['class']}), test | {_fmt(test['baseline']['balanced_accuracy'])} "
+        f"| 0.500 | {_fmt(test['baseline']['accuracy'])} | | |",
+        "",
+        "Intervals: 95 % bootstrap over lesions (1000 resamples of lesion groups, not of images).",
+        f"The study's best mean fold balanced accuracy: {_fmt(cv['study_best_value'])} ({cv['folds']} folds).",
+        "",
+    ]
+    if "sensitivity_at_specificity" in test:
+        s = test["sensitivity_at_specificity"]
+        lines += [
+            f"Sensitivity for `{test['positive']}` on the test rows: {_fmt(s['0.80'])} at 80 % specificity, "
+            f"{_fmt(s['0.90'])} at 90 % specificity.",
+            "",
+        ]
+    lines += [
+        "## Per class (test rows)",
+        "",
+        "| class | support | sensitivity | specificity | precision | AUC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for c, m in test["per_class"].items():
+        lines.append(
+            f"| {c} | {m['support']} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
+            f"{_fmt(m['precision'])} | {_fmt(m['auc'])} |"
+        )
+    lines += [
+        "",
+        "Confusion matrix (rows: true class, columns: predicted), test rows:",
+        "",
+        "| | " + " | ".join(test["classes"]) + " |",
+        "| --- |" + " --- |" * len(test["classes"]),
+    ]
+    for c, row in zip(test["classes"], test["confusion_matrix"]):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    lines += [
+        "",
+        "## Data",
+        "",
+        "| class | study rows | test rows |",
+        "| --- | --- | --- |",
+    ]
+    for c in sorted(set(counts["study"]) | set(counts["test"])):
+        lines.append(f"| {c} | {counts['study'].get(c, 0)} | {counts['test'].get(c, 0)} |")
+    lines += [
+        "",
+        "## Study",
+        "",
+        f"Study `{config['study']}`: {len(trials)} trials ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        + f"), seeded TPE, median pruner. Best parameters: `{config['params']}`.",
+        "",
+        "## Plots",
+        "",
+        f"![confusion matrix]({PLOTS}/confusion_matrix.png) ![ROC curves]({PLOTS}/roc_curves.png)",
+        f"![reliability]({PLOTS}/reliability.png) ![optimisation history]({PLOTS}/optimisation_history.png)",
+        "",
+        "Files: `metrics.json` (every figure, under `test` and `cv`), `test_predictions.csv` and "
+        "`cv_predictions.csv` (ISIC style), `config.json`, `study.json`, `run.json` (the fitted head's card).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), v in np.ndenumerate(matrix):
+        ax.text(j, i, str(v), ha="center", va="center", color="black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (test)")
+    _save(fig, path)
+
+
+def _roc(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], positive: str | None) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    shown = classes if len(classes) > 2 else [positive or classes[1]]  # two classes: one curve says it all
+    for c in shown:
+        k = classes.index(c)
+        truth = y == c
+        if truth.any() and not truth.all():
+            fpr, tpr, _ = roc_curve(truth, proba[:, k])
+            ax.plot(fpr, tpr, label=c)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, one class against the rest (test)")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _reliability(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> None:
+    confidence = proba.max(axis=1)
+    correct = np.array(classes, dtype=object)[proba.argmax(axis=1)] == y
+    edges = np.linspace(0, 1, ECE_BINS + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, ECE_BINS - 1)
+    centres, accuracy, sizes = [], [], []
+    for b in range(ECE_BINS):
+        inside = which == b
+        if inside.any():
+            centres.append(confidence[inside].mean())
+            accuracy.append(correct[inside].mean())
+            sizes.append(inside.sum())
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.scatter(centres, accuracy, s=20 + 200 * np.array(sizes) / max(1, len(y)))
+    ax.plot(centres, accuracy)
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability (test)")
+    _save(fig, path)
+
+
+def _history(path: Path, trials: list[dict]) -> None:
+    done = [t for t in trials if t["value"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if done:
+        numbers = [t["number"] for t in done]
+        values = [t["value"] for t in done]
+        ax.scatter(numbers, values, label="trial")
+        ax.plot(numbers, np.maximum.accumulate(values), color="red", label="best so far")
+        ax.legend(loc="lower right")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("cv balanced accuracy")
+    ax.set_title("optimisation history")
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

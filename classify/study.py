@@ -1,0 +1,145 @@
+"""Optuna studies: one per store x backbone(s) x head, scored by lesion-grouped K-fold CV on the
+study rows (never the test rows), with intermediate values that let a pruner stop bad trials.
+
+The objective is a callable object that holds the data, loaded once (as in Optuna's examples). Step
+numbers are laid out per fold: fold k's per-epoch / per-round values (from the head's `report`) go to
+steps k*STEPS_PER_FOLD + round, and the running mean balanced accuracy after fold k to step
+k*STEPS_PER_FOLD + STEPS_PER_FOLD - 1, so a pruner only ever compares like with like.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from sklearn.metrics import balanced_accuracy_score
+
+from classify.heads import Head
+from classify.inputs import fit_views, proba_views
+from classify.metrics import macro_auc
+
+log = logging.getLogger("classify")
+
+STEPS_PER_FOLD = 1000
+JOURNAL = "study.journal"
+"""Default storage: an Optuna journal file in the run folder (file-locked: several local processes)."""
+
+
+def storage_for(url: str | None, run: Path) -> optuna.storages.BaseStorage | str:
+    """`--storage URL` (sqlite:///..., postgresql://...) or the run folder's journal file."""
+    if url:
+        return url
+    run.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(run / JOURNAL)))
+
+
+def open_study(name: str, storage: optuna.storages.BaseStorage | str, seed: int) -> optuna.Study:
+    """Create or resume the study `name`; seeded TPE (offset by the trials already there, so that a
+    resumed or second worker does not repeat the first one's suggestions) and a median pruner."""
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=STEPS_PER_FOLD),
+    )
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=8)
+    return study
+
+
+class Objective:
+    """Mean balanced accuracy over the grouped folds of the study rows for one trial's parameters."""
+
+    def __init__(
+        self,
+        head: type[Head],
+        x: np.ndarray,
+        y: np.ndarray,
+        groups: np.ndarray,
+        folds: np.ndarray,
+        seed: int,
+        fixed: dict | None = None,
+    ):
+        self.head, self.x, self.y, self.groups, self.folds = head, x, y, groups, folds
+        self.seed, self.fixed = seed, fixed or {}
+        self.classes = sorted(set(y))
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = {**self.head.search_space(trial), **self.fixed}
+        scores, aucs = [], []
+        for k in range(int(self.folds.max()) + 1):
+            train, val = self.folds != k, self.folds == k
+            head = self.head(**params, random_state=self.seed)
+            fit_views(head, self.x[train], self.y[train], self.groups[train], report=_reporter(trial, k))
+            proba = proba_views(head, self.x[val])
+            predicted = head.classes_[proba.argmax(axis=1)]
+            scores.append(float(balanced_accuracy_score(self.y[val], predicted)))
+            aucs.append(macro_auc(self.y[val], proba, list(head.classes_)))
+            _report(trial, float(np.mean(scores)), k * STEPS_PER_FOLD + STEPS_PER_FOLD - 1)
+        trial.set_user_attr("fold_balanced_accuracy", scores)
+        trial.set_user_attr("cv_auc", float(np.nanmean(aucs)))
+        return float(np.mean(scores))
+
+
+def _report(trial: optuna.Trial, value: float, step: int) -> None:
+    trial.report(value, step)
+    if trial.should_prune():
+        raise optuna.TrialPruned()
+
+
+def _reporter(trial: optuna.Trial, fold: int):
+    def report(step: int, value: float) -> None:
+        _report(trial, value, fold * STEPS_PER_FOLD + min(step, STEPS_PER_FOLD - 2))
+
+    return report
+
+
+def progress(total: int | None):
+    """A callback printing one line per finished trial."""
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = len([t for t in study.trials if t.state.is_finished()])
+        if trial.state == optuna.trial.TrialState.PRUNED:
+            state, value = f"pruned in fold {(trial.last_step or 0) // STEPS_PER_FOLD}", "-"
+        else:
+            state = trial.state.name.lower()
+            value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        try:
+            best = f"{study.best_value:.4f}"
+        except ValueError:
+            best = "-"
+        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.params.items())
+        log.info(
+            "trial %d %s: cv balanced accuracy %s (best %s) [%s] (%d finished in the study)",
+            trial.number,
+            state,
+            value,
+            best,
+            params,
+            done,
+        )
+
+    return callback
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def history(study: optuna.Study) -> list[dict]:
+    """Every trial of the study, JSON-ready."""
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            "params": t.params,
+            "cv_auc": t.user_attrs.get("cv_auc"),
+            "seconds": t.duration.total_seconds() if t.duration else None,
+        }
+        for t in study.trials
+    ]

@@ -1,0 +1,261 @@
+"""End to end: fit (study, refit, test, report), evaluate, predict, run safety, concurrent workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import optuna
+import pytest
+from conftest import ROOT, TINY, synthetic_store
+from imagefiles import lesion, save
+
+from classify.runs import RunError, load_run
+from features.splits import TEST
+from features.store import FeatureStore
+
+FAST = ("--folds", "3", "--trials", "3")
+
+
+def _read_csv(path: Path) -> dict[str, dict[str, str]]:
+    return {row["image"]: row for row in csv.DictReader(open(path))}
+
+
+@pytest.fixture
+def store(tmp_path) -> Path:
+    return synthetic_store(tmp_path / "syn.h5", n=160)
+
+
+def test_fit_writes_a_complete_honest_run(tmp_path, store, cli):
+    run = tmp_path / "run"
+    code, out, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)
+    assert code == 0, err
+    assert "test: balanced accuracy" in out and str(run / "report.md") in out
+    for name in (
+        "config.json",
+        "run.json",
+        "study.json",
+        "metrics.json",
+        "report.md",
+        "test_predictions.csv",
+        "cv_predictions.csv",
+        "plots/confusion_matrix.png",
+        "plots/roc_curves.png",
+        "plots/reliability.png",
+        "plots/optimisation_history.png",
+    ):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for part in ("test", "cv"):
+        assert {"balanced_accuracy", "auc", "accuracy", "per_class", "ece", "ci95", "baseline"} <= set(metrics[part])
+    assert metrics["test"]["balanced_accuracy"] > 0.9 and metrics["test"]["auc"] > 0.95  # separable data
+    assert metrics["test"]["positive"] == "mel" and set(metrics["test"]["sensitivity_at_specificity"]) == {
+        "0.80",
+        "0.90",
+    }
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"] == "linear" and config["backbone"] == "fake" and "C" in config["params"]
+    # the test rows: exactly the split's, and no lesion of theirs in the study rows
+    with h5py.File(store) as f:
+        split = f[f"splits/{config['split']}"][()]
+        ids = f["samples/image_id"].asstr()[()]
+        groups = f["samples/group"].asstr()[()]
+    assert sorted(_read_csv(run / "test_predictions.csv")) == sorted(ids[split == TEST])
+    assert sorted(_read_csv(run / "cv_predictions.csv")) == sorted(ids[split >= 0])
+    assert not set(groups[split == TEST]) & set(groups[split >= 0])
+    header = (run / "test_predictions.csv").read_text().splitlines()[0]
+    assert header == "image,mel,nv"
+    study = json.loads((run / "study.json").read_text())
+    assert len(study["trials"]) == 3 and study["best"]["value"] == max(
+        t["value"] for t in study["trials"] if t["state"] == "COMPLETE"
+    )
+
+
+@pytest.mark.parametrize("head", ["mlp", "xgboost"])
+def test_other_heads_run_a_study(tmp_path, store, cli, head):
+    code, _, err = cli(
+        "fit", "--features", store, "--head", head, "--out", tmp_path / head, "--folds", "2", "--trials", "2"
+    )
+    assert code == 0, err
+    run = load_run(tmp_path / head)
+    assert run.card["head"] == head
+    assert json.loads((tmp_path / head / "metrics.json").read_text())["test"]["auc"] > 0.9
+
+
+def test_bad_requests_fail_before_training_with_what_exists(tmp_path, store, cli):
+    code, _, err = cli("fit", "--features", store, "--head", "svm", "--out", tmp_path / "r")
+    assert code == 2 and "linear" in err and "xgboost" in err
+    code, _, err = cli(
+        "fit", "--features", store, "--head", "linear", "--backbone", "resnet50", "--out", tmp_path / "r"
+    )
+    assert code == 2 and "resnet50" in err and "fake" in err
+    unlabelled = synthetic_store(tmp_path / "unlabelled.h5", n=40, classes=("",))
+    code, _, err = cli("fit", "--features", unlabelled, "--head", "linear", "--out", tmp_path / "r")
+    assert code == 2 and "no labels" in err
+    rare = synthetic_store(tmp_path / "rare.h5", n=30, classes=("mel", "nv", "nv", "nv", "nv", "nv", "df"), per_group=1)
+    code, _, err = cli("fit", "--features", rare, "--head", "linear", "--out", tmp_path / "r", "--folds", "5")
+    assert code == 2 and "'df' has" in err and "groups" in err
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--meta", "weight", "--out", tmp_path / "r")
+    assert code == 2 and "weight" in err and "age" in err
+    assert not (tmp_path / "r" / "run.json").exists()
+
+
+def test_views_and_metadata_inputs(tmp_path, cli):
+    store = synthetic_store(tmp_path / "views.h5", n=120, views=4)
+    run = tmp_path / "run"
+    code, _, err = cli(
+        "fit", "--features", store, "--head", "linear", "--out", run, "--views", "all", "--meta", "age,site", *FAST
+    )
+    assert code == 0, err
+    loaded = load_run(run)
+    assert loaded.inputs.views == "all" and loaded.inputs.meta == ("age", "site")
+    assert loaded.card["meta_encoder"]["age"]["kind"] == "number"
+    assert loaded.card["meta_encoder"]["site"] == {"kind": "category", "categories": ["back", "face"]}
+    assert loaded.head.coef_.shape[1] == 16 + 2 + 2  # embedding + (age, age_missing) + one-hot site
+    code, out, err = cli("evaluate", "--run", run)
+    assert code == 0, err
+    own = _read_csv(run / "test_predictions.csv")
+    again = _read_csv(run / "evaluations" / "test" / "predictions.csv")
+    assert own.keys() == again.keys()
+    assert all(abs(float(own[i]["mel"]) - float(again[i]["mel"])) < 1e-6 for i in own)
+
+
+def test_a_second_fit_resumes_the_study(tmp_path, store, cli):
+    run = tmp_path / "run"
+    assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
+    assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
+    assert len(json.loads((run / "study.json").read_text())["trials"]) == 6
+
+
+def test_two_processes_on_one_study_keep_every_trial(tmp_path, store):
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        "--features",
+        str(store),
+        "--head",
+        "linear",
+        "--out",
+        str(run),
+        "--folds",
+        "3",
+        "--trials",
+        "4",
+    ]
+    procs = [
+        subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    name = json.loads((run / "config.json").read_text())["study"]
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run / "study.journal")))
+    study = optuna.load_study(study_name=name, storage=storage)
+    assert len(study.trials) == 8 and all(t.state.is_finished() for t in study.trials)
+    assert load_run(run).card["head"] == "linear"
+
+
+def test_a_tampered_head_file_is_refused(tmp_path, store, cli):
+    run = tmp_path / "run"
+    assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
+    head = run / "head" / "head.npz"
+    with np.load(head) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["coef"] = -arrays["coef"]  # a valid file with other numbers: only the hash can tell
+    np.savez(head, **arrays)
+    with pytest.raises(RunError, match="modified"):
+        load_run(run)
+    code, _, err = cli("evaluate", "--run", run)
+    assert code == 2 and "head.npz" in err
+
+
+def test_external_validation_checks_fingerprints_and_labels(tmp_path, store, cli):
+    run = tmp_path / "run"
+    assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
+    other = synthetic_store(tmp_path / "other.h5", n=60, classes=("melanoma", "nevus"))
+    code, _, err = cli("evaluate", "--run", run, "--features", other)
+    assert code == 2 and "melanoma" in err and "--label-map" in err
+    code, out, err = cli("evaluate", "--run", run, "--features", other, "--label-map", "melanoma=mel,nevus=nv")
+    assert code == 0, err
+    metrics = json.loads((run / "evaluations" / "other" / "metrics.json").read_text())
+    assert metrics["n"] == 60 and metrics["auc"] > 0.9  # same generator: the same classes
+    alien = synthetic_store(tmp_path / "alien.h5", n=60, seed=5)  # other "settings": another fingerprint
+    code, _, err = cli("evaluate", "--run", run, "--features", alien)
+    assert code == 2 and "other settings" in err
+
+
+def _image_set(root: Path, n_groups: int) -> Path:
+    rows = []
+    for g in range(n_groups):
+        label = ("mel", "nv")[g % 2]
+        for k in range(2):
+            image_id = f"g{g:02d}_{k}"
+            picture = lesion(g * 10 + k)
+            if label == "mel":
+                picture = (picture * 0.5).astype(np.uint8)  # darker: learnable even with random weights
+            save(root / "img" / f"{image_id}.png", picture)
+            rows.append(f"{image_id},img/{image_id}.png,{label},G{g}")
+    (root / "labels.csv").write_text("image_id,path,label,lesion_id\n" + "\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
+    manifest = _image_set(tmp_path / "data", 12)
+    store = tmp_path / "real.h5"
+    code, _, err = cli(
+        "extract",
+        "--data",
+        manifest,
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--out",
+        store,
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+    )
+    assert code == 0, err
+    run = tmp_path / "run"
+    code, _, err = cli(
+        "fit",
+        "--features",
+        store,
+        "--head",
+        "linear",
+        "--out",
+        run,
+        "--folds",
+        "2",
+        "--trials",
+        "2",
+        "--test-fraction",
+        "0.34",
+    )
+    assert code == 0, err
+    expected = _read_csv(run / "test_predictions.csv")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image_id in expected:
+        shutil.copy(tmp_path / "data" / "img" / f"{image_id}.png", folder / f"{image_id}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "preds.csv"
+    code, stdout, err = cli("predict", "--run", run, "--images", folder, "--out", out, "--workers", "0")
+    assert code == 0, err
+    assert "broken" in stdout
+    got = _read_csv(out)
+    assert sorted(got) == sorted(expected)
+    for image_id, row in got.items():
+        assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
+        assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c]))
+    assert FeatureStore(store).backbones == [TINY]
