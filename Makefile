@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STORE := demo/isic_cc0.h5
+DEMO_RUN := demo/run-linear
 
 .PHONY: venv test demo clean
 
@@ -21,6 +22,7 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) cli.py extract --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 --out $(DEMO_STORE)
+	$(PY) cli.py fit --features $(DEMO_STORE) --head linear --trials 10 --out $(DEMO_RUN)
 
 clean:
 	rm -rf demo .pytest_cache

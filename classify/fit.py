@@ -8,10 +8,13 @@ parameters are refitted on all study rows and scored once on the test rows.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -119,6 +122,19 @@ def study_name(store: FeatureStore, spec: InputSpec, split: SplitSpec, head: str
     return f"{head}.{'+'.join(spec.backbones)}.{digest}"
 
 
+def _fixed_params(head_cls, cfg: FitConfig) -> dict:
+    """Head parameters set by the command, not searched: the device, and with --n-jobs N parallel
+    trials, 1/N of the cores each (threads that outnumber the cores slow every trial down)."""
+    params = head_cls().get_params()
+    fixed = {"device": cfg.device} if "device" in params else {}
+    if cfg.n_jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // cfg.n_jobs)
+        torch.set_num_threads(threads)
+        if "n_jobs" in params:
+            fixed["n_jobs"] = threads
+    return fixed
+
+
 def _redact(url: str | None) -> str | None:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
 
@@ -155,8 +171,9 @@ def fit(cfg: FitConfig) -> dict:
         head_cls.name,
         name,
     )
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from `progress`
     study = open_study(name, storage_for(cfg.storage, run), cfg.seed)
-    fixed = {"device": cfg.device} if "device" in head_cls().get_params() else {}
+    fixed = _fixed_params(head_cls, cfg)
     objective = Objective(
         head_cls,
         data.x[data.study],
@@ -166,9 +183,8 @@ def fit(cfg: FitConfig) -> dict:
         cfg.seed,
         fixed,
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(
-        objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress(cfg.trials)]
+        objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()]
     )
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
@@ -260,11 +276,10 @@ def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndar
 
 def predictions_csv(ids: np.ndarray, proba: np.ndarray, classes: list[str], predicted: bool = False) -> str:
     """ISIC-style: `image` then one probability column per class (and `predicted` if asked)."""
-    header = ["image", *classes] + (["predicted"] if predicted else [])
-    lines = [",".join(header)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", *classes] + (["predicted"] if predicted else []))
     for image_id, row in zip(ids, proba):
         cells = [str(image_id), *(f"{p:.6f}" for p in row)]
-        if predicted:
-            cells.append(classes[int(np.argmax(row))])
-        lines.append(",".join(cells))
-    return "\n".join(lines) + "\n"
+        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []))
+    return buffer.getvalue()

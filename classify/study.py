@@ -66,7 +66,6 @@ class Objective:
     ):
         self.head, self.x, self.y, self.groups, self.folds = head, x, y, groups, folds
         self.seed, self.fixed = seed, fixed or {}
-        self.classes = sorted(set(y))
 
     def __call__(self, trial: optuna.Trial) -> float:
         params = {**self.head.search_space(trial), **self.fixed}
@@ -98,7 +97,7 @@ def _reporter(trial: optuna.Trial, fold: int):
     return report
 
 
-def progress(total: int | None):
+def progress():
     """A callback printing one line per finished trial."""
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

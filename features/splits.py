@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 from filelock import FileLock
-from sklearn.model_selection import StratifiedGroupKFold
 
 from features.store import FeatureStore
 
@@ -42,31 +41,49 @@ class SplitError(ValueError):
 
 
 def make_split(labels: np.ndarray, groups: np.ndarray, spec: SplitSpec) -> np.ndarray:
-    """Assign each row a fold, TEST or UNUSED; raises SplitError naming a class with too few groups."""
+    """Assign each row a fold, TEST or UNUSED; raises SplitError naming a class with too few groups.
+
+    Lesion groups are dealt out per class (a group counts for its most frequent label): a seeded
+    shuffle, then round(test_fraction x groups) of them to the test part (at least one, and never so
+    many that fewer than K remain), then the rest one by one to the fold holding the fewest images of
+    that class. So the test part holds the asked share of each class's lesions and every fold holds
+    every class.
+    """
     labels, groups = np.asarray(labels, dtype=object), np.asarray(groups, dtype=object)
-    labelled = np.flatnonzero(labels != "")
-    if len(labelled) == 0:
+    labelled = labels != ""
+    if not labelled.any():
         raise SplitError("the store has no labels: nothing to train or test on")
-    y, g = labels[labelled], groups[labelled]
+    members: dict[str, list[int]] = {}
+    for row in np.flatnonzero(labelled):
+        members.setdefault(groups[row], []).append(row)
+    by_class: dict[str, list[str]] = {}
+    for group, rows in members.items():
+        label = Counter(labels[rows]).most_common(1)[0][0]
+        by_class.setdefault(label, []).append(group)
+    if len(by_class) < 2:
+        raise SplitError(f"only one class ({next(iter(by_class))!r}): a classifier needs at least two")
     needed = spec.folds + 1
-    per_class = {c: len(set(g[y == c])) for c in sorted(set(y))}
-    if len(per_class) < 2:
-        raise SplitError(f"only one class ({next(iter(per_class))!r}): a classifier needs at least two")
-    short = {c: n for c, n in per_class.items() if n < needed}
+    short = {c: len(g) for c, g in sorted(by_class.items()) if len(g) < needed}
     if short:
         listed = ", ".join(f"{c!r} has {n}" for c, n in short.items())
         raise SplitError(
             f"too few lesion groups: {listed}; a test part plus {spec.folds}-fold cross-validation needs "
             f"at least {needed} groups per class. Drop or merge those classes, or use fewer --folds."
         )
+    rng = np.random.default_rng(spec.seed)
     split = np.full(len(labels), UNUSED, dtype=np.int8)
-    outer = StratifiedGroupKFold(n_splits=max(2, round(1 / spec.test_fraction)), shuffle=True, random_state=spec.seed)
-    rest, test = next(outer.split(labelled, y, g))
-    split[labelled[test]] = TEST
-    inner = StratifiedGroupKFold(n_splits=spec.folds, shuffle=True, random_state=spec.seed)
-    for fold, (_, part) in enumerate(inner.split(rest, y[rest], g[rest])):
-        split[labelled[rest[part]]] = fold
-    assert not set(groups[split == TEST]) & set(groups[split >= 0]), "a lesion on both sides of the split"
+    fold_images = np.zeros(spec.folds, dtype=int)
+    for label in sorted(by_class):
+        shuffled = [by_class[label][i] for i in rng.permutation(len(by_class[label]))]
+        n_test = min(max(1, round(spec.test_fraction * len(shuffled))), len(shuffled) - spec.folds)
+        for group in shuffled[:n_test]:
+            split[members[group]] = TEST
+        in_class = np.zeros(spec.folds, dtype=int)
+        for group in sorted(shuffled[n_test:], key=lambda g: -len(members[g])):  # big groups first
+            fold = min(range(spec.folds), key=lambda k: (in_class[k], fold_images[k], k))
+            split[members[group]] = fold
+            in_class[fold] += len(members[group])
+            fold_images[fold] += len(members[group])
     return split
 
 
@@ -113,7 +130,7 @@ def ensure_split(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
                 ds.attrs.update(
                     {
                         "seed": spec.seed,
-                        "method": "StratifiedGroupKFold",
+                        "method": "grouped-stratified-deal",
                         "folds": spec.folds,
                         "test_fraction": spec.test_fraction,
                     }
