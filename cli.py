@@ -1,7 +1,8 @@
 """python cli.py <command> ...: the toolkit's one entry point. It parses arguments and calls the packages.
 
 Commands: `backbones` (what can embed images), `extract` (images to a feature store), `fit` (a tuned
-head and its report), `evaluate` (a run on its test rows or another store), `predict` (new images).
+head and its report), `evaluate` (a run on its test rows or another store), `predict` (new images),
+`finetune` (the backbone's top blocks trained with the head).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
+from classify.finetune import FinetuneConfig, FinetuneError, finetune
 from classify.fit import FitConfig, FitError, fit, predictions_csv
 from classify.predict import evaluate_run, predict
 from classify.heads import HEADS, HeadError
@@ -54,6 +56,7 @@ USER_ERRORS = (
     FitError,
     HeadError,
     RunError,
+    FinetuneError,
 )
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback."""
 
@@ -105,6 +108,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"{len(result.failed)} images could not be used:")
         for image_id, reason in result.failed.items():
             print(f"  {image_id}: {reason}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__})
+    metrics = finetune(cfg)
+    print(headline(metrics))
+    print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0
 
 
@@ -228,6 +239,38 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
     pr.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     pr.set_defaults(func=cmd_predict)
+
+    t = FinetuneConfig()
+    ft = commands.add_parser(
+        "finetune",
+        help="train the top blocks of a backbone with the head, from a fit run's head",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ft.add_argument("--data", required=True, help="the images, as for `extract`")
+    ft.add_argument("--images", default=t.images, help="folder that CSV paths and bare image ids are relative to")
+    ft.add_argument("--backbone", required=True, help="backbone name (see `backbones`)")
+    ft.add_argument("--weights", default=t.weights, help="default | none | FILE (with --init: the run's own)")
+    ft.add_argument("--init", default=t.init, help="a `fit` run (linear or mlp head on this backbone) to start from")
+    ft.add_argument("--features", default=t.features, help="store whose split to use (default: --init's store)")
+    ft.add_argument("--out", required=True, help="run folder")
+    ft.add_argument("--unfreeze", default=t.unfreeze, help="blocks trained, counted from the top, or 'all'")
+    ft.add_argument("--epochs", type=int, default=t.epochs)
+    ft.add_argument("--patience", type=int, default=t.patience, help="epochs without a better validation score")
+    ft.add_argument("--batch-size", type=int, default=t.batch_size)
+    ft.add_argument("--lr", type=float, default=t.lr, help="learning rate of the head")
+    ft.add_argument("--backbone-lr", type=float, default=t.backbone_lr, help="learning rate of the unfrozen blocks")
+    ft.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    ft.add_argument("--warmup-epochs", type=float, default=t.warmup_epochs)
+    ft.add_argument("--bn", default=t.bn, choices=["train", "frozen"], help="batch-norm statistics of unfrozen blocks")
+    ft.add_argument("--test-fraction", type=float, default=t.test_fraction, help="split recipe without a store")
+    ft.add_argument("--folds", type=int, default=t.folds, help="split recipe without a store")
+    ft.add_argument("--seed", type=int, default=t.seed)
+    ft.add_argument("--workers", type=int, default=t.workers, help="decoding processes (-1: per machine)")
+    ft.add_argument("--device", default=t.device)
+    ft.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS])
+    ft.add_argument("--positive", default=t.positive)
+    ft.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
+    ft.set_defaults(func=cmd_finetune)
     return parser
 
 

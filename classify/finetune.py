@@ -1,0 +1,628 @@
+"""`cli.py finetune`: the optional last stage. Unfreeze the top blocks of the backbone and train them
+with the head, starting from what the study found (`--init RUN`).
+
+Honest by construction: the split is the store's (or the same recipe made again from the same rows),
+the test rows are never trained or early-stopped on, and fold 0 of the study rows is the lesion-grouped
+validation part that picks the epoch. The result is a run folder like `fit`'s: the fine-tuned backbone
+(`backbone.pt`, loadable by `extract --weights`), a head file, a store of fine-tuned embeddings
+(`embeddings.h5`), and the report. The test figures come from that store through the same code as
+`predict`, so `predict --run` reproduces them.
+
+Batch normalisation keeps its running statistics in every block, unfrozen ones included (their scale
+and shift still train): the head starts from embeddings computed with those statistics, and batch
+statistics of 32 images would move every embedding at the first step and throw away what the head
+knew (seen here: a training loss of 600 in the first epoch from a tuned linear head).
+
+Faults: a checkpoint after every epoch (written to a temporary file, then renamed); `--resume` goes on
+from it, and because every epoch's randomness is seeded from (seed, epoch), a resumed run equals an
+uninterrupted one up to the nondeterminism of the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import errno
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from classify.fit import predictions_csv
+from classify.heads import Head, LinearHead, MLPHead
+from classify.inputs import InputSpec, proba_views
+from classify.metrics import default_positive, evaluate, macro_auc
+from classify.predict import weights_option
+from classify.report import write_report
+from classify.runs import Run, load_run, save_run, write_json, write_text
+from extract.backbones import Backbone, get_family, load_backbone
+from extract.images import ImageError, load_image
+from extract.manifest import Manifest, read_manifest
+from extract.preprocess import Preprocess
+from extract.run import PRECISIONS, ExtractConfig, extract, resolve_device, resolve_precision
+from features.splits import TEST, UNUSED, SplitSpec, make_split, read_split, spec_from_name, split_counts, write_split
+from features.store import FeatureStore
+
+log = logging.getLogger("classify")
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+BACKBONE_FILE = "backbone.pt"
+STORE = "embeddings.h5"
+VALIDATION_FOLD = 0
+"""The fold of the study rows that picks the epoch; the other folds are trained on."""
+
+
+class FinetuneError(ValueError):
+    """Options or inputs that cannot work; raised before training, or a fault said clearly."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Every option of `cli.py finetune` and its default: the one place these defaults live."""
+
+    data: str = ""
+    images: str | None = None
+    backbone: str = ""
+    weights: str = "default"
+    init: str | None = None
+    """A `fit` run with a linear or mlp head on this backbone: the head to start from."""
+    features: str | None = None
+    """A feature store whose split to use (default: --init's store, else the split made again)."""
+    out: str = ""
+    unfreeze: str = "1"
+    """How many blocks, counted from the top, are trained; `all` for the whole backbone."""
+    epochs: int = 12
+    patience: int = 4
+    batch_size: int = 32
+    lr: float = 5e-4
+    """Learning rate of the head."""
+    backbone_lr: float = 1e-4
+    """Learning rate of the unfrozen backbone blocks (lower: they start from ImageNet)."""
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    bn: str = "train"
+    """Batch-norm statistics of the unfrozen blocks: `train` (they adapt to the data) or `frozen`."""
+    test_fraction: float = 0.2
+    folds: int = 5
+    seed: int = 0
+    workers: int = -1
+    device: str = "auto"
+    precision: str = "auto"
+    positive: str | None = None
+    resume: bool = False
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+class Standardize(nn.Module):
+    """(x - mean) / scale with fixed statistics (those an MLP head was fitted with)."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+def head_module(head: Head | None, n_classes: int, stats: tuple[np.ndarray, np.ndarray] | None = None) -> nn.Module:
+    """The classifier as a torch module, standardisation first (as the heads were fitted, which keeps
+    the optimiser's steps well scaled): a fitted linear head (the same probabilities), a fitted MLP,
+    or, without one, a zero-initialised linear layer on embeddings standardised with `stats`."""
+    if head is None:
+        mean, scale = stats
+        linear = nn.Linear(len(mean), n_classes)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        return nn.Sequential(Standardize(mean, scale), linear)
+    if isinstance(head, LinearHead):
+        weight, bias = head.coef_, head.intercept_
+        if weight.shape[0] == 1:  # binary: logits (0, s) give softmax = (1 - sigmoid(s), sigmoid(s))
+            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+        linear = nn.Linear(weight.shape[1], n_classes)
+        with torch.no_grad():
+            linear.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+            linear.bias.copy_(torch.as_tensor(bias, dtype=torch.float32))
+        return nn.Sequential(Standardize(head.mean_, head.scale_), linear)
+    if isinstance(head, MLPHead):
+        return nn.Sequential(Standardize(head.mean_, head.scale_), copy.deepcopy(head.model_))
+    raise FinetuneError(f"--init: a {head.name} head cannot be fine-tuned; fit a linear or mlp head")
+
+
+def head_file(module: nn.Sequential, classes: list[str], init: Head | None) -> Head:
+    """The trained classifier as a saved-head object (the formats `fit` writes)."""
+    standardize, inner = module
+    if isinstance(inner, nn.Linear):
+        head = LinearHead()
+        head.coef_ = inner.weight.detach().double().numpy()
+        head.intercept_ = inner.bias.detach().double().numpy()
+    else:
+        head = MLPHead(**init.get_params())
+        head.model_ = inner.eval()
+    head.mean_, head.scale_ = standardize.mean.double().numpy(), standardize.scale.double().numpy()
+    head.classes_ = np.array(classes, dtype=object)
+    return head
+
+
+class Model(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x).float())
+
+
+def trainable_blocks(backbone: Backbone, unfreeze: str) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(frozen, trainable) blocks: the last `unfreeze` blocks of the registry's list, or all."""
+    blocks = get_family(backbone.name).blocks(backbone.module)
+    if unfreeze == "all":
+        n = len(blocks)
+    else:
+        try:
+            n = int(unfreeze)
+        except ValueError:
+            raise FinetuneError(f"--unfreeze {unfreeze!r}: a number of blocks or 'all'") from None
+        if not 1 <= n <= len(blocks):
+            raise FinetuneError(f"--unfreeze {n}: {backbone.name} has {len(blocks)} blocks (1..{len(blocks)} or all)")
+    flat = lambda groups: [m for group in groups for m in group]  # noqa: E731
+    return flat(blocks[: len(blocks) - n]), flat(blocks[len(blocks) - n :])
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+class Rot90:
+    """A random multiple of 90 degrees (with the flips: the 8 symmetries a dermoscopy image has)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+
+
+def train_transform(preprocess: Preprocess) -> v2.Compose:
+    """What a practitioner uses for dermoscopy: random resized crops, flips, 90-degree rotations,
+    mild colour jitter; uint8 out (normalised on the device like extraction's inputs)."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(preprocess.crop, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+            v2.PILToTensor(),
+            Rot90(),
+        ]
+    )
+
+
+class _Images(Dataset):
+    def __init__(self, files: list[Path], transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            img, _ = load_image(self.files[i])
+            return i, self.transform(img), ""
+        except ImageError as exc:
+            return i, None, str(exc)
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], batch, {i: reason for i, x, reason in items if x is None}
+
+
+# ----------------------------------------------------------------------------------------- split
+
+
+def _split(cfg: FinetuneConfig, manifest: Manifest, init: Run | None) -> tuple[np.ndarray, SplitSpec]:
+    """The store's split mapped onto the manifest's rows, or the same recipe made from them."""
+    features = cfg.features or (init.card["store"] if init else None)
+    if features:
+        store = FeatureStore(features)
+        name = (
+            init.card["split"] if init and not cfg.features else SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed).name
+        )
+        stored = read_split(store, name)
+        if stored is None:
+            raise FinetuneError(
+                f"{store.path} has no split {name}; run `cli.py fit` on it first, or leave out --features"
+            )
+        by_id = dict(zip(store.samples().image_id, stored))
+        missing = sum(i not in by_id for i in manifest.image_id)
+        if missing:
+            log.warning("%d images of --data are not in %s: they are left out", missing, store.path)
+        return np.array([by_id.get(i, UNUSED) for i in manifest.image_id], dtype=np.int8), spec_from_name(name)
+    spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
+    return make_split(np.array(manifest.label, dtype=object), np.array(manifest.group, dtype=object), spec), spec
+
+
+# ----------------------------------------------------------------------------------------- faults
+
+
+def _save(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill leaves the previous file whole."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise FinetuneError(
+                f"the disk is full: could not write {path}. Free some space, then rerun with --resume "
+                f"(the last complete checkpoint is kept)."
+            ) from None
+        raise
+
+
+# ----------------------------------------------------------------------------------------- training
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune as configured; return the metrics written to RUN/metrics.json."""
+    started = time.monotonic()
+    if not cfg.out:
+        raise FinetuneError("--out RUN: name the run folder")
+    run_dir = Path(cfg.out)
+    checkpoint_path = run_dir / CHECKPOINT
+    if checkpoint_path.exists() and not cfg.resume:
+        raise FinetuneError(
+            f"{run_dir} holds a fine-tuning checkpoint: pass --resume to continue it, or choose another --out"
+        )
+    if cfg.resume and not checkpoint_path.exists():
+        raise FinetuneError(f"--resume: {checkpoint_path} does not exist")
+    init = load_run(cfg.init) if cfg.init else None
+    weights = _init_checks(cfg, init)
+    manifest = read_manifest(cfg.data, cfg.images)
+    split, split_spec = _split(cfg, manifest, init)
+    labels = np.array(manifest.label, dtype=object)
+    split[labels == ""] = UNUSED
+    classes = list(init.classes) if init else sorted(set(labels[split != UNUSED]))
+    unknown = sorted(set(labels[split != UNUSED]) - set(classes))
+    if unknown:
+        raise FinetuneError(f"labels {', '.join(unknown)} are not classes of --init ({', '.join(classes)})")
+    train_rows = np.flatnonzero((split >= 0) & (split != VALIDATION_FOLD))
+    val_rows = np.flatnonzero(split == VALIDATION_FOLD)
+    if not len(train_rows) or not len(val_rows):
+        raise FinetuneError("no training or validation rows: the data set is too small for this split")
+
+    device = torch.device(resolve_device(cfg.device))
+    precision = resolve_precision(cfg.precision, device.type)
+    workers = cfg.workers if cfg.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    backbone = load_backbone(cfg.backbone, weights)
+    if init:
+        _check_same_extraction(backbone, init)
+    frozen, trainable = trainable_blocks(backbone, cfg.unfreeze)
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    stats = None if init else _embedding_stats(backbone, [manifest.file(r) for r in train_rows], device, cfg)
+    model = Model(backbone.module, head_module(init.head if init else None, len(classes), stats))
+    model.to(device, memory_format=torch.channels_last)
+    codes = np.array([classes.index(c) if c in classes else -1 for c in labels])
+    counts = np.bincount(codes[train_rows], minlength=len(classes))
+    class_weight = torch.tensor(
+        len(train_rows) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=device
+    )
+    optimizer = _optimizer(model, trainable, cfg)
+    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
+    autocast = (
+        torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else contextlib.nullcontext()
+    )
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "fp16" else None
+    val_x, val_codes, failed = _decoded(manifest, val_rows, backbone.preprocess, codes)
+
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "workers", "device")}
+    history: list[dict] = []
+    best = {"epoch": -1, "score": -1.0}
+    start_epoch, waited = 1, 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["options"] != options:
+            changed = sorted(k for k in options if state["options"].get(k) != options[k])
+            raise FinetuneError(f"--resume: the checkpoint was made with other options ({', '.join(changed)})")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, best, waited = state["history"], state["best"], state["waited"]
+        failed.update(state["failed"])
+        start_epoch = state["epoch"] + 1
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    else:
+        score, auc = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        history.append({"epoch": 0, "loss": None, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": None})
+        best = {"epoch": 0, "score": score}
+        _save(model.state_dict(), run_dir / BEST)
+        log.info("epoch 0 (as initialised): validation balanced accuracy %.4f, AUC %.4f", score, auc)
+
+    files = [manifest.file(r) for r in train_rows]
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if waited >= cfg.patience:
+            break
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
+        loader = DataLoader(
+            _Images(files, train_transform(backbone.preprocess)),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            num_workers=workers,
+            collate_fn=_collate,
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+            pin_memory=device.type == "cuda",
+            drop_last=False,
+        )
+        loss, speed = _train_epoch(
+            model, frozen, cfg.bn, loader, train_rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
+            backbone.preprocess, device, failed, manifest, epoch, cfg.epochs,
+        )  # fmt: skip
+        score, auc = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        history.append(
+            {"epoch": epoch, "loss": loss, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": speed}
+        )
+        if score > best["score"]:
+            best, waited = {"epoch": epoch, "score": score}, 0
+            _save(model.state_dict(), run_dir / BEST)
+        else:
+            waited += 1
+        log.info(
+            "epoch %d/%d: loss %.4f, %.1f images/s, validation balanced accuracy %.4f (best %.4f at epoch %d), "
+            "AUC %.4f",
+            epoch, cfg.epochs, loss, speed, score, best["score"], best["epoch"], auc,
+        )  # fmt: skip
+        _save(
+            {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "history": history, "best": best, "waited": waited,
+             "failed": failed, "options": options},
+            checkpoint_path,
+        )  # fmt: skip
+
+    model.load_state_dict(torch.load(run_dir / BEST, map_location=device, weights_only=True))
+    metrics = _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision,
+                      history, best, failed, started)  # fmt: skip
+    return metrics
+
+
+def _init_checks(cfg: FinetuneConfig, init: Run | None) -> str:
+    """The weights option to load; with --init, the run's own (and its inputs must be one backbone)."""
+    if init is None:
+        return cfg.weights
+    inputs: InputSpec = init.inputs
+    if inputs.backbones != (cfg.backbone,):
+        raise FinetuneError(f"--init {cfg.init} was fitted on {', '.join(inputs.backbones)}, not {cfg.backbone}")
+    if inputs.meta:
+        raise FinetuneError(
+            f"--init {cfg.init} uses metadata ({', '.join(inputs.meta)}); fine-tuning takes images only"
+        )
+    recorded = init.card["extraction"][cfg.backbone]
+    if recorded.get("views") not in (None, "none"):
+        raise FinetuneError(
+            f"--init {cfg.init} was fitted on test-time views ({recorded['views']}); fit one on single views"
+        )
+    return weights_option(cfg.backbone, recorded, init.folder)
+
+
+def _check_same_extraction(backbone: Backbone, init: Run) -> None:
+    """Same weights and preprocessing as the store the head was fitted on (precision may differ)."""
+    recorded = json.loads(init.card["extraction"][backbone.name]["identity"])
+    mine = backbone.identity()
+    differ = [k for k in mine if recorded.get(k) != mine[k]]
+    if differ:
+        raise FinetuneError(
+            f"--init {init.folder}: its {backbone.name} embeddings were made with other "
+            + ", ".join(f"{k} ({recorded.get(k)!r} vs {mine[k]!r})" for k in differ)
+        )
+
+
+def _embedding_stats(backbone: Backbone, files: list[Path], device, cfg: FinetuneConfig):
+    """Mean and spread of the training images' embeddings: the standardisation of a fresh head."""
+    loader = DataLoader(_Images(files, backbone.preprocess.to_uint8), batch_size=cfg.batch_size, collate_fn=_collate)
+    module = backbone.module.to(device).eval()
+    parts = []
+    with torch.inference_mode():
+        for _, batch, _ in loader:
+            if batch is not None:
+                parts.append(module(backbone.preprocess.normalize(batch.to(device))).float().cpu().numpy())
+    x = np.concatenate(parts)
+    return x.mean(axis=0), x.std(axis=0) + 1e-6
+
+
+def _optimizer(model: Model, trainable: list[nn.Module], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW; the backbone at a lower rate than the head; no weight decay on norms and biases."""
+    groups = []
+    for params, lr in (
+        ([p for m in trainable for p in m.parameters()], cfg.backbone_lr),
+        (list(model.head.parameters()), cfg.lr),
+    ):
+        decay = [p for p in params if p.ndim > 1]
+        rest = [p for p in params if p.ndim <= 1]
+        groups += [
+            {"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
+            {"params": rest, "lr": lr, "weight_decay": 0.0},
+        ]
+    return torch.optim.AdamW([g for g in groups if g["params"]])
+
+
+def _schedule(cfg: FinetuneConfig, steps_per_epoch: int):
+    """Linear warm-up, then cosine decay to zero at the last step."""
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    total = max(warmup + 1, cfg.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+    return factor
+
+
+def _decoded(manifest: Manifest, rows: np.ndarray, preprocess: Preprocess, codes: np.ndarray):
+    """The validation images, decoded once (uint8, centre crop) and kept for every epoch's score."""
+    images, kept, failed = [], [], {}
+    for r in rows:
+        try:
+            img, _ = load_image(manifest.file(r))
+            images.append(preprocess.to_uint8(img))
+            kept.append(codes[r])
+        except ImageError as exc:
+            failed[manifest.image_id[r]] = str(exc)
+    return torch.stack(images), np.array(kept), failed
+
+
+def _train_epoch(model, frozen, bn, loader, rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
+                 preprocess, device, failed, manifest, epoch, epochs) -> tuple[float, float]:  # fmt: skip
+    model.train()
+    for module in frozen:  # frozen blocks keep their batch-norm statistics
+        module.eval()
+    if bn == "frozen":
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+    total, seen, started = 0.0, 0, time.monotonic()
+    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{epochs}", file=sys.stderr, dynamic_ncols=True,
+                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    for positions, batch, failures in loader:
+        for p, reason in failures.items():
+            failed[manifest.image_id[rows[p]]] = reason
+        if batch is None:
+            continue
+        x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+        y = torch.as_tensor(codes[rows[positions]], device=device)
+        with autocast:
+            logits = model(x)
+        loss = nn.functional.cross_entropy(logits.float(), y, weight=class_weight)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        total += loss.item() * len(positions)
+        seen += len(positions)
+        progress.update(len(positions) + len(failures))
+        progress.set_postfix(loss=f"{total / max(seen, 1):.4f}", refresh=False)
+    progress.close()
+    return total / max(seen, 1), seen / max(time.monotonic() - started, 1e-9)
+
+
+def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size) -> tuple[float, float]:
+    """Balanced accuracy and AUC of the validation part (eval mode, centre crops)."""
+    model.eval()
+    probs = []
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(x), batch_size):
+            batch = preprocess.normalize(x[start : start + batch_size].to(device)).contiguous(
+                memory_format=torch.channels_last
+            )
+            probs.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
+    proba = np.concatenate(probs)
+    predicted = proba.argmax(axis=1)
+    score = float(np.mean([np.mean(predicted[codes == k] == k) for k in np.unique(codes)]))
+    return score, macro_auc(np.array(classes, dtype=object)[codes], proba, classes)
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision, history, best,
+            failed, started) -> dict:  # fmt: skip
+    """Save the fine-tuned backbone and head, embed the data set with them (the run's store), score the
+    validation and test rows from that store, and write the run folder as `fit` does."""
+    model.cpu().eval()
+    _save(model.backbone.state_dict(), run_dir / BACKBONE_FILE)
+    head = head_file(model.head, classes, init.head if init else None)
+    store_path = run_dir / STORE
+    if store_path.exists():
+        store_path.unlink()  # a rerun after a crash in this step starts the store afresh
+    summary = extract(
+        ExtractConfig(backbone=backbone.name, weights=str(run_dir / BACKBONE_FILE), out=str(store_path),
+                      precision=precision, batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device),
+        manifest=manifest,
+    )  # fmt: skip
+    failed.update(summary.failed)
+    store = FeatureStore(store_path)
+    write_split(store, split_spec, split)
+    ids = np.array(store.samples().image_id, dtype=object)
+    labels = np.array(store.samples().label, dtype=object)
+    groups = np.array(store.samples().group, dtype=object)
+    x = store.embeddings(backbone.name)
+    done = store.done(backbone.name)
+    positive = cfg.positive or default_positive(classes)
+    majority = max(classes, key=lambda c: (np.sum(labels[split >= 0] == c), c))
+    metrics, proba_of = {}, {}
+    for part, rows in (("test", (split == TEST) & done), ("validation", (split == VALIDATION_FOLD) & done)):
+        proba = proba_views(head, x[rows])
+        proba_of[part] = (ids[rows], labels[rows], proba)
+        metrics[part] = evaluate(labels[rows], proba, classes, groups[rows], positive, majority, cfg.seed)
+    attrs = store.backbone_attrs(backbone.name)
+    card = {
+        "kind": "finetune",
+        "store": str(store_path.resolve()),
+        "split": split_spec.name,
+        "inputs": InputSpec((backbone.name,)).as_dict(),
+        "meta_encoder": {},
+        "extraction": {
+            backbone.name: {
+                k: attrs.get(k) for k in ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
+            }
+        },
+        "positive": positive,
+        "majority": majority,
+        "init": str(Path(cfg.init).resolve()) if cfg.init else None,
+        "unfreeze": cfg.unfreeze,
+        "best_epoch": best["epoch"],
+    }
+    save_run(run_dir, head, card)
+    config = {
+        **dataclasses.asdict(cfg),
+        "kind": "finetune",
+        "head": head.name,
+        "backbone": backbone.name,
+        "features": str(store_path),
+        "views": "mean",
+        "meta": "",
+        "split": split_spec.name,
+        "precision": precision,
+        "best_epoch": best["epoch"],
+        "params": {
+            k: cfg.__dict__[k] for k in ("unfreeze", "lr", "backbone_lr", "weight_decay", "epochs", "batch_size")
+        },
+        "torch_version": str(torch.__version__),
+        "torchvision_version": str(torchvision.__version__),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    write_json(run_dir / "config.json", config)
+    write_json(run_dir / "history.json", history)
+    write_json(run_dir / "metrics.json", metrics)
+    for part, (part_ids, _, proba) in proba_of.items():
+        write_text(run_dir / f"{part}_predictions.csv", predictions_csv(part_ids, proba, classes))
+    _, labels_t, proba_t = proba_of["test"]
+    if failed:
+        write_text(run_dir / "failed.csv", "image,reason\n" + "".join(f"{i},{r}\n" for i, r in failed.items()))
+        log.warning("%d images could not be used (listed in %s)", len(failed), run_dir / "failed.csv")
+    counts = split_counts(split, labels)
+    write_report(run_dir, metrics, config, history, counts, test_labels=labels_t, test_proba=proba_t)
+    return metrics

@@ -1,0 +1,220 @@
+"""The fine-tuning stage: what trains and what stays frozen, outputs that predict/extract reuse,
+kill -9 and --resume, and its faults."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, TINY
+from imagefiles import lesion, save
+
+import classify.finetune as ft
+from classify.runs import load_run
+from extract.backbones import get_family, load_backbone
+from features.splits import TEST
+from features.store import FeatureStore
+
+FAST = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
+
+
+def _image_set(root: Path, n_groups: int = 12) -> Path:
+    rows = []
+    for g in range(n_groups):
+        label = ("mel", "nv")[g % 2]
+        for k in range(2):
+            image_id = f"g{g:02d}_{k}"
+            picture = lesion(g * 10 + k)
+            if label == "mel":
+                picture = (picture * 0.5).astype(np.uint8)
+            save(root / "img" / f"{image_id}.png", picture)
+            rows.append(f"{image_id},img/{image_id}.png,{label},G{g}")
+    (root / "labels.csv").write_text("image_id,path,label,lesion_id\n" + "\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+@pytest.fixture(scope="module")
+def frozen(tmp_path_factory) -> dict:
+    """A store of random-init TINY embeddings and a linear `fit` run on it (fp32 throughout)."""
+    import cli as entry
+
+    root = tmp_path_factory.mktemp("frozen")
+    manifest = _image_set(root / "data")
+    store = root / "frozen.h5"
+    assert entry.main(["extract", "--data", str(manifest), "--backbone", TINY, "--weights", "none",
+                       "--out", str(store), "--precision", "fp32", "--workers", "0"]) == 0  # fmt: skip
+    run = root / "linear"
+    assert entry.main(["fit", "--features", str(store), "--head", "linear", "--out", str(run), "--folds", "2",
+                       "--trials", "2", "--test-fraction", "0.34"]) == 0  # fmt: skip
+    return {"manifest": manifest, "store": store, "run": run, "root": root}
+
+
+def _finetune(cli, frozen, out, *extra):
+    return cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", frozen["run"], "--out", out,
+               *FAST, *extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_only_the_unfrozen_blocks_change(tmp_path, cli, frozen, bn):
+    out = tmp_path / "ft"
+    code, _, err = _finetune(cli, frozen, out, "--unfreeze", "1", "--lr", "1e-2", "--backbone-lr", "1e-2", "--bn", bn)
+    assert code == 0, err
+    before = load_backbone(TINY, "none").module
+    after = load_backbone(TINY, "none").module  # then the last epoch's weights (the best may be epoch 0)
+    state = torch.load(out / ft.CHECKPOINT, weights_only=True)["model"]
+    after.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+    blocks_before, blocks_after = get_family(TINY).blocks(before), get_family(TINY).blocks(after)
+    last = len(blocks_before) - 1
+    for k, (b, a) in enumerate(zip(blocks_before, blocks_after)):
+        params = [(x, y) for mb, ma in zip(b, a) for x, y in zip(mb.parameters(), ma.parameters())]
+        stats = [
+            (x, y)
+            for mb, ma in zip(b, a)
+            for (name, x), (_, y) in zip(mb.state_dict().items(), ma.state_dict().items())
+            if "running" in name
+        ]
+        assert all(torch.equal(x, y) for x, y in params) == (k < last), f"weights of block {k}"
+        if stats:  # batch-norm statistics: frozen blocks keep them; the trained block per --bn
+            assert all(torch.equal(x, y) for x, y in stats) == (k < last or bn == "frozen"), f"statistics of block {k}"
+
+
+def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp_path, cli, frozen):
+    out = tmp_path / "ft"
+    code, stdout, err = _finetune(cli, frozen, out)
+    assert code == 0, err
+    assert "test: balanced accuracy" in stdout
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    # epoch 0: the frozen pipeline's head on the frozen embeddings of the validation rows
+    run = load_run(frozen["run"])
+    store = FeatureStore(frozen["store"])
+    ids = store.samples().image_id
+    split = json.loads((frozen["run"] / "config.json").read_text())["split"]
+    import h5py
+
+    with h5py.File(frozen["store"]) as f:
+        folds = f[f"splits/{split}"][()]
+    val = folds == 0
+    labels = np.array(store.samples().label, dtype=object)
+    predicted = run.head.predict(store.embeddings(TINY)[val])
+    frozen_ba = np.mean([np.mean(predicted[labels[val] == c] == c) for c in np.unique(labels[val])])
+    assert history[0]["val_balanced_accuracy"] == pytest.approx(frozen_ba)
+    for name in ("report.md", "metrics.json", "test_predictions.csv", "run.json", "config.json",
+                 "plots/training_history.png", "backbone.pt", "embeddings.h5"):  # fmt: skip
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test", "validation"} <= set(metrics) and "auc" in metrics["test"]
+    # the test rows are the frozen run's test rows
+    test_ids = sorted(np.array(ids, dtype=object)[folds == TEST])
+    expected = {r["image"]: r for r in csv.DictReader(open(out / "test_predictions.csv"))}
+    assert sorted(expected) == test_ids
+    # predict --run reproduces them
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image_id in expected:
+        shutil.copy(frozen["root"] / "data" / "img" / f"{image_id}.png", folder)
+    code, _, err = cli("predict", "--run", out, "--images", folder, "--out", tmp_path / "p.csv", "--workers", "0")
+    assert code == 0, err
+    got = {r["image"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
+    assert all(abs(float(got[i]["mel"]) - float(expected[i]["mel"])) < 1e-5 for i in expected)
+    # extract --weights RUN/backbone.pt re-embeds with the fine-tuned backbone
+    code, _, err = cli("extract", "--data", frozen["manifest"], "--backbone", TINY, "--weights", out / "backbone.pt",
+                       "--out", tmp_path / "again.h5", "--precision", "fp32", "--workers", "0")  # fmt: skip
+    assert code == 0, err
+    np.testing.assert_allclose(FeatureStore(tmp_path / "again.h5").embeddings(TINY),
+                               FeatureStore(out / "embeddings.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+
+
+def test_a_fresh_head_starts_from_chance(tmp_path, cli, frozen):
+    code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--weights", "none",
+                       "--features", frozen["store"], "--test-fraction", "0.34", "--folds", "2",
+                       "--out", tmp_path / "fresh", *FAST)  # fmt: skip
+    assert code == 0, err
+    history = json.loads((tmp_path / "fresh" / "history.json").read_text())
+    assert history[0]["val_balanced_accuracy"] == 0.5  # zero weights: one class for everything
+
+
+def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path, frozen):
+    command = [sys.executable, str(ROOT / "cli.py"), "finetune", "--data", str(frozen["manifest"]), "--backbone", TINY,
+               "--init", str(frozen["run"]), "--epochs", "4", "--batch-size", "4", "--workers", "0",
+               "--precision", "fp32", "--patience", "10"]  # fmt: skip
+    whole = tmp_path / "whole"
+    done = subprocess.run([*command, "--out", str(whole)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (killed / ft.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "run.json").exists(), "finished before it could be killed"
+    epoch = torch.load(killed / ft.CHECKPOINT, weights_only=True)["epoch"]
+    assert 1 <= epoch < 4
+    again = subprocess.run([*command, "--out", str(killed), "--resume"], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    history = json.loads((killed / "history.json").read_text())
+    reference = json.loads((whole / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [h["epoch"] for h in reference] == [0, 1, 2, 3, 4]
+    for h, r in zip(history, reference):
+        assert h["val_balanced_accuracy"] == pytest.approx(r["val_balanced_accuracy"], abs=1e-6)
+        assert (h["loss"] is None and r["loss"] is None) or h["loss"] == pytest.approx(r["loss"], rel=1e-4)
+    assert (killed / "report.md").is_file()
+    a = {r["image"]: float(r["mel"]) for r in csv.DictReader(open(killed / "test_predictions.csv"))}
+    b = {r["image"]: float(r["mel"]) for r in csv.DictReader(open(whole / "test_predictions.csv"))}
+    assert a.keys() == b.keys() and all(abs(a[i] - b[i]) < 1e-4 for i in a)
+
+
+def test_refusals_and_faults(tmp_path, cli, frozen, monkeypatch):
+    out = tmp_path / "ft"
+    assert _finetune(cli, frozen, out)[0] == 0
+    code, _, err = _finetune(cli, frozen, out)
+    assert code == 2 and "--resume" in err  # never overwrites a checkpoint silently
+    code, _, err = _finetune(cli, frozen, out, "--resume", "--lr", "0.1")
+    assert code == 2 and "other options" in err and "lr" in err
+    code, _, err = _finetune(cli, frozen, tmp_path / "x", "--unfreeze", "99")
+    assert code == 2 and "blocks" in err
+    xgb_run = tmp_path / "xgb"
+    assert cli("fit", "--features", frozen["store"], "--head", "xgboost", "--out", xgb_run, "--folds", "2",
+               "--trials", "1", "--test-fraction", "0.34")[0] == 0  # fmt: skip
+    code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", xgb_run,
+                       "--out", tmp_path / "y", *FAST)  # fmt: skip
+    assert code == 2 and "linear or mlp" in err
+
+    calls = []
+    original = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        calls.append(path)
+        if Path(path).name.startswith(f".{ft.CHECKPOINT}") and len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ft.torch, "save", full_disk)
+    code, _, err = _finetune(cli, frozen, tmp_path / "disk", "--epochs", "3")
+    assert code == 2 and "disk is full" in err and "--resume" in err
+    assert torch.load(tmp_path / "disk" / ft.CHECKPOINT, weights_only=True)["epoch"] >= 1  # the last whole one
+    assert not list((tmp_path / "disk").glob(".*.tmp"))
+
+
+def test_an_unreadable_training_image_is_listed_not_fatal(tmp_path, cli, frozen):
+    data = tmp_path / "data"
+    shutil.copytree(frozen["root"] / "data", data)
+    (data / "img" / "g02_1.png").write_bytes(b"")  # a training row of the stored split
+    code, _, err = cli("finetune", "--data", data / "labels.csv", "--backbone", TINY, "--init", frozen["run"],
+                       "--out", tmp_path / "ft", *FAST)  # fmt: skip
+    assert code == 0, err
+    failed = (tmp_path / "ft" / "failed.csv").read_text()
+    assert "g02_1" in failed and "empty file" in failed
