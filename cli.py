@@ -269,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--device", default=t.device)
     ft.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS])
     ft.add_argument("--positive", default=t.positive)
+    ft.add_argument("--tta", default=t.tta, choices=list(VIEWS), help="test-time views of the final embeddings")
     ft.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
     ft.set_defaults(func=cmd_finetune)
     return parser

@@ -96,7 +96,7 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     assert "test: balanced accuracy" in stdout
     history = json.loads((out / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
-    # epoch 0: the frozen pipeline's head on the frozen embeddings of the validation rows
+    # epoch 0: the frozen pipeline (the run's head, refitted without the validation rows) on them
     run = load_run(frozen["run"])
     store = FeatureStore(frozen["store"])
     ids = store.samples().image_id
@@ -105,9 +105,11 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
 
     with h5py.File(frozen["store"]) as f:
         folds = f[f"splits/{split}"][()]
-    val = folds == 0
+    val, train = folds == 0, folds >= 1
     labels = np.array(store.samples().label, dtype=object)
-    predicted = run.head.predict(store.embeddings(TINY)[val])
+    x = store.embeddings(TINY)
+    head = type(run.head)(**run.head.get_params()).fit(x[train], labels[train])
+    predicted = head.predict(x[val])
     frozen_ba = np.mean([np.mean(predicted[labels[val] == c] == c) for c in np.unique(labels[val])])
     assert history[0]["val_balanced_accuracy"] == pytest.approx(frozen_ba)
     for name in ("report.md", "metrics.json", "test_predictions.csv", "run.json", "config.json",

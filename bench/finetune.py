@@ -1,0 +1,80 @@
+"""The best frozen pipeline against end-to-end fine-tuning, on the same test rows.
+
+EfficientNet-Lite0 (real ImageNet weights) on ../shared/data/ham10000_mel_nv_150: `fit` tunes the
+linear, mlp and xgboost heads (20 trials each) on the frozen embeddings; `finetune --init` then starts
+from the tuned linear head with `--unfreeze 1`, `2` and `all`. All rows are scored on the store's
+test rows (lesion-grouped, never trained or early-stopped on). Prints test balanced accuracy, AUC and
+wall time per row.
+
+    python bench/finetune.py [--unfreeze 1,2,all] [--work DIR] [finetune options, e.g. --epochs 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from classify.finetune import FinetuneConfig, finetune  # noqa: E402
+from classify.fit import FitConfig, fit  # noqa: E402
+from extract.run import ExtractConfig, extract  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--unfreeze", default="1,2,all")
+    parser.add_argument("--heads", default="linear,mlp,xgboost")
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--work", default=str(ROOT / "bench-work" / "finetune"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a finetune option for every fine-tuning row, e.g. --set epochs=12")  # fmt: skip
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "ham-lite0.h5"
+    extract(ExtractConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
+                          out=str(store)))  # fmt: skip
+    rows = []
+    for head in args.heads.split(","):
+        run = work / f"frozen-{head}"
+        shutil.rmtree(run, ignore_errors=True)
+        started = time.monotonic()
+        metrics = fit(FitConfig(features=str(store), head=head, out=str(run), trials=args.trials))
+        rows.append((f"frozen, {head} head", metrics["test"], time.monotonic() - started, "-"))
+    overrides = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        kind = type(getattr(FinetuneConfig, key))
+        overrides[key] = kind(value) if kind is not type(None) else value
+    for unfreeze in args.unfreeze.split(","):
+        run = work / f"finetune-{unfreeze}"
+        shutil.rmtree(run, ignore_errors=True)
+        started = time.monotonic()
+        metrics = finetune(
+            FinetuneConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
+                           init=str(work / "frozen-linear"), out=str(run), unfreeze=unfreeze, **overrides)
+        )  # fmt: skip
+        best = json.loads((run / "config.json").read_text())["best_epoch"]
+        rows.append((f"fine-tuned, --unfreeze {unfreeze}", metrics["test"], time.monotonic() - started, best))
+    print()
+    print("| pipeline | test balanced accuracy (95 % CI) | test AUC (95 % CI) | wall time | best epoch |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, m, seconds, best in rows:
+        ba, auc = m["balanced_accuracy"], m["auc"]
+        (bl, bh), (al, ah) = m["ci95"]["balanced_accuracy"], m["ci95"]["auc"]
+        ci = f"{ba:.3f} ({bl:.3f}-{bh:.3f}) | {auc:.3f} ({al:.3f}-{ah:.3f})"
+        print(f"| {name} | {ci} | {seconds / 60:.1f} min | {best} |")
+
+
+if __name__ == "__main__":
+    main()
