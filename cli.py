@@ -138,7 +138,8 @@ def describe(summary: Summary, max_failures: int = 20) -> str:
             f"fingerprint {a['fingerprint']}{random}"
         )
     embedded = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
-    lines.append(f"this run: embedded {embedded} in {summary.seconds:.1f} s")
+    steady = f" ({summary.steady_images_per_s:.1f} images/s after the first batch)" if summary.steady_images_per_s else ""
+    lines.append(f"this run: embedded {embedded} in {summary.seconds:.1f} s{steady}")
     if summary.failed:
         lines.append(f"{len(summary.failed)} images of this data set could not be used (kept under /failed):")
         lines += [f"  {i}: {reason}" for i, reason in list(summary.failed.items())[:max_failures]]
@@ -174,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     ex.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
     ex.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
+    ex.add_argument("--compile", action="store_true", help="torch.compile the backbones (eager if that fails)")
     ex.add_argument("--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)")
     ex.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
     ex.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
@@ -261,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--backbone-lr", type=float, default=t.backbone_lr, help="learning rate of the unfrozen blocks")
     ft.add_argument("--weight-decay", type=float, default=t.weight_decay)
     ft.add_argument("--warmup-epochs", type=float, default=t.warmup_epochs)
+    ft.add_argument("--ema", type=float, default=t.ema, help="decay per step of the weights' moving average (0: off)")
+    ft.add_argument("--mixup", type=float, default=t.mixup, help="mixup alpha (0: off)")
+    ft.add_argument("--label-smoothing", type=float, default=t.label_smoothing)
     ft.add_argument("--bn", default=t.bn, choices=["train", "frozen"], help="batch-norm statistics of unfrozen blocks")
     ft.add_argument("--test-fraction", type=float, default=t.test_fraction, help="split recipe without a store")
     ft.add_argument("--folds", type=int, default=t.folds, help="split recipe without a store")

@@ -105,6 +105,12 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     positive: str | None = None
+    ema: float = 0.0
+    """Decay per step of an exponential moving average of the weights, which is what is validated and
+    kept (0: off). It smooths the noisy steps of a small data set."""
+    mixup: float = 0.0
+    """Alpha of mixup's Beta(alpha, alpha) mixing of image pairs and their labels (0: off)."""
+    label_smoothing: float = 0.0
     tta: str = "none"
     """Test-time views of the final embeddings (the run's store, and `predict`): none, flip or d8."""
     resume: bool = False
@@ -330,6 +336,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         len(train_rows) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=device
     )
     optimizer = _optimizer(model, trainable, cfg)
+    ema = _ema(model, cfg.ema)
+    scored = ema.module if ema is not None else model  # what is validated, kept and saved
     steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     autocast = (
@@ -349,6 +357,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             changed = sorted(k for k in options if state["options"].get(k) != options[k])
             raise FinetuneError(f"--resume: the checkpoint was made with other options ({', '.join(changed)})")
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         history, best, waited = state["history"], state["best"], state["waited"]
@@ -356,10 +366,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         start_epoch = state["epoch"] + 1
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
     else:
-        score, auc = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        score, auc = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
         history.append({"epoch": 0, "loss": None, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": None})
         best = {"epoch": 0, "score": score}
-        _save(model.state_dict(), run_dir / BEST)
+        _save(scored.state_dict(), run_dir / BEST)
         log.info("epoch 0 (as initialised): validation balanced accuracy %.4f, AUC %.4f", score, auc)
 
     files = [manifest.file(r) for r in train_rows]
@@ -378,16 +388,16 @@ def finetune(cfg: FinetuneConfig) -> dict:
             drop_last=False,
         )
         loss, speed = _train_epoch(
-            model, frozen, cfg.bn, loader, train_rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
-            backbone.preprocess, device, failed, manifest, epoch, cfg.epochs,
+            model, frozen, cfg, ema, loader, train_rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
+            backbone.preprocess, device, failed, manifest, epoch,
         )  # fmt: skip
-        score, auc = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        score, auc = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
         history.append(
             {"epoch": epoch, "loss": loss, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": speed}
         )
         if score > best["score"]:
             best, waited = {"epoch": epoch, "score": score}, 0
-            _save(model.state_dict(), run_dir / BEST)
+            _save(scored.state_dict(), run_dir / BEST)
         else:
             waited += 1
         log.info(
@@ -398,7 +408,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         _save(
             {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "history": history, "best": best, "waited": waited,
-             "failed": failed, "options": options},
+             "failed": failed, "options": options, **({"ema": ema.state_dict()} if ema is not None else {})},
             checkpoint_path,
         )  # fmt: skip
 
@@ -514,17 +524,34 @@ def _decoded(manifest: Manifest, rows: np.ndarray, preprocess: Preprocess, codes
     return torch.stack(images), np.array(kept), failed
 
 
-def _train_epoch(model, frozen, bn, loader, rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
-                 preprocess, device, failed, manifest, epoch, epochs) -> tuple[float, float]:  # fmt: skip
+def _mix(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Mixup: each image blended with another of the batch by a Beta(alpha, alpha) share; both labels kept."""
+    if alpha <= 0:
+        return x, y, y, 1.0
+    share = float(torch.distributions.Beta(alpha, alpha).sample())
+    other = torch.randperm(len(x), device=x.device)
+    return share * x + (1 - share) * x[other], y, y[other], share
+
+
+def _ema(model: Model, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """A moving average of every weight and buffer (torch's own), or None when --ema is 0."""
+    if decay <= 0:
+        return None
+    multi_avg = torch.optim.swa_utils.get_ema_multi_avg_fn(decay)
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_avg, use_buffers=True)
+
+
+def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
+                 preprocess, device, failed, manifest, epoch) -> tuple[float, float]:  # fmt: skip
     model.train()
     for module in frozen:  # frozen blocks keep their batch-norm statistics
         module.eval()
-    if bn == "frozen":
+    if cfg.bn == "frozen":
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total, seen, started = 0.0, 0, time.monotonic()
-    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{epochs}", file=sys.stderr, dynamic_ncols=True,
+    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
     for positions, batch, failures in loader:
         for p, reason in failures.items():
@@ -532,10 +559,16 @@ def _train_epoch(model, frozen, bn, loader, rows, codes, class_weight, optimizer
         if batch is None:
             continue
         x = preprocess.normalize(batch.to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
-        y = torch.as_tensor(codes[rows[positions]], device=device)
+        x, y, y_other, share = _mix(x, torch.as_tensor(codes[rows[positions]], device=device), cfg.mixup)
         with autocast:
-            logits = model(x)
-        loss = nn.functional.cross_entropy(logits.float(), y, weight=class_weight)
+            logits = model(x).float()
+        loss = share * nn.functional.cross_entropy(
+            logits, y, weight=class_weight, label_smoothing=cfg.label_smoothing
+        )
+        if share < 1:
+            loss = loss + (1 - share) * nn.functional.cross_entropy(
+                logits, y_other, weight=class_weight, label_smoothing=cfg.label_smoothing
+            )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -545,6 +578,8 @@ def _train_epoch(model, frozen, bn, loader, rows, codes, class_weight, optimizer
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.item() * len(positions)
         seen += len(positions)
         progress.update(len(positions) + len(failures))

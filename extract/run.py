@@ -70,6 +70,8 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     tta: str = "none"
+    compile: bool = False
+    """torch.compile each backbone (falls back to eager, with a warning, where compiling fails)."""
     strict: bool = False
     overwrite: bool = False
     flush_rows: int = 512
@@ -120,6 +122,8 @@ class Summary:
     failed: dict[str, str] = field(default_factory=dict)
     """Images of this data set that could not be used, with the reason."""
     seconds: float = 0.0
+    steady_images_per_s: float = 0.0
+    """Images decoded and embedded per second after the first batch (start-up and store writing excluded)."""
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -312,6 +316,8 @@ def _embed(
     files = [row_file[samples.image_id[r]] for r in rows]
     for backbone in backbones:
         backbone.module.to(device, memory_format=torch.channels_last)
+    rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
+    forwards = {b.name: _Forward(b.module, b.name, cfg.compile, rows_per_batch) for b in backbones}
     loader = DataLoader(
         _Images(files, preprocesses),
         batch_size=cfg.batch_size,
@@ -327,6 +333,7 @@ def _embed(
     pending = _Pending()
     n_failed = 0
     last_flush = time.monotonic()
+    first_batch, after_first = None, 0
     progress = tqdm(
         total=len(rows),
         unit="img",
@@ -348,10 +355,15 @@ def _embed(
                     if need.any():
                         x = tensors[preprocesses.index(backbone.preprocess)][torch.from_numpy(need)]
                         ids = [samples.image_id[r] for r in batch_rows[need]]
-                        pending.add(backbone.name, ids, _forward(backbone, x, cfg.tta, device))
+                        embedded = _forward(backbone, forwards[backbone.name], x, cfg.tta, device)
+                        pending.add(backbone.name, ids, embedded)
                         summary.embedded[backbone.name] += int(need.sum())
                 progress.update(len(positions) + len(failures))
                 progress.set_postfix(failed=n_failed, refresh=False)
+                if first_batch is None:
+                    first_batch = time.monotonic()
+                else:
+                    after_first += len(positions)
                 if len(pending) >= cfg.flush_rows or time.monotonic() - last_flush > cfg.flush_seconds:
                     journal.write(pending.chunk())
                     pending, last_flush = _Pending(), time.monotonic()
@@ -362,13 +374,43 @@ def _embed(
     finally:
         progress.close()
     journal.write(pending.chunk())
+    if first_batch is not None and after_first:
+        summary.steady_images_per_s = after_first / max(time.monotonic() - first_batch, 1e-9)
 
 
-def _forward(backbone: Backbone, batch: torch.Tensor, tta: str, device: torch.device) -> np.ndarray:
+class _Forward:
+    """A backbone's forward pass, eager or torch.compile'd.
+
+    Compiled, every batch is padded to the full size (batch size x views; a short last batch would otherwise
+    compile a second graph), and a failure to compile warns and falls back to eager.
+    """
+
+    def __init__(self, module: torch.nn.Module, name: str, compile: bool, rows: int):
+        self.module, self.name, self.batch_size = module, name, rows
+        self.compiled = torch.compile(module, dynamic=False) if compile else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None:
+            return self.module(x)
+        n = len(x)
+        if n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            return self.compiled(x)[:n]
+        except Exception as exc:  # inductor needs a C++ compiler and supported ops; eager always works
+            log.warning("--compile: torch.compile failed for %s (%s: %s); running it uncompiled",
+                        self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self.compiled = None
+            return self.module(x[:n])
+
+
+def _forward(backbone: Backbone, forward: _Forward, batch: torch.Tensor, tta: str, device: torch.device
+             ) -> np.ndarray:  # fmt: skip
     """(B, 3, H, W) uint8 to (B, V, dim) float32 embeddings of every test-time view."""
     x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
     x = apply_views(x, tta).contiguous(memory_format=torch.channels_last)
-    emb = backbone.module(x).float()
+    emb = forward(x).float()
     return emb.view(len(VIEWS[tta]), len(batch), -1).transpose(0, 1).cpu().numpy()
 
 

@@ -356,3 +356,34 @@ def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
     assert sum(len(ids) for ids in Journal(journal_folder(out)).done_ids().values()) == 4  # 2 batches
     assert _extract(manifest, out).embedded == {TINY: 4}
     assert FeatureStore(out).done(TINY).all()
+
+
+def test_compile_pads_every_batch_to_one_shape_and_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    """--compile: one graph for all batches (the short last one padded), same embeddings, and a
+    compiler that fails warns and leaves the eager module doing the work."""
+    manifest = _csv_set(tmp_path, 7)
+    eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4)
+    assert eager.steady_images_per_s > 0
+    shapes = []
+
+    def fake_compile(module, **kwargs):
+        return lambda x: shapes.append(tuple(x.shape)) or module(x)
+
+    monkeypatch.setattr(run.torch, "compile", fake_compile)
+    _extract(manifest, tmp_path / "compiled.h5", batch_size=4, compile=True)
+    assert set(shapes) == {(4, 3, 224, 224)} and len(shapes) == 2
+    np.testing.assert_allclose(FeatureStore(tmp_path / "compiled.h5").embeddings(TINY),
+                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+
+    def broken_compile(module, **kwargs):
+        def fail(x):
+            raise RuntimeError("inductor: no compiler")
+
+        return fail
+
+    monkeypatch.setattr(run.torch, "compile", broken_compile)
+    with caplog.at_level("WARNING", logger="extract"):
+        _extract(manifest, tmp_path / "fallback.h5", batch_size=4, compile=True)
+    assert "torch.compile failed" in caplog.text
+    np.testing.assert_allclose(FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
+                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip

@@ -220,3 +220,34 @@ def test_an_unreadable_training_image_is_listed_not_fatal(tmp_path, cli, frozen)
     assert code == 0, err
     failed = (tmp_path / "ft" / "failed.csv").read_text()
     assert "g02_1" in failed and "empty file" in failed
+
+
+def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypatch):
+    """The moving average is what is validated and kept, and it survives an interruption."""
+    base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=3, patience=10,
+                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4,
+                label_smoothing=0.1)  # fmt: skip
+    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
+    reference = json.loads((tmp_path / "whole" / "history.json").read_text())
+    state = torch.load(tmp_path / "whole" / ft.CHECKPOINT, weights_only=True)
+    ema = {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    head = [k for k in state["model"] if k.startswith("head.") and k.endswith("weight")]
+    assert head and not torch.allclose(ema[head[0]], state["model"][head[0]]), "the average must lag the weights"
+
+    train_epoch = ft._train_epoch
+
+    def interrupted(*args, **kwargs):
+        if args[-1] == 2:  # the epoch number
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), **base))
+    monkeypatch.setattr(ft, "_train_epoch", train_epoch)
+    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    for h, r in zip(history, reference):
+        assert h["val_auc"] == pytest.approx(r["val_auc"], abs=1e-6)
+        assert (h["loss"] is None and r["loss"] is None) or h["loss"] == pytest.approx(r["loss"], rel=1e-5)

@@ -1,0 +1,216 @@
+"""Extraction speed against the naive loop and against this machine's matrix-product ceiling.
+
+For each backbone, on the same images, in fresh processes (so each peak memory is its own):
+
+- the naive loop: PIL decode and torchvision transforms per image in the main process, fp32, NCHW,
+  batch 32, `torch.no_grad`, no workers;
+- `cli.py extract` as a user runs it (every option at its default: --precision auto, channels-last,
+  decoding workers, the per-device batch size), timed from the call to the finished store, and in
+  steady state (after the first batch).
+
+The ceiling is a 4096^3 matrix product in fp32 and bf16 (`torch.matmul`, best of 5), and a backbone's
+cost per image is counted by `torch.utils.flop_counter` (2 FLOPs per multiply-add). The second table
+(`--heads`) fits the linear, mlp and xgboost heads on fp32 and bf16 embeddings of
+ham10000_mel_nv_150 (EfficientNet-Lite0, real weights) and compares their test scores.
+
+    python bench/extract.py [--backbones resnet50,vgg11,...] [--images 960] [--heads] [--trials 10]
+
+Speed does not depend on the weights' values: the seed backbones run with --weights none.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+BACKBONES = "resnet50,vgg11,densenet121,inception_v3,efficientnet_lite0"
+
+
+def matmul_ceiling(n: int = 4096) -> dict[str, float]:
+    """GFLOP/s of an n^3 matrix product in fp32 and bf16 on this machine (best of 5)."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(5):
+            started = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - started)
+        out[name] = 2 * n**3 / best / 1e9
+    return out
+
+
+def gflop_per_image(name: str) -> float:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from extract.backbones import load_backbone
+
+    backbone = load_backbone(name, "none" if name != "efficientnet_lite0" else "default")
+    size = backbone.preprocess.crop
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        backbone.module(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops() / 1e9
+
+
+def manifest(n: int, folder: Path) -> Path:
+    """The first n images of the data set (repeated under new ids past its 2000 images)."""
+    rows = list(csv.DictReader(open(DATA / "labels.csv")))
+    picked = [dict(rows[i % len(rows)], image_id=f"{rows[i % len(rows)]['image_id']}_{i // len(rows)}")
+              for i in range(n)]  # fmt: skip
+    path = folder / f"first{n}.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(picked[0]))
+        writer.writeheader()
+        writer.writerows(picked)
+    return path
+
+
+def naive(name: str, csv_path: Path) -> dict:
+    """The loop everyone writes first: per-image PIL decode and transforms, fp32, NCHW, batch 32."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms
+
+    from extract.backbones import load_backbone
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    backbone = load_backbone(name, "none" if name != "efficientnet_lite0" else "default")
+    p = backbone.preprocess
+    transform = transforms.Compose([
+        transforms.Resize(p.resize), transforms.CenterCrop(p.crop), transforms.ToTensor(),
+        transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+    ])  # fmt: skip
+    files = [DATA / row["path"] for row in csv.DictReader(open(csv_path))]
+    model = backbone.module.eval()
+    started = time.monotonic()
+    first = None
+    with torch.no_grad():
+        for start in range(0, len(files), 32):
+            batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files[start : start + 32]])
+            model(batch)
+            if first is None:
+                first = time.monotonic()
+    end = time.monotonic()
+    return {"images_per_s": len(files) / (end - started), "steady_images_per_s": (len(files) - 32) / (end - first)}
+
+
+def tool(name: str, csv_path: Path, out: Path, precision: str = "auto") -> dict:
+    """`cli.py extract` with its defaults, timed from the call to the finished store."""
+    from extract.run import ExtractConfig, extract
+
+    started = time.monotonic()
+    summary = extract(ExtractConfig(data=str(csv_path), images=str(DATA), backbone=name, out=str(out),
+                                    weights="none" if name != "efficientnet_lite0" else "default",
+                                    precision=precision))  # fmt: skip
+    seconds = time.monotonic() - started
+    n = summary.embedded[name]
+    return {"images_per_s": n / seconds, "steady_images_per_s": summary.steady_images_per_s,
+            "precision": json.loads(_attrs(out))["precision"]}  # fmt: skip
+
+
+def _attrs(store: Path) -> str:
+    import h5py
+
+    with h5py.File(store, "r") as f:
+        return f.attrs["extract_config"]
+
+
+def one(args: argparse.Namespace) -> None:
+    """A single measurement in this (fresh) process; prints one JSON line."""
+    csv_path, name = Path(args.csv), args.one
+    result = naive(name, csv_path) if args.mode == "naive" else tool(name, csv_path, Path(args.store))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def measure(name: str, mode: str, csv_path: Path, work: Path) -> dict:
+    store = work / f"{name}-{mode}.h5"
+    store.unlink(missing_ok=True)
+    command = [sys.executable, __file__, "--one", name, "--mode", mode, "--csv", str(csv_path), "--store", str(store)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def heads_table(work: Path, trials: int) -> None:
+    """Test scores of each head on fp32 and on bf16 embeddings of the same images and split."""
+    import logging
+
+    from classify.fit import FitConfig, fit
+
+    logging.disable(logging.INFO)
+    print("\n| head | fp32 test balanced accuracy | fp32 test AUC | bf16 test balanced accuracy | bf16 test AUC |"
+          " AUC difference |\n| --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    stores = {}
+    for precision in ("fp32", "bf16"):
+        stores[precision] = work / f"ham-lite0-{precision}.h5"
+        if not stores[precision].exists():
+            tool("efficientnet_lite0", DATA / "labels.csv", stores[precision], precision)
+    for head in ("linear", "mlp", "xgboost"):
+        scores = {}
+        for precision, store in stores.items():
+            run = work / f"run-{head}-{precision}"
+            scores[precision] = fit(FitConfig(features=str(store), head=head, out=str(run), trials=trials))["test"]
+        f, b = scores["fp32"], scores["bf16"]
+        print(f"| {head} | {f['balanced_accuracy']:.3f} | {f['auc']:.3f} | {b['balanced_accuracy']:.3f} | "
+              f"{b['auc']:.3f} | {b['auc'] - f['auc']:+.3f} |", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", default=BACKBONES)
+    parser.add_argument("--images", type=int, default=960)
+    parser.add_argument("--heads", action="store_true", help="also the fp32 against bf16 heads table")
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--work", default=None, help="folder for stores and runs (default: a temporary one)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--csv", help=argparse.SUPPRESS)
+    parser.add_argument("--store", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one(args)
+    import torch
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-extract-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ceiling = matmul_ceiling()
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
+          f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
+    print("\n| backbone | GFLOP/image | naive loop, images/s | `cli.py extract`, images/s (steady) | speed-up |"
+          " precision | share of the matrix-product ceiling of that precision (steady) | peak memory naive / extract |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    csv_path = manifest(args.images, work)
+    for name in args.backbones.split(","):
+        gflop = gflop_per_image(name)
+        slow = measure(name, "naive", csv_path, work)
+        fast = measure(name, "tool", csv_path, work)
+        limit = ceiling[fast["precision"]] if fast["precision"] in ceiling else ceiling["fp32"]
+        share, steady_share = (fast[k] * gflop / limit for k in ("images_per_s", "steady_images_per_s"))
+        peak = max(fast["peak_rss_mb"], fast["peak_rss_children_mb"])
+        print(f"| {name} | {gflop:.2f} | {slow['images_per_s']:.1f} | {fast['images_per_s']:.1f} "
+              f"({fast['steady_images_per_s']:.1f}) | {fast['images_per_s'] / slow['images_per_s']:.1f}x | "
+              f"{fast['precision']} | {share:.0%} ({steady_share:.0%}) | "
+              f"{slow['peak_rss_mb']:.0f} / {peak:.0f} MB |", flush=True)  # fmt: skip
+    if args.heads:
+        heads_table(work, args.trials)
+
+
+if __name__ == "__main__":
+    main()
