@@ -138,7 +138,8 @@ def describe(summary: Summary, max_failures: int = 20) -> str:
             f"fingerprint {a['fingerprint']}{random}"
         )
     embedded = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
-    steady = f" ({summary.steady_images_per_s:.1f} images/s after the first batch)" if summary.steady_images_per_s else ""
+    speed = summary.steady_images_per_s
+    steady = f" ({speed:.1f} images/s after the first batch)" if speed else ""
     lines.append(f"this run: embedded {embedded} in {summary.seconds:.1f} s{steady}")
     if summary.failed:
         lines.append(f"{len(summary.failed)} images of this data set could not be used (kept under /failed):")

@@ -194,7 +194,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
           f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
     print("\n| backbone | GFLOP/image | naive loop, images/s | `cli.py extract`, images/s (steady) | speed-up |"
-          " precision | share of the matrix-product ceiling of that precision (steady) | peak memory naive / extract |")  # fmt: skip
+          " precision | share of the matrix-product ceiling of that precision (steady) |"
+          " peak memory naive / extract |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     csv_path = manifest(args.images, work)
     for name in args.backbones.split(","):

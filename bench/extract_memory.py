@@ -1,7 +1,8 @@
 """Peak memory and speed of `cli.py extract` against the number of images (it should not grow).
 
 Runs EfficientNet-Lite0 (real weights) on the first N images of ../shared/data/ham10000_mel_nv_150
-(past its 2000 images, the same files again under new ids) for each N, each in a fresh process, decoding in that process (--workers 0) so that its peak resident
+(past its 2000 images, the same files again under new ids) for each N, each in a fresh process,
+decoding in that process (--workers 0) so that its peak resident
 memory covers everything; prints images/s and peak RSS.
 
     python bench/extract_memory.py [--sizes 1000,4000] [--precision auto]

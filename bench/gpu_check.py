@@ -45,7 +45,8 @@ def manifest(n: int, folder: Path) -> Path:
     return path
 
 
-def run(name: str, weights: Path, rows: Path, out: Path, device: str, precision: str) -> tuple[float, float, np.ndarray]:
+def run(name: str, weights: Path, rows: Path, out: Path, device: str, precision: str
+        ) -> tuple[float, float, np.ndarray]:  # fmt: skip
     out.unlink(missing_ok=True)
     started = time.monotonic()
     summary = extract(ExtractConfig(data=str(rows), backbone=name, weights=str(weights), out=str(out),
@@ -80,7 +81,8 @@ def main() -> None:
     for name in args.backbones.split(","):
         weights = work / f"{name}.pt"  # one random init, the same weights on both devices
         torch.save(load_backbone(name, "none").module.state_dict(), weights)
-        speed = {p: run(name, weights, rows, work / f"{name}-{p}.h5", args.device, p)[:2] for p in ("fp32", "bf16", "fp16")}
+        speed = {p: run(name, weights, rows, work / f"{name}-{p}.h5", args.device, p)[:2]
+                 for p in ("fp32", "bf16", "fp16")}  # fmt: skip
         cpu = run(name, weights, few, work / f"{name}-cpu.h5", "cpu", "fp32")[2]
         gpu32 = run(name, weights, few, work / f"{name}-g32.h5", args.device, "fp32")[2]
         gpu16 = run(name, weights, few, work / f"{name}-g16.h5", args.device, "bf16")[2]

@@ -551,7 +551,8 @@ def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, opt
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total, seen, started = 0.0, 0, time.monotonic()
-    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, dynamic_ncols=True,
+    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr,
+                    dynamic_ncols=True,
                     mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
     for positions, batch, failures in loader:
         for p, reason in failures.items():
