@@ -43,6 +43,7 @@ from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, Weigh
 from extract.manifest import ManifestError
 from extract.preprocess import VIEWS
 from extract.run import PRECISIONS, ConfigError, ExtractConfig, Summary, extract
+from extract.shards import distributed, extract_sharded
 from features.splits import SplitError
 from features.store import FeatureStore, StoreError
 
@@ -75,7 +76,9 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     cfg = ExtractConfig(**{k: v for k, v in vars(args).items() if k in ExtractConfig.__dataclass_fields__})
-    summary = extract(cfg)
+    summary = extract_sharded(cfg) if distributed() else extract(cfg)
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports the store
+        return 0
     print(describe(summary))
     return 1 if cfg.strict and summary.failed else 0
 

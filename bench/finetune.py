@@ -6,7 +6,7 @@ from the tuned linear head with `--unfreeze 1`, `2` and `all`. All rows are scor
 test rows (lesion-grouped, never trained or early-stopped on). Prints test balanced accuracy, AUC and
 wall time per row.
 
-    python bench/finetune.py [--unfreeze 1,2,all] [--work DIR] [finetune options, e.g. --epochs 12]
+    python bench/finetune.py [--unfreeze 1,2,all] [--work DIR] [--reuse-frozen] [--set epochs=12 ...]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--heads", default="linear,mlp,xgboost")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work", default=str(ROOT / "bench-work" / "finetune"))
+    parser.add_argument("--reuse-frozen", action="store_true",
+                        help="take the frozen rows from earlier runs in --work (same store and split) if present")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a finetune option for every fine-tuning row, e.g. --set epochs=12")  # fmt: skip
     args = parser.parse_args()
@@ -47,9 +49,15 @@ def main() -> None:
     rows = []
     for head in args.heads.split(","):
         run = work / f"frozen-{head}"
+        if args.reuse_frozen and (run / "metrics.json").is_file():
+            timing = run / "bench_seconds.txt"
+            seconds = float(timing.read_text()) if timing.is_file() else float("nan")
+            rows.append((f"frozen, {head} head", json.loads((run / "metrics.json").read_text())["test"], seconds, "-"))
+            continue
         shutil.rmtree(run, ignore_errors=True)
         started = time.monotonic()
         metrics = fit(FitConfig(features=str(store), head=head, out=str(run), trials=args.trials))
+        (run / "bench_seconds.txt").write_text(f"{time.monotonic() - started:.1f}")
         rows.append((f"frozen, {head} head", metrics["test"], time.monotonic() - started, "-"))
     overrides = {}
     for item in args.set:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +43,13 @@ class Manifest(Samples):
 
     def file(self, row: int) -> Path:
         return self.root / self.path[row]
+
+    def take(self, rows) -> "Manifest":
+        """Only these rows, in this order (a shard of the data set), with the same origin."""
+        pick = lambda values: [values[r] for r in rows]  # noqa: E731
+        return replace(self, image_id=pick(self.image_id), path=pick(self.path), label=pick(self.label),
+                       group=pick(self.group), sha256=pick(self.sha256),
+                       meta={c: pick(v) for c, v in self.meta.items()})  # fmt: skip
 
     def check(self) -> "Manifest":
         if not self.image_id:

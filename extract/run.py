@@ -254,10 +254,8 @@ def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
 # ----------------------------------------------------------------------------------------- running
 
 
-def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
-    """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did."""
-    started = time.monotonic()
-    cfg = cfg.resolved()
+def load_backbones(cfg: ExtractConfig) -> tuple[list[Backbone], list[BackboneLayout]]:
+    """The backbones of a resolved config and the store layouts (with fingerprints) they write."""
     if cfg.tta not in VIEWS:
         raise ConfigError(f"--tta {cfg.tta!r}: choose {', '.join(VIEWS)}")
     names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
@@ -266,10 +264,19 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     weights = [w.strip() for w in cfg.weights.split(",")]
     if len(weights) not in (1, len(names)):
         raise ConfigError(f"--weights: give one value, or one per backbone ({len(names)})")
+    backbones = [load_backbone(n, w) for n, w in zip(names, weights * len(names) if len(weights) == 1 else weights)]
+    layouts = [BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones]
+    return backbones, layouts
+
+
+def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
+    """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did."""
+    started = time.monotonic()
+    cfg = cfg.resolved()
+    backbones, layouts = load_backbones(cfg)
     manifest = manifest or read_manifest(cfg.data, cfg.images)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    backbones = [load_backbone(n, w) for n, w in zip(names, weights * len(names) if len(weights) == 1 else weights)]
     for backbone in backbones:
         if backbone.random_init:
             log.warning(
@@ -277,7 +284,6 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
                 "use them for tests only. The store marks them random_init=True.",
                 backbone.name,
             )
-    layouts = [BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones]
     _refuse_other_settings(out, layouts, cfg.overwrite)
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)

@@ -282,6 +282,37 @@ def journal_folder(store: Path) -> Path:
     return store.with_name(store.name + ".partial")
 
 
+def journal_store(store: Path, journal: Journal, block: int = 4096) -> dict[str, int]:
+    """Copy a finished store's embedded rows and failures into `journal`, `block` rows per chunk (so
+    memory stays bounded); the next assembly writes them into its own store. Returns the rows copied
+    per backbone.
+
+    This is how the shards of a torchrun extraction, each a store of its own, become one store."""
+    with h5py.File(store, "r") as f:
+        samples = read_samples(f)
+        failed = read_failed(f)
+        groups = {name: f[f"embeddings/{name}"] for name in f.get("embeddings", {})}
+        done = {name: g["done"][()] for name, g in groups.items()}
+        copied = {name: 0 for name in groups}
+        journal.write(Chunk(failed=failed))
+        for start in range(0, len(samples), block):
+            rows = np.array([r for r in range(start, min(start + block, len(samples)))
+                             if samples.image_id[r] not in failed], dtype=np.int64)  # fmt: skip
+            if not len(rows):
+                continue
+            chunk = Chunk(ids=[samples.image_id[r] for r in rows], sha256=[samples.sha256[r] for r in rows])
+            for name, group in groups.items():
+                mine = rows[done[name][rows]]
+                if len(mine):
+                    span = slice(mine[0], mine[-1] + 1)  # one contiguous read, then the rows of it
+                    views = group["views"][span][mine - mine[0]] if "views" in group else None
+                    chunk.embeddings[name] = ([samples.image_id[r] for r in mine], group["data"][span][mine - mine[0]],
+                                              views)  # fmt: skip
+                    copied[name] += len(mine)
+            journal.write(chunk)
+    return copied
+
+
 def assemble(
     store: Path,
     samples: Samples,

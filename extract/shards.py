@@ -1,0 +1,126 @@
+"""`torchrun ... cli.py extract`: one data set embedded by several processes, GPUs or machines.
+
+The rows still to embed are cut into explicit, disjoint, contiguous shards, one per rank (not
+DistributedSampler, which pads with duplicates). Each rank embeds its shard with the ordinary
+single-process extraction into a store of its own, `OUT.shards/rank-K-of-N.h5`, which resumes from its
+own journal when the job is killed and rerun, and is left alone once finished. When every rank is
+done, rank 0 copies the shard stores into the output store (see docs/feature-store.md for why a copy
+and not HDF5 virtual datasets), rows in manifest order, and removes the shards.
+
+The process group (gloo on CPUs, NCCL on GPUs) is used only for barriers: ranks share no tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from extract.manifest import Manifest, read_manifest
+from extract.run import ExtractConfig, Summary, _refuse_other_settings, extract, load_backbones
+from features.store import FeatureStore, Journal, journal_folder, journal_store
+
+log = logging.getLogger("extract")
+
+BARRIER_TIMEOUT = timedelta(hours=12)
+"""How long a finished rank waits for the others: a failed rank ends the job sooner (torchrun stops
+every rank when one fails), so this only has to outlast the slowest shard."""
+
+
+def distributed() -> bool:
+    """Started by torchrun (or another launcher setting WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.shards") / f"rank-{rank}-of-{world}.h5"
+
+
+def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
+    """Manifest rows some backbone still lacks in the output store; every rank computes the same."""
+    _, layouts = load_backbones(cfg)
+    out = Path(cfg.out)
+    _refuse_other_settings(out, layouts, cfg.overwrite)
+    todo = np.ones(len(manifest), dtype=bool)
+    if not out.is_file():
+        return np.flatnonzero(todo)
+    store = FeatureStore(out)
+    row_of = {image_id: r for r, image_id in enumerate(store.samples().image_id)}
+    stored = np.array([row_of.get(i, -1) for i in manifest.image_id])
+    done = np.ones(len(manifest), dtype=bool)
+    for layout in layouts:
+        same = layout.name in store.backbones and (
+            store.backbone_attrs(layout.name).get("fingerprint") == layout.attrs["fingerprint"]
+        )
+        flags = store.done(layout.name) if same else np.zeros(len(row_of), dtype=bool)
+        done &= (stored >= 0) & flags[np.maximum(stored, 0)]
+    return np.flatnonzero(~done)
+
+
+def _rank_device(cfg: ExtractConfig, local_rank: int) -> str:
+    if cfg.device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank}"
+    return cfg.device if cfg.device != "auto" else "cpu"
+
+
+def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary | None:
+    """This rank's part of a torchrun extraction; rank 0 returns the summary of the whole store."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    device = _rank_device(cfg, local_rank)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    started = time.monotonic()
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        if device == "cpu":  # the machine's cores shared between the ranks on it
+            cores = max(1, (os.cpu_count() or 1) // local_world)
+            torch.set_num_threads(cores)
+            if cfg.workers < 0:
+                cfg = dataclasses.replace(cfg, workers=min(4, cores - 1))
+        manifest = manifest or read_manifest(cfg.data, cfg.images)
+        out = Path(cfg.out)
+        shard = np.array_split(rows_to_do(cfg, manifest), world)[rank]
+        path = shard_path(out, rank, world)
+        if len(shard):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            part = extract(dataclasses.replace(cfg, out=str(path), device=device), manifest.take(shard))
+            log.info("rank %d/%d: %d images in its shard, %d embedded by this run", rank, world, len(shard),
+                     max(part.embedded.values(), default=0))  # fmt: skip
+        dist.barrier()
+        summary = None
+        if rank == 0:
+            summary = _gather(cfg, manifest, out, world, device)
+            summary.seconds = time.monotonic() - started
+        dist.barrier()
+        return summary
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather(cfg: ExtractConfig, manifest: Manifest, out: Path, world: int, device: str) -> Summary:
+    """Rank 0: the shard stores into the output store's journal, then the ordinary assembly."""
+    _, layouts = load_backbones(cfg.resolved())
+    journal = Journal(journal_folder(out))
+    journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
+    copied: dict[str, int] = {}
+    for rank in range(world):
+        path = shard_path(out, rank, world)
+        if path.is_file():
+            for name, n in journal_store(path, journal).items():
+                copied[name] = copied.get(name, 0) + n
+    # Everything is journalled now: this embeds nothing new (except retrying the images that failed)
+    # and writes the store, rows in manifest order after the rows the store already had.
+    summary = extract(dataclasses.replace(cfg, device=device), manifest)
+    summary.embedded = {name: n + copied.get(name, 0) for name, n in summary.embedded.items()}
+    shutil.rmtree(shard_path(out, 0, world).parent, ignore_errors=True)
+    return summary
