@@ -86,6 +86,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     cfg = FitConfig(**{k: v for k, v in vars(args).items() if k in FitConfig.__dataclass_fields__})
     metrics = fit(cfg)
+    if not metrics:  # --no-report
+        return 0
     print(headline(metrics))
     print(f"report: {Path(cfg.out) / 'report.md'}")
     return 0
@@ -199,7 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=f.backbone,
         help="backbone(s) of the store, comma-separated (concatenated); default: its only one",
     )
-    fit_parser.add_argument("--trials", type=int, default=f.trials, help="trials this process adds to the study")
+    fit_parser.add_argument(
+        "--trials", type=int, default=f.trials, help="trials this process adds to the study (0: only the report)"
+    )
+    fit_parser.add_argument("--no-report", dest="report", action="store_false",
+                            help="a worker of a shared study: add trials only (`--trials 0` reports)")  # fmt: skip
+    fit_parser.add_argument("--heartbeat", type=int, default=f.heartbeat,
+                            help="seconds between heartbeats in a database storage")  # fmt: skip
     fit_parser.add_argument("--timeout", type=float, default=f.timeout, help="stop starting trials after S seconds")
     fit_parser.add_argument("--n-jobs", type=int, default=f.n_jobs, help="trials run in parallel threads")
     fit_parser.add_argument(

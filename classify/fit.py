@@ -30,7 +30,7 @@ from classify.inputs import InputSpec, MetaEncoder, embeddings, fit_views, proba
 from classify.metrics import default_positive, evaluate
 from classify.report import write_report
 from classify.runs import jsonable, save_run, write_json, write_text
-from classify.study import Objective, history, open_study, progress, storage_for
+from classify.study import Objective, fail_stale, history, open_study, progress, storage_for
 from features.splits import TEST, UNUSED, SplitSpec, ensure_split, split_counts
 from features.store import FeatureStore, StoreError
 
@@ -51,7 +51,13 @@ class FitConfig:
     backbone: str = ""
     """Comma-separated; empty: the store's only backbone."""
     trials: int = 20
-    """Trials this process adds to the study."""
+    """Trials this process adds to the study (0: none, only the refit and report of the study's best)."""
+    report: bool = True
+    """Refit the best trial and write the report after this process's trials; `False` for the workers
+    of a shared study, whose report is made once by `fit --trials 0` when the study is done."""
+    heartbeat: int = 60
+    """Seconds between a worker's heartbeats in a database storage; a trial silent for twice this long
+    belongs to a dead worker and is failed and queued again."""
     timeout: float | None = None
     n_jobs: int = 1
     storage: str | None = None
@@ -172,7 +178,7 @@ def fit(cfg: FitConfig) -> dict:
         name,
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from `progress`
-    study = open_study(name, storage_for(cfg.storage, run), cfg.seed)
+    study = open_study(name, storage_for(cfg.storage, run, cfg.heartbeat), cfg.seed)
     fixed = _fixed_params(head_cls, cfg)
     objective = Objective(
         head_cls,
@@ -183,7 +189,13 @@ def fit(cfg: FitConfig) -> dict:
         cfg.seed,
         fixed,
     )
-    study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
+    if cfg.trials > 0:
+        study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
+    fail_stale(study)
+    if not cfg.report:
+        log.info("study %s: %d trials; when every worker is done, `fit --trials 0` with the same --storage, "
+                 "--study and inputs refits the best and writes the report", name, len(study.trials))  # fmt: skip
+        return {}
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise FitError(f"study {name}: no trial completed (all pruned or failed); run more --trials")

@@ -10,6 +10,9 @@ k*STEPS_PER_FOLD + STEPS_PER_FOLD - 1, so a pruner only ever compares like with 
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +32,37 @@ JOURNAL = "study.journal"
 """Default storage: an Optuna journal file in the run folder (file-locked: several local processes)."""
 
 
-def storage_for(url: str | None, run: Path) -> optuna.storages.BaseStorage | str:
-    """`--storage URL` (sqlite:///..., postgresql://...) or the run folder's journal file."""
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+"""Recorded on every trial: which machine and process ran it (shared studies)."""
+MAX_RETRY = 2
+"""A trial whose worker died is run again (same parameters) up to this many times."""
+
+
+def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.storages.BaseStorage:
+    """`--storage URL` (sqlite:///..., postgresql://...) or the run folder's journal file.
+
+    Database storages get Optuna's heartbeat: a worker killed mid-trial stops beating, and after
+    2 x `heartbeat` seconds the next worker to start a trial (or the final `fit --trials 0`) marks that
+    trial FAIL and queues it again (`RetryFailedTrialCallback`), so no trial stays RUNNING."""
     if url:
-        return url
+        if "://" not in url:
+            raise ValueError(f"--storage {url!r}: a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)")
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
     run.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(run / JOURNAL)))
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Mark the trials of dead workers FAIL now (database storages; the journal has no heartbeat)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage | str, seed: int) -> optuna.Study:
@@ -68,6 +96,7 @@ class Objective:
         self.seed, self.fixed = seed, fixed or {}
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", WORKER)
         params = {**self.head.search_space(trial), **self.fixed}
         scores, aucs = [], []
         for k in range(int(self.folds.max()) + 1):
