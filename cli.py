@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     ex.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
     ex.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
-    ex.add_argument("--compile", action="store_true", help="torch.compile the backbones (eager if that fails)")
+    ex.add_argument("--compile", default=d.compile, choices=["auto", "on", "off"],
+                    help="torch.compile the backbones (auto: from 500 images; eager if compiling fails)")  # fmt: skip
     ex.add_argument("--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)")
     ex.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
     ex.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--epochs", type=int, default=t.epochs)
     ft.add_argument("--patience", type=int, default=t.patience, help="epochs without a better validation score")
     ft.add_argument("--batch-size", type=int, default=t.batch_size)
-    ft.add_argument("--lr", type=float, default=t.lr, help="learning rate of the head")
+    ft.add_argument("--lr", type=float, default=t.lr, help="head's rate (default: 3e-5 with --init, 1e-3 without)")
     ft.add_argument("--backbone-lr", type=float, default=t.backbone_lr, help="learning rate of the unfrozen blocks")
     ft.add_argument("--weight-decay", type=float, default=t.weight_decay)
     ft.add_argument("--warmup-epochs", type=float, default=t.warmup_epochs)

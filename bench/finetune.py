@@ -62,8 +62,14 @@ def main() -> None:
     overrides = {}
     for item in args.set:
         key, value = item.split("=", 1)
-        kind = type(getattr(FinetuneConfig, key))
-        overrides[key] = kind(value) if kind is not type(None) else value
+        if key not in FinetuneConfig.__dataclass_fields__:
+            parser.error(f"--set {key}: not a finetune option")
+        for kind in (int, float, str):
+            try:
+                overrides[key] = kind(value)
+                break
+            except ValueError:
+                continue
     for unfreeze in args.unfreeze.split(","):
         run = work / f"finetune-{unfreeze}"
         shutil.rmtree(run, ignore_errors=True)

@@ -85,15 +85,16 @@ class FinetuneConfig:
     features: str | None = None
     """A feature store whose split to use (default: --init's store, else the split made again)."""
     out: str = ""
-    unfreeze: str = "2"
+    unfreeze: str = "all"
     """How many blocks, counted from the top, are trained; `all` for the whole backbone."""
-    epochs: int = 10
-    patience: int = 4
+    epochs: int = 12
+    patience: int = 6
     batch_size: int = 32
-    lr: float = 1e-5
-    """Learning rate of the head (low: it starts tuned; see docs/evaluation.md for what was tried)."""
-    backbone_lr: float = 1e-5
-    """Learning rate of the unfrozen backbone blocks (lower: they start from ImageNet)."""
+    lr: float | None = None
+    """Learning rate of the head; default 3e-5 when it starts from --init's tuned head (below the
+    backbone's: see docs/evaluation.md), 1e-3 for a fresh head (above it)."""
+    backbone_lr: float = 1e-4
+    """Learning rate of the unfrozen backbone blocks."""
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     bn: str = "frozen"
@@ -105,12 +106,12 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     positive: str | None = None
-    ema: float = 0.0
+    ema: float = 0.99
     """Decay per step of an exponential moving average of the weights, which is what is validated and
     kept (0: off). It smooths the noisy steps of a small data set."""
-    mixup: float = 0.0
+    mixup: float = 0.2
     """Alpha of mixup's Beta(alpha, alpha) mixing of image pairs and their labels (0: off)."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     tta: str = "none"
     """Test-time views of the final embeddings (the run's store, and `predict`): none, flip or d8."""
     resume: bool = False
@@ -293,6 +294,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     started = time.monotonic()
     if not cfg.out:
         raise FinetuneError("--out RUN: name the run folder")
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=3e-5 if cfg.init else 1e-3)
     run_dir = Path(cfg.out)
     checkpoint_path = run_dir / CHECKPOINT
     if checkpoint_path.exists() and not cfg.resume:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sklearn.metrics import balanced_accuracy_score
 
@@ -43,17 +43,19 @@ def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.stora
 
     Database storages get Optuna's heartbeat: a worker killed mid-trial stops beating, and after
     2 x `heartbeat` seconds the next worker to start a trial (or the final `fit --trials 0`) marks that
-    trial FAIL and queues it again (`RetryFailedTrialCallback`), so no trial stays RUNNING."""
+    trial FAIL and queues it again (`RetryHeartbeatStaleTrialCallback`), so no trial stays RUNNING."""
     if url:
         if "://" not in url:
             raise ValueError(f"--storage {url!r}: a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)")
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat,
-            grace_period=2 * heartbeat,
-            heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY),
-            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-        )
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat,
+                grace_period=2 * heartbeat,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
     run.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(run / JOURNAL)))
 

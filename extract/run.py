@@ -50,6 +50,8 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_FROM = 500
+"""`--compile auto` compiles when this many images or more are to be embedded."""
 
 
 @dataclass
@@ -70,8 +72,10 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     tta: str = "none"
-    compile: bool = False
-    """torch.compile each backbone (falls back to eager, with a warning, where compiling fails)."""
+    compile: str = "auto"
+    """torch.compile each backbone: `on`, `off`, or `auto` = on when at least COMPILE_FROM images are to
+    be embedded (compiling takes about 8 s, 30 s the first time on a machine; resnet50 then runs 2.5x
+    faster on this project's CPU). Falls back to eager, with a warning, where compiling fails."""
     strict: bool = False
     overwrite: bool = False
     flush_rows: int = 512
@@ -86,7 +90,7 @@ class ExtractConfig:
             self,
             device=device,
             precision=resolve_precision(self.precision, device),
-            batch_size=self.batch_size or (64 if device.startswith("cuda") else 32),
+            batch_size=self.batch_size or (64 if device.startswith("cuda") else 16),
             workers=self.workers if self.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1)),
         )
 
@@ -254,17 +258,24 @@ def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
 # ----------------------------------------------------------------------------------------- running
 
 
-def load_backbones(cfg: ExtractConfig) -> tuple[list[Backbone], list[BackboneLayout]]:
-    """The backbones of a resolved config and the store layouts (with fingerprints) they write."""
+def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
+    """(backbone, weights) pairs of the options, checked before anything is read or loaded."""
     if cfg.tta not in VIEWS:
         raise ConfigError(f"--tta {cfg.tta!r}: choose {', '.join(VIEWS)}")
+    if cfg.compile not in ("auto", "on", "off"):
+        raise ConfigError(f"--compile {cfg.compile!r}: choose auto, on or off")
     names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
     if not names:
         raise ConfigError("--backbone: name at least one backbone (see `cli.py backbones`)")
     weights = [w.strip() for w in cfg.weights.split(",")]
     if len(weights) not in (1, len(names)):
         raise ConfigError(f"--weights: give one value, or one per backbone ({len(names)})")
-    backbones = [load_backbone(n, w) for n, w in zip(names, weights * len(names) if len(weights) == 1 else weights)]
+    return list(zip(names, weights * len(names) if len(weights) == 1 else weights))
+
+
+def load_backbones(cfg: ExtractConfig) -> tuple[list[Backbone], list[BackboneLayout]]:
+    """The backbones of a resolved config and the store layouts (with fingerprints) they write."""
+    backbones = [load_backbone(n, w) for n, w in _names_and_weights(cfg)]
     layouts = [BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones]
     return backbones, layouts
 
@@ -273,8 +284,9 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did."""
     started = time.monotonic()
     cfg = cfg.resolved()
-    backbones, layouts = load_backbones(cfg)
+    _names_and_weights(cfg)
     manifest = manifest or read_manifest(cfg.data, cfg.images)
+    backbones, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for backbone in backbones:
@@ -323,7 +335,8 @@ def _embed(
     for backbone in backbones:
         backbone.module.to(device, memory_format=torch.channels_last)
     rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
-    forwards = {b.name: _Forward(b.module, b.name, cfg.compile, rows_per_batch) for b in backbones}
+    compile = cfg.compile == "on" or (cfg.compile == "auto" and len(rows) >= COMPILE_FROM)
+    forwards = {b.name: _Forward(b, compile, rows_per_batch) for b in backbones}
     loader = DataLoader(
         _Images(files, preprocesses),
         batch_size=cfg.batch_size,
@@ -385,37 +398,43 @@ def _embed(
 
 
 class _Forward:
-    """A backbone's forward pass, eager or torch.compile'd.
+    """A backbone's forward pass from uint8 pixels (normalisation included), eager or torch.compile'd.
 
-    Compiled, every batch is padded to the full size (batch size x views; a short last batch would otherwise
-    compile a second graph), and a failure to compile warns and falls back to eager.
+    Compiled, the normalisation is fused into the graph, every batch is padded to the full size
+    (batch size x views; a short last batch would otherwise compile a second graph), and a failure to
+    compile warns and falls back to eager.
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, compile: bool, rows: int):
-        self.module, self.name, self.batch_size = module, name, rows
-        self.compiled = torch.compile(module, dynamic=False) if compile else None
+    def __init__(self, backbone: Backbone, compile: bool, rows: int):
+        self.backbone, self.name, self.batch_size = backbone, backbone.name, rows
+        self.compiled = torch.compile(self.eager, dynamic=False) if compile else None
+
+    def eager(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
+        return self.backbone.module(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.compiled is None:
-            return self.module(x)
+            return self.eager(x)
         n = len(x)
         if n < self.batch_size:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-            x = x.contiguous(memory_format=torch.channels_last)
         try:
-            return self.compiled(x)[:n]
+            # freezing (read when the first call compiles): the weights become constants that inductor
+            # pre-packs for oneDNN, 2-3x faster on CPUs than without (`options=` did not apply it)
+            with torch._inductor.config.patch(freezing=True):
+                return self.compiled(x)[:n]
         except Exception as exc:  # inductor needs a C++ compiler and supported ops; eager always works
             log.warning("--compile: torch.compile failed for %s (%s: %s); running it uncompiled",
                         self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
             self.compiled = None
-            return self.module(x[:n])
+            return self.eager(x[:n])
 
 
 def _forward(backbone: Backbone, forward: _Forward, batch: torch.Tensor, tta: str, device: torch.device
              ) -> np.ndarray:  # fmt: skip
     """(B, 3, H, W) uint8 to (B, V, dim) float32 embeddings of every test-time view."""
-    x = backbone.preprocess.normalize(batch.to(device, non_blocking=True))
-    x = apply_views(x, tta).contiguous(memory_format=torch.channels_last)
+    x = apply_views(batch.to(device, non_blocking=True), tta)  # views commute with the normalisation
     emb = forward(x).float()
     return emb.view(len(VIEWS[tta]), len(batch), -1).transpose(0, 1).cpu().numpy()
 

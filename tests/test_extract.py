@@ -370,7 +370,7 @@ def test_compile_pads_every_batch_to_one_shape_and_falls_back_to_eager(tmp_path,
         return lambda x: shapes.append(tuple(x.shape)) or module(x)
 
     monkeypatch.setattr(run.torch, "compile", fake_compile)
-    _extract(manifest, tmp_path / "compiled.h5", batch_size=4, compile=True)
+    _extract(manifest, tmp_path / "compiled.h5", batch_size=4, compile="on")
     assert set(shapes) == {(4, 3, 224, 224)} and len(shapes) == 2
     np.testing.assert_allclose(FeatureStore(tmp_path / "compiled.h5").embeddings(TINY),
                                FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
@@ -383,7 +383,7 @@ def test_compile_pads_every_batch_to_one_shape_and_falls_back_to_eager(tmp_path,
 
     monkeypatch.setattr(run.torch, "compile", broken_compile)
     with caplog.at_level("WARNING", logger="extract"):
-        _extract(manifest, tmp_path / "fallback.h5", batch_size=4, compile=True)
+        _extract(manifest, tmp_path / "fallback.h5", batch_size=4, compile="on")
     assert "torch.compile failed" in caplog.text
     np.testing.assert_allclose(FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
                                FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
