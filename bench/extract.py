@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+sys.path.insert(0, str(ROOT / "bench"))
+from common import DATA, first_images  # noqa: E402
 BACKBONES = "resnet50,vgg11,densenet121,inception_v3,efficientnet_lite0"
 
 
@@ -68,19 +69,6 @@ def gflop_per_image(name: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def manifest(n: int, folder: Path) -> Path:
-    """The first n images of the data set (repeated under new ids past its 2000 images)."""
-    rows = list(csv.DictReader(open(DATA / "labels.csv")))
-    picked = [dict(rows[i % len(rows)], image_id=f"{rows[i % len(rows)]['image_id']}_{i // len(rows)}")
-              for i in range(n)]  # fmt: skip
-    path = folder / f"first{n}.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(picked[0]))
-        writer.writeheader()
-        writer.writerows(picked)
-    return path
-
-
 def naive(name: str, csv_path: Path) -> dict:
     """The loop everyone writes first: per-image PIL decode and transforms, fp32, NCHW, batch 32."""
     import torch
@@ -110,14 +98,15 @@ def naive(name: str, csv_path: Path) -> dict:
     return {"images_per_s": len(files) / (end - started), "steady_images_per_s": (len(files) - 32) / (end - first)}
 
 
-def tool(name: str, csv_path: Path, out: Path, precision: str = "auto") -> dict:
-    """`cli.py extract` with its defaults, timed from the call to the finished store."""
+def tool(name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto") -> dict:
+    """`cli.py extract` with its defaults (or the given precision and --compile), timed from the call
+    to the finished store."""
     from extract.run import ExtractConfig, extract
 
     started = time.monotonic()
     summary = extract(ExtractConfig(data=str(csv_path), images=str(DATA), backbone=name, out=str(out),
                                     weights="none" if name != "efficientnet_lite0" else "default",
-                                    precision=precision))  # fmt: skip
+                                    precision=precision, compile=compile))  # fmt: skip
     seconds = time.monotonic() - started
     n = summary.embedded[name]
     return {"images_per_s": n / seconds, "steady_images_per_s": summary.steady_images_per_s,
@@ -134,7 +123,10 @@ def _attrs(store: Path) -> str:
 def one(args: argparse.Namespace) -> None:
     """A single measurement in this (fresh) process; prints one JSON line."""
     csv_path, name = Path(args.csv), args.one
-    result = naive(name, csv_path) if args.mode == "naive" else tool(name, csv_path, Path(args.store))
+    if args.mode == "naive":
+        result = naive(name, csv_path)
+    else:
+        result = tool(name, csv_path, Path(args.store), compile="on" if args.mode == "compiled" else "auto")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_rss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
@@ -149,27 +141,56 @@ def measure(name: str, mode: str, csv_path: Path, work: Path) -> dict:
 
 
 def heads_table(work: Path, trials: int) -> None:
-    """Test scores of each head on fp32 and on bf16 embeddings of the same images and split."""
+    """Test scores of each head on fp32 and on bf16 embeddings of the same images and split: tuned by
+    its own study on each store, and with the same parameters (the fp32 study's best) on both, which
+    separates the embeddings' precision from the noise of tuning."""
     import logging
 
     from classify.fit import FitConfig, fit
 
     logging.disable(logging.INFO)
-    print("\n| head | fp32 test balanced accuracy | fp32 test AUC | bf16 test balanced accuracy | bf16 test AUC |"
-          " AUC difference |\n| --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    print("\n| head | fp32 embeddings: test BA / AUC | bf16: test BA / AUC | AUC difference |"
+          " same parameters, fp32: BA / AUC | same parameters, bf16: BA / AUC | AUC difference |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     stores = {}
     for precision in ("fp32", "bf16"):
         stores[precision] = work / f"ham-lite0-{precision}.h5"
         if not stores[precision].exists():
             tool("efficientnet_lite0", DATA / "labels.csv", stores[precision], precision)
     for head in ("linear", "mlp", "xgboost"):
-        scores = {}
+        tuned, same = {}, {}
         for precision, store in stores.items():
             run = work / f"run-{head}-{precision}"
-            scores[precision] = fit(FitConfig(features=str(store), head=head, out=str(run), trials=trials))["test"]
-        f, b = scores["fp32"], scores["bf16"]
-        print(f"| {head} | {f['balanced_accuracy']:.3f} | {f['auc']:.3f} | {b['balanced_accuracy']:.3f} | "
-              f"{b['auc']:.3f} | {b['auc'] - f['auc']:+.3f} |", flush=True)  # fmt: skip
+            metrics = run / "metrics.json"
+            if not metrics.is_file():  # a rerun reuses the studies
+                fit(FitConfig(features=str(store), head=head, out=str(run), trials=trials))
+            tuned[precision] = json.loads(metrics.read_text())["test"]
+        params = json.loads((work / f"run-{head}-fp32" / "config.json").read_text())["params"]
+        for precision, store in stores.items():
+            same[precision] = fixed_params_test(store, head, params)
+        cells = []
+        for scores in (tuned, same):
+            f, b = scores["fp32"], scores["bf16"]
+            cells += [f"{s['balanced_accuracy']:.3f} / {s['auc']:.3f}" for s in (f, b)]
+            cells.append(f"{b['auc'] - f['auc']:+.3f}")
+        print(f"| {head} | {' | '.join(cells)} |", flush=True)
+
+
+def fixed_params_test(store_path: Path, head: str, params: dict) -> dict:
+    """The head with these parameters fitted on the study rows and scored on the test rows."""
+    from classify.fit import load_data
+    from classify.heads import get_head
+    from classify.inputs import InputSpec, fit_views, proba_views
+    from classify.metrics import evaluate
+    from features.splits import SplitSpec, ensure_split
+    from features.store import FeatureStore
+
+    store = FeatureStore(store_path)
+    data = load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()))
+    model = get_head(head)(**params)
+    fit_views(model, data.x[data.study], data.y[data.study], data.groups[data.study])
+    proba = proba_views(model, data.x[data.test])
+    return evaluate(data.y[data.test], proba, list(model.classes_), data.groups[data.test], "mel", "nv")
 
 
 def main() -> None:
@@ -193,22 +214,26 @@ def main() -> None:
     ceiling = matmul_ceiling()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
           f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
-    print("\n| backbone | GFLOP/image | naive loop, images/s | `cli.py extract`, images/s (steady) | speed-up |"
-          " precision | share of the matrix-product ceiling of that precision (steady) |"
-          " peak memory naive / extract |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    csv_path = manifest(args.images, work)
+    print("\n| backbone | GFLOP/image | naive loop, images/s | `cli.py extract` (defaults), images/s (steady) |"
+          " speed-up | precision | share of the ceiling (steady) | `--compile on`, images/s (steady) |"
+          " share of the ceiling (steady) | peak memory naive / defaults / compiled |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    csv_path = first_images(args.images, work)
     for name in args.backbones.split(","):
         gflop = gflop_per_image(name)
         slow = measure(name, "naive", csv_path, work)
         fast = measure(name, "tool", csv_path, work)
+        compiled = measure(name, "compiled", csv_path, work)
         limit = ceiling[fast["precision"]] if fast["precision"] in ceiling else ceiling["fp32"]
-        share, steady_share = (fast[k] * gflop / limit for k in ("images_per_s", "steady_images_per_s"))
-        peak = max(fast["peak_rss_mb"], fast["peak_rss_children_mb"])
-        print(f"| {name} | {gflop:.2f} | {slow['images_per_s']:.1f} | {fast['images_per_s']:.1f} "
-              f"({fast['steady_images_per_s']:.1f}) | {fast['images_per_s'] / slow['images_per_s']:.1f}x | "
-              f"{fast['precision']} | {share:.0%} ({steady_share:.0%}) | "
-              f"{slow['peak_rss_mb']:.0f} / {peak:.0f} MB |", flush=True)  # fmt: skip
+        cells = []
+        for m in (fast, compiled):
+            share, steady = (m[k] * gflop / limit for k in ("images_per_s", "steady_images_per_s"))
+            cells.append((f"{m['images_per_s']:.1f} ({m['steady_images_per_s']:.1f})", f"{share:.0%} ({steady:.0%})",
+                          f"{max(m['peak_rss_mb'], m['peak_rss_children_mb']):.0f}"))  # fmt: skip
+        (speed, share, peak), (c_speed, c_share, c_peak) = cells
+        print(f"| {name} | {gflop:.2f} | {slow['images_per_s']:.1f} | {speed} | "
+              f"{fast['images_per_s'] / slow['images_per_s']:.1f}x | {fast['precision']} | {share} | {c_speed} | "
+              f"{c_share} | {slow['peak_rss_mb']:.0f} / {peak} / {c_peak} MB |", flush=True)  # fmt: skip
     if args.heads:
         heads_table(work, args.trials)
 

@@ -5,13 +5,12 @@ Runs EfficientNet-Lite0 (real weights) on the first N images of ../shared/data/h
 decoding in that process (--workers 0) so that its peak resident
 memory covers everything; prints images/s and peak RSS.
 
-    python bench/extract_memory.py [--sizes 1000,4000] [--precision auto]
+    python bench/extract_memory.py [--sizes 1000,4000] [--precision auto] [--compile on]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import subprocess
@@ -24,18 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
 
 
-def one(n: int, precision: str, workdir: Path) -> dict:
+def one(n: int, precision: str, compile: str, workdir: Path) -> dict:
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import first_images
+
     from extract.run import ExtractConfig, extract
 
-    every = list(csv.DictReader(open(DATA / "labels.csv")))
-    rows = [dict(every[i % len(every)], image_id=f"{every[i % len(every)]['image_id']}_{i // len(every)}")
-            for i in range(n)]  # fmt: skip
-    manifest = workdir / f"first{n}.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = first_images(n, workdir)
     started = time.monotonic()
     summary = extract(
         ExtractConfig(
@@ -45,6 +40,7 @@ def one(n: int, precision: str, workdir: Path) -> dict:
             out=str(workdir / f"first{n}.h5"),
             workers=0,
             precision=precision,
+            compile=compile,
         )
     )
     seconds = time.monotonic() - started
@@ -61,20 +57,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,4000")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", default="on", help="the same for every size (auto would differ by size)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.precision, Path(args.workdir))))
+        print(json.dumps(one(args.one, args.precision, args.compile, Path(args.workdir))))
         return
     print(
         f"{'images':>7} {'seconds':>8} {'images/s':>9} {'peak RSS MB':>12}"
-        f"   (efficientnet_lite0, precision {args.precision})"
+        f"   (efficientnet_lite0, precision {args.precision}, --compile {args.compile})"
     )
     with tempfile.TemporaryDirectory() as workdir:
         for n in [int(s) for s in args.sizes.split(",")]:
             out = subprocess.run(
-                [sys.executable, __file__, "--one", str(n), "--workdir", workdir, "--precision", args.precision],
+                [sys.executable, __file__, "--one", str(n), "--workdir", workdir, "--precision", args.precision,
+                 "--compile", args.compile],
                 capture_output=True,
                 text=True,
                 check=True,

@@ -50,8 +50,10 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_FROM = 500
-"""`--compile auto` compiles when this many images or more are to be embedded."""
+COMPILE_FROM = 2000
+"""`--compile auto` compiles when this many images or more are to be embedded: about where the time
+compiling takes the first time on a machine (8 s for vgg11 to 45 s for densenet121 on this project's
+2-core CPU) is won back (bench/extract.py)."""
 
 
 @dataclass
@@ -74,8 +76,8 @@ class ExtractConfig:
     tta: str = "none"
     compile: str = "auto"
     """torch.compile each backbone: `on`, `off`, or `auto` = on when at least COMPILE_FROM images are to
-    be embedded (compiling takes about 8 s, 30 s the first time on a machine; resnet50 then runs 2.5x
-    faster on this project's CPU). Falls back to eager, with a warning, where compiling fails."""
+    be embedded (resnet50 then runs 2.5x faster on this project's CPU). Falls back to eager, with a
+    warning, where compiling fails."""
     strict: bool = False
     overwrite: bool = False
     flush_rows: int = 512
