@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/extract.py must not shadow the package
 from common import DATA, first_images  # noqa: E402
 BACKBONES = "resnet50,vgg11,densenet121,inception_v3,efficientnet_lite0"
 

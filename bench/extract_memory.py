@@ -25,7 +25,7 @@ DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
 
 def one(n: int, precision: str, compile: str, workdir: Path) -> dict:
     sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/extract.py must not shadow the package
     from common import first_images
 
     from extract.run import ExtractConfig, extract

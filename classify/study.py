@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sklearn.metrics import balanced_accuracy_score
@@ -36,6 +39,7 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 """Recorded on every trial: which machine and process ran it (shared studies)."""
 MAX_RETRY = 2
 """A trial whose worker died is run again (same parameters) up to this many times."""
+SCHEMA_ATTEMPTS = 5
 
 
 def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.storages.BaseStorage:
@@ -47,17 +51,29 @@ def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.stora
     if url:
         if "://" not in url:
             raise ValueError(f"--storage {url!r}: a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)")
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat,
-                grace_period=2 * heartbeat,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
-            )
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                return _rdb_storage(url, heartbeat)
+            except sqlalchemy.exc.SQLAlchemyError:
+                # workers started together on a fresh database race to create Optuna's tables: the
+                # losers fail on a duplicate key, and find the tables made when they try again
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 + random.random())
     run.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(run / JOURNAL)))
+
+
+def _rdb_storage(url: str, heartbeat: int) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+        )
 
 
 def fail_stale(study: optuna.Study) -> None:
