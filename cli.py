@@ -42,7 +42,7 @@ from classify.runs import RunError
 from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, WeightsUnavailable
 from extract.manifest import ManifestError
 from extract.preprocess import VIEWS
-from extract.run import PRECISIONS, ConfigError, ExtractConfig, Summary, extract
+from extract.run import COMPILE_FROM, PRECISIONS, ConfigError, ExtractConfig, Summary, extract
 from extract.shards import distributed, extract_sharded
 from features.splits import SplitError
 from features.store import FeatureStore, StoreError
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
     ex.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
     ex.add_argument("--compile", default=d.compile, choices=["auto", "on", "off"],
-                    help="torch.compile the backbones (auto: from 500 images; eager if compiling fails)")  # fmt: skip
+                    help=f"torch.compile the backbones (auto: from {COMPILE_FROM} images; eager if it fails)")
     ex.add_argument("--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)")
     ex.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
     ex.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")

@@ -337,8 +337,8 @@ def _embed(
     for backbone in backbones:
         backbone.module.to(device, memory_format=torch.channels_last)
     rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
-    compile = cfg.compile == "on" or (cfg.compile == "auto" and len(rows) >= COMPILE_FROM)
-    forwards = {b.name: _Forward(b, compile, rows_per_batch) for b in backbones}
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and len(rows) >= COMPILE_FROM)
+    forwards = {b.name: _Forward(b, use_compile, rows_per_batch) for b in backbones}
     loader = DataLoader(
         _Images(files, preprocesses),
         batch_size=cfg.batch_size,

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from extract.manifest import Manifest, read_manifest
-from extract.run import ExtractConfig, Summary, _refuse_other_settings, extract, load_backbones
-from features.store import FeatureStore, Journal, journal_folder, journal_store
+from extract.run import ExtractConfig, Summary, _plan, _refuse_other_settings, extract, load_backbones
+from features.store import Journal, journal_folder, journal_store
 
 log = logging.getLogger("extract")
 
@@ -45,24 +45,14 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 
 
 def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
-    """Manifest rows some backbone still lacks in the output store; every rank computes the same."""
+    """Manifest rows some backbone still lacks in the output store (or whose file changed): the
+    single-process extraction's own plan, read-only, so every rank computes the same."""
     _, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     _refuse_other_settings(out, layouts, cfg.overwrite)
-    todo = np.ones(len(manifest), dtype=bool)
-    if not out.is_file():
-        return np.flatnonzero(todo)
-    store = FeatureStore(out)
-    row_of = {image_id: r for r, image_id in enumerate(store.samples().image_id)}
-    stored = np.array([row_of.get(i, -1) for i in manifest.image_id])
-    done = np.ones(len(manifest), dtype=bool)
-    for layout in layouts:
-        same = layout.name in store.backbones and (
-            store.backbone_attrs(layout.name).get("fingerprint") == layout.attrs["fingerprint"]
-        )
-        flags = store.done(layout.name) if same else np.zeros(len(row_of), dtype=bool)
-        done &= (stored >= 0) & flags[np.maximum(stored, 0)]
-    return np.flatnonzero(~done)
+    samples, todo = _plan(out, manifest, layouts, Journal(journal_folder(out)))
+    needed = {samples.image_id[r] for r in np.flatnonzero(np.any(list(todo.values()), axis=0))}
+    return np.array([r for r, image_id in enumerate(manifest.image_id) if image_id in needed], dtype=np.int64)
 
 
 def _rank_device(cfg: ExtractConfig, local_rank: int) -> str:
