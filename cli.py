@@ -33,10 +33,10 @@ if __name__ == "__main__":
 import numpy as np
 
 from classify.finetune import FinetuneConfig, FinetuneError, finetune
-from classify.fit import FitConfig, FitError, fit, predictions_csv
+from classify.fit import PROTOCOLS, FitConfig, FitError, fit, predictions_csv
 from classify.predict import evaluate_run, predict
 from classify.heads import HEADS, HeadError
-from classify.inputs import VIEW_MODES
+from classify.inputs import MEMORY_BUDGET, VIEW_MODES
 from classify.report import headline
 from classify.runs import RunError
 from extract.backbones import REGISTRY, TORCHVISION_PREFIX, BackboneError, WeightsUnavailable
@@ -94,7 +94,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    metrics = evaluate_run(args.run, args.features, args.label_map)
+    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget)
     where = "test rows" if args.features is None else args.features
     print(
         f"{args.run} on {where}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--positive", default=f.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
     )
     fit_parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
+    fit_parser.add_argument("--memory-budget", default=f.memory_budget,
+                            help="embeddings larger than this are streamed from the store in blocks (1GB, 800MB, "
+                                 "or a share of this machine's memory: 50%%)")  # fmt: skip
+    fit_parser.add_argument("--protocol", default=f.protocol, choices=list(PROTOCOLS),
+                            help="score trials by grouped K-fold cv or by fold 0 alone (holdout); auto: holdout "
+                                 "when streamed")  # fmt: skip
     fit_parser.set_defaults(func=cmd_fit)
 
     ev = commands.add_parser("evaluate", help="score a run on its test rows, or on another labelled store")
@@ -244,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--label-map", default="", help="store_label=run_label,... when the stores name classes differently"
     )
+    ev.add_argument("--memory-budget", default=MEMORY_BUDGET,
+                    help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)")  # fmt: skip
     ev.set_defaults(func=cmd_evaluate)
 
     pr = commands.add_parser("predict", help="classify new images with a run")

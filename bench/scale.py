@@ -6,14 +6,24 @@
    agree (rows, order, embeddings). On N GPUs the command is the same with --nproc-per-node N.
 2. Trials per minute of one study on PostgreSQL (`--storage`, or $SKINLESION_TEST_POSTGRES as
    `.ci/postgres.sh` sets it) with 1, 2 and 4 `fit --no-report` workers, on a synthetic store.
+3. A store larger than memory: wall time and peak resident memory of
+   `cli.py fit --head xgboost --trials 2 --memory-budget 1GB` on a synthetic store of --rows x --dim
+   float16 embeddings (1,000,000 x 1,024: 2 GB), written first if --large-store does not exist.
 
-    python bench/scale.py [--images 400] [--backbone resnet50] [--head mlp] [--trials 8]
+    python bench/scale.py [--parts extraction,workers,large] [--images 400] [--backbone resnet50]
+                          [--head mlp] [--trials 8] [--large-store FILE --rows 1000000 --dim 1024]
+    python bench/scale.py --synthetic-store FILE --rows N --dim D    # only write such a store
+
+The synthetic store is in the real format: two classes (mel 20 %, nv 80 %), lesion groups of 1 to 4
+images, class centres that differ most along a few dimensions (as real embeddings do) plus a lesion
+effect and noise, written block by block so that it never has to fit in memory.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -89,21 +99,103 @@ def workers(work: Path, url: str, head: str, trials: int) -> None:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
+SYNTHETIC_BLOCK = 65536
+"""Rows generated and journalled at a time by `synthetic_store`."""
+
+
+def synthetic_store(path: Path, rows: int, dim: int, seed: int = 0, separation: float = 2.5) -> Path:
+    """A float16 feature store of `rows` x `dim` random embeddings with class and lesion structure,
+    written block by block (see the module's docstring)."""
+    from features.store import Samples, write_blocks
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.choice([1, 2, 3, 4], size=rows, p=[0.75, 0.15, 0.07, 0.03])
+    group_of = np.repeat(np.arange(rows), sizes)[:rows]  # lesion k covers sizes[k] consecutive rows
+    labels = np.where(rng.random(group_of[-1] + 1) < 0.2, "mel", "nv")[group_of]
+    strength = 1 / np.sqrt(np.arange(1, dim + 1))  # a few strong dimensions, a long weak tail
+    shift = rng.normal(size=dim) * strength
+    shift *= separation / np.linalg.norm(shift)
+    samples = Samples(
+        image_id=[f"syn{r:07d}" for r in range(rows)],
+        path=[f"synthetic/syn{r:07d}.jpg" for r in range(rows)],
+        label=labels.tolist(),
+        group=[f"lesion{g:07d}" for g in group_of],
+        sha256=[""] * rows,
+    )
+    attrs = {"fingerprint": f"synthetic-{rows}x{dim}-seed{seed}", "identity": "{}", "weights": "none",
+             "weights_sha256": "", "precision": "fp16", "views": "none", "dim": dim}  # fmt: skip
+
+    def blocks():
+        for start in range(0, rows, SYNTHETIC_BLOCK):
+            stop = min(rows, start + SYNTHETIC_BLOCK)
+            local = np.random.default_rng([seed, start])
+            groups = group_of[start:stop]
+            lesion = local.normal(scale=0.5, size=(groups[-1] - groups[0] + 1, dim)).astype(np.float32)
+            x = local.standard_normal((stop - start, dim), dtype=np.float32) + lesion[groups - groups[0]]
+            x += np.where(labels[start:stop] == "mel", 0.5, -0.5)[:, None].astype(np.float32) * shift.astype(np.float32)
+            yield start, {"synthetic": x.astype(np.float16)}
+
+    write_blocks(path, samples, {"synthetic": attrs}, blocks())
+    return path
+
+
+def large(store: Path, rows: int, dim: int, budget: str) -> None:
+    """`fit --head xgboost --trials 2` on a store larger than the budget: wall time, peak RSS."""
+    if not store.is_file():
+        started = time.monotonic()
+        synthetic_store(store, rows, dim)
+        print(f"\nwrote {store} ({store.stat().st_size / 2**30:.2f} GiB) in {time.monotonic() - started:.0f} s")
+    out = store.with_name(store.stem + "-xgboost-run")
+    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--features", str(store), "--head", "xgboost",
+               "--trials", "2", "--memory-budget", budget, "--out", str(out)]  # fmt: skip
+    log = out.with_suffix(".log")
+    started = time.monotonic()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident memory
+    seconds = time.monotonic() - started
+    if status != 0:
+        raise SystemExit(f"fit failed (status {status}); see {log}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    print(f"\n| fit --head xgboost --trials 2, {rows:,} x {dim} float16 store, --memory-budget {budget} "
+          "| wall time | peak resident memory | test AUC |\n| --- | --- | --- | --- |")  # fmt: skip
+    print(f"| {store.stat().st_size / 2**30:.2f} GiB store | {seconds / 60:.1f} min | "
+          f"{usage.ru_maxrss / 2**20:.2f} GiB | {metrics['test']['auc']:.3f} |")
+    print(f"command: {' '.join(command[1:])}\nlog: {log}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="extraction,workers,large", help="which of the three to run")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--head", default="mlp")
     parser.add_argument("--trials", type=int, default=8, help="trials per worker")
     parser.add_argument("--storage", default=os.environ.get("SKINLESION_TEST_POSTGRES"))
+    parser.add_argument("--synthetic-store", type=Path, help="only write a synthetic store of --rows x --dim here")
+    parser.add_argument("--large-store", type=Path, help="the large part's store (default: in a temporary folder)")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--budget", default="1GB", help="--memory-budget of the large part's fit")
     args = parser.parse_args()
+    if args.synthetic_store:
+        started = time.monotonic()
+        synthetic_store(args.synthetic_store, args.rows, args.dim)
+        size = args.synthetic_store.stat().st_size / 2**30
+        print(f"wrote {args.synthetic_store}: {args.rows} x {args.dim} float16, {size:.2f} GiB, "
+              f"{time.monotonic() - started:.0f} s")  # fmt: skip
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
+    parts = set(args.parts.split(","))
     print(f"{os.cpu_count()} cores")
-    extraction(work, args.images, args.backbone)
-    if args.storage:
+    if "extraction" in parts:
+        extraction(work, args.images, args.backbone)
+    if "workers" in parts and args.storage:
         workers(work, args.storage, args.head, args.trials)
-    else:
+    elif "workers" in parts:
         print("\nno PostgreSQL (--storage or SKINLESION_TEST_POSTGRES; `source .ci/postgres.sh`): workers skipped")
+    if "large" in parts:
+        large(args.large_store or work / "synthetic.h5", args.rows, args.dim, args.budget)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ rows, and write a run folder with its report.
 
 The protocol (../shared/DESIGN.md): a lesion-grouped, stratified split is made once and stored in the
 feature store; the study only sees the study rows, scored by grouped K-fold cross-validation; the best
-parameters are refitted on all study rows and scored once on the test rows.
+parameters are refitted on all study rows and scored once on the test rows. For stores larger than the
+memory budget (streamed from disk) the `holdout` protocol scores fold 0 only and keeps the model fitted
+on the other folds (docs/evaluation.md says why).
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ import optuna
 import torch
 from filelock import FileLock
 
-from classify.heads import get_head
-from classify.inputs import InputSpec, MetaEncoder, embeddings, fit_views, proba_views, store_meta, usable, with_meta
+from classify.heads import HEADS, get_head
+from classify.inputs import (
+    MEMORY_BUDGET,
+    InputSpec,
+    MetaEncoder,
+    StoreRows,
+    fit_views,
+    inputs_matrix,
+    parse_budget,
+    proba_views,
+    store_meta,
+    usable,
+)
 from classify.metrics import default_positive, evaluate
 from classify.report import write_report
 from classify.runs import jsonable, save_run, write_json, write_text
@@ -39,6 +52,9 @@ log = logging.getLogger("classify")
 
 class FitError(ValueError):
     """Options that cannot work with this store; raised before any training."""
+
+
+PROTOCOLS = ("auto", "cv", "holdout")
 
 
 @dataclass
@@ -70,13 +86,19 @@ class FitConfig:
     """Comma-separated metadata columns to use beside the embeddings."""
     positive: str | None = None
     device: str = "auto"
+    memory_budget: str = MEMORY_BUDGET
+    """Embeddings that need more (with working copies) are streamed from the store in blocks:
+    `1GB`, `800MB`, or `50%` of this machine's memory."""
+    protocol: str = "auto"
+    """How trials are scored: `cv` (grouped K-fold), `holdout` (fold 0 only; the final model is the one
+    fitted on the other folds); `auto`: holdout when the embeddings are streamed, else cv."""
 
 
 @dataclass
 class Data:
     """The matrices of one fit: every usable row, and which are study and test rows."""
 
-    x: np.ndarray
+    x: np.ndarray | StoreRows
     y: np.ndarray
     groups: np.ndarray
     ids: np.ndarray
@@ -105,22 +127,22 @@ def _backbones(store: FeatureStore, value: str) -> tuple[str, ...]:
     return names
 
 
-def load_data(store: FeatureStore, spec: InputSpec, split: np.ndarray) -> Data:
-    """The rows a fit uses (labelled, in the split, embedded by every backbone) as matrices."""
-    samples = store.samples()
+def load_data(store: FeatureStore, spec: InputSpec, split: np.ndarray, budget: int) -> Data:
+    """The rows a fit uses (labelled, in the split, embedded by every backbone): labels in memory, the
+    embeddings too unless they exceed `budget` bytes (then streamed: `StoreRows`)."""
     keep = usable(store, spec) & (split != UNUSED)
     meta = store_meta(store, spec.meta)
     encoder = MetaEncoder.fit({c: v[keep & (split >= 0)] for c, v in meta.items()})
-    x = with_meta(embeddings(store, spec), encoder.transform(meta, len(split)))
-    pick = lambda values: np.asarray(values, dtype=object)[keep]  # noqa: E731
-    return Data(x[keep], pick(samples.label), pick(samples.group), pick(samples.image_id), split[keep], encoder)
+    x = inputs_matrix(store, spec, keep, encoder.transform(meta, len(split)), budget)
+    columns = [store.column(name)[keep] for name in ("label", "group", "image_id")]
+    return Data(x, *columns, split[keep], encoder)
 
 
 def study_name(store: FeatureStore, spec: InputSpec, split: SplitSpec, head: str) -> str:
     """One study per store x inputs x split x head, recognisable and unique."""
     identity = {
         "fingerprints": {b: store.backbone_attrs(b)["fingerprint"] for b in spec.backbones},
-        "rows": store.samples().image_id[:1] + [str(len(store.samples().image_id))],
+        "rows": [str(store.column("image_id")[0]), str(len(store))],
         "inputs": spec.as_dict(),
         "split": split.name,
     }
@@ -155,9 +177,20 @@ def fit(cfg: FitConfig) -> dict:
     spec = InputSpec(
         _backbones(store, cfg.backbone), cfg.views, tuple(c.strip() for c in cfg.meta.split(",") if c.strip())
     )
+    if cfg.protocol not in PROTOCOLS:
+        raise FitError(f"--protocol {cfg.protocol!r}: choose {', '.join(PROTOCOLS)}")
+    budget = parse_budget(cfg.memory_budget)
     split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
     split = ensure_split(store, split_spec)
-    data = load_data(store, spec, split)
+    data = load_data(store, spec, split, budget)
+    streamed = isinstance(data.x, StoreRows)
+    if streamed and not head_cls.streams:
+        raise FitError(
+            f"{store.path}: the {head_cls.name} head needs all {len(data.x)} rows in memory, and with working "
+            f"copies they exceed the memory budget ({cfg.memory_budget}); use a head that learns from blocks "
+            f"({', '.join(n for n, h in HEADS.items() if h.streams)}), or raise --memory-budget"
+        )
+    protocol = ("holdout" if streamed else "cv") if cfg.protocol == "auto" else cfg.protocol
     if set(data.groups[data.test]) & set(data.groups[data.study]):
         raise StoreError(f"{store.path}: split {split_spec.name} puts a lesion on both sides")  # never expected
     classes = sorted(set(data.y))
@@ -168,7 +201,7 @@ def fit(cfg: FitConfig) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
     log.info(
-        "%s: %d study rows in %d folds, %d test rows (%s); head %s; study %s",
+        "%s: %d study rows in %d folds, %d test rows (%s); head %s; study %s; %s; trials scored by %s",
         store.path,
         data.study.sum(),
         cfg.folds,
@@ -176,6 +209,10 @@ def fit(cfg: FitConfig) -> dict:
         split_spec.name,
         head_cls.name,
         name,
+        f"embeddings streamed in blocks of {data.x.block_rows} rows (budget {budget / 2**20:.0f} MiB)"
+        if streamed
+        else "embeddings in memory",
+        "fold 0 (holdout)" if protocol == "holdout" else f"{cfg.folds}-fold cross-validation",
     )
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from `progress`
     study = open_study(name, storage_for(cfg.storage, run, cfg.heartbeat), cfg.seed)
@@ -188,6 +225,7 @@ def fit(cfg: FitConfig) -> dict:
         data.folds[data.study],
         cfg.seed,
         fixed,
+        protocol,
     )
     if cfg.trials > 0:
         study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
@@ -202,30 +240,43 @@ def fit(cfg: FitConfig) -> dict:
     best = study.best_trial
     params = {**head_cls.search_space(optuna.trial.FixedTrial(best.params)), **fixed}
     with FileLock(str(run / ".final.lock")):  # several workers may finish at once: one writes at a time
-        metrics = _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name)
+        resolved = {"protocol": protocol, "memory_budget_bytes": budget, "streamed": streamed}
+        metrics = _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name,
+                         resolved)  # fmt: skip
     log.info("fit took %.0f s", time.monotonic() - started)
     return metrics
 
 
-def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name) -> dict:
+def _final(
+    cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved
+) -> dict:
     """Out-of-fold predictions of the best parameters, the refit on all study rows, the test score,
-    and every file of the run folder."""
+    and every file of the run folder. With the holdout protocol: the fit on folds 1..K-1, its
+    predictions of fold 0, and that same model on the test rows."""
     majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
     x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
-    cv_proba = np.zeros((len(y), len(classes)))
-    for k in range(cfg.folds):
+    if resolved["protocol"] == "holdout":
+        scored = folds == 0
         head = head_cls(**params, random_state=cfg.seed)
-        fit_views(head, x[folds != k], y[folds != k], g[folds != k])
-        cv_proba[folds == k] = _aligned(proba_views(head, x[folds == k]), head.classes_, classes)
-    head = head_cls(**params, random_state=cfg.seed)
-    fit_views(head, x, y, g)
+        fit_views(head, x[~scored], y[~scored], g[~scored])
+        cv_proba = _aligned(proba_views(head, x[scored]), head.classes_, classes)
+    else:
+        scored = np.ones(len(y), dtype=bool)
+        cv_proba = np.zeros((len(y), len(classes)))
+        for k in range(cfg.folds):
+            head = head_cls(**params, random_state=cfg.seed)
+            fit_views(head, x[folds != k], y[folds != k], g[folds != k])
+            cv_proba[folds == k] = _aligned(proba_views(head, x[folds == k]), head.classes_, classes)
+        head = head_cls(**params, random_state=cfg.seed)
+        fit_views(head, x, y, g)
     test_proba = _aligned(proba_views(head, data.x[data.test]), head.classes_, classes)
     metrics = {
         "test": evaluate(data.y[data.test], test_proba, classes, data.groups[data.test], positive, majority, cfg.seed),
         "cv": {
-            **evaluate(y, cv_proba, classes, g, positive, majority, cfg.seed),
+            **evaluate(y[scored], cv_proba, classes, g[scored], positive, majority, cfg.seed),
             "study_best_value": study.best_value,
             "folds": cfg.folds,
+            "protocol": resolved["protocol"],
         },
     }
     keys = ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
@@ -249,6 +300,7 @@ def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, p
         "positive": positive,
         "split": split_spec.name,
         "params": params,
+        **resolved,
         "torch_version": str(torch.__version__),
         "optuna_version": optuna.__version__,
     }
@@ -265,7 +317,7 @@ def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, p
     )
     write_json(run / "metrics.json", metrics)
     write_text(run / "test_predictions.csv", predictions_csv(data.ids[data.test], test_proba, classes))
-    write_text(run / "cv_predictions.csv", predictions_csv(data.ids[data.study], cv_proba, classes))
+    write_text(run / "cv_predictions.csv", predictions_csv(data.ids[data.study][scored], cv_proba, classes))
     counts = split_counts(data.folds, data.y)
     write_report(run, metrics, config, trials, counts, test_labels=data.y[data.test], test_proba=test_proba)
     return jsonable(metrics)

@@ -7,16 +7,22 @@ classes. `fit` also takes the lesion `groups` (for a grouped inner validation sp
 callback `report(step, value)` called per epoch or boosting round with a higher-is-better value, so
 that an Optuna pruner can stop a bad trial early.
 
+Streamed inputs (`StoreRows`, a store larger than the memory budget) are learnt from in blocks by
+the heads that can (XGBoost through its external-memory pages, the MLP through a block loader); the
+linear head says it cannot.
+
 Saved heads hold data, not programs: arrays in `.npz` (no pickle), tensors loaded with
 `weights_only`, XGBoost's own UBJSON; the run folder records each file's SHA-256 (classify/runs.py).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
 import numpy as np
 import optuna
@@ -27,6 +33,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
 from sklearn.utils.class_weight import compute_sample_weight
+
+from classify.inputs import StoreRows
 
 Report = Callable[[int, float], None]
 """report(step, value): an intermediate, higher-is-better score during fit."""
@@ -40,6 +48,8 @@ class Head(ClassifierMixin, BaseEstimator):
     """Shared behaviour: labels <-> indices, balanced weights, predict, saving."""
 
     name: ClassVar[str]
+    streams: ClassVar[bool] = True
+    """Whether `fit` learns from streamed rows (`StoreRows`) block by block."""
 
     def _encode(self, y: np.ndarray) -> np.ndarray:
         self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
@@ -53,6 +63,15 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, columns in `classes_` order; streamed rows block by block."""
+        if isinstance(X, StoreRows):
+            return np.concatenate([self._proba(block) for block in X.blocks()])
+        return self._proba(X)
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     @classmethod
     def search_space(cls, trial: optuna.Trial) -> dict:
@@ -100,6 +119,7 @@ class LinearHead(Head):
     """Standardised multinomial logistic regression (L2, lbfgs)."""
 
     name = "linear"
+    streams = False  # lbfgs needs every row in memory at once
 
     def __init__(
         self, C: float = 0.01, class_weight: str | None = "balanced", max_iter: int = 2000, random_state: int = 0
@@ -124,7 +144,7 @@ class LinearHead(Head):
         self.coef_, self.intercept_ = model.coef_, model.intercept_
         return self  # one convex solve: nothing to report before it ends
 
-    def predict_proba(self, X) -> np.ndarray:
+    def _proba(self, X) -> np.ndarray:
         z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         if z.shape[1] == 1:  # binary: one logit for the second class
             p = 1.0 / (1.0 + np.exp(-z[:, 0]))
@@ -210,33 +230,35 @@ class MLPHead(Head):
 
     def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "MLPHead":
         codes = self._encode(y)
-        X = np.asarray(X, dtype=np.float32)
-        self.mean_ = X.mean(axis=0)
-        self.scale_ = X.std(axis=0) + 1e-6
         train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
         weights = self._weights(codes, sample_weight)
         device = _device(self.device)
         generator = torch.Generator().manual_seed(self.random_state)
         torch.manual_seed(self.random_state)
+        if isinstance(X, StoreRows):
+            train, val = np.sort(train), np.sort(val)
+            self.mean_, scale = X.moments()
+            self.scale_ = scale + 1e-6
+            rows: _InMemory | _Streamed = _Streamed(X, codes, weights, self, device)
+        else:
+            X = np.asarray(X, dtype=np.float32)
+            self.mean_ = X.mean(axis=0)
+            self.scale_ = X.std(axis=0) + 1e-6
+            rows = _InMemory((X - self.mean_) / self.scale_, codes, weights, self.batch_size, device)
         model = _mlp(X.shape[1], tuple(self.hidden), self.dropout, len(self.classes_)).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        xs = torch.from_numpy((X - self.mean_) / self.scale_).to(device)
-        ys = torch.from_numpy(codes).long().to(device)
-        ws = torch.from_numpy(weights).float().to(device)
         best, best_state, waited = -1.0, None, 0
         for epoch in range(self.epochs):
             model.train()
-            order = torch.from_numpy(train)[torch.randperm(len(train), generator=generator)].to(device)
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                loss = torch.nn.functional.cross_entropy(model(xs[batch]), ys[batch], reduction="none")
-                loss = (loss * ws[batch]).sum() / ws[batch].sum()
+            for xb, yb, wb in rows.batches(train, generator):
+                loss = torch.nn.functional.cross_entropy(model(xb), yb, reduction="none")
+                loss = (loss * wb).sum() / wb.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             model.eval()
             with torch.inference_mode():
-                predicted = model(xs[torch.from_numpy(val).to(device)]).argmax(1).cpu().numpy()
+                predicted = rows.predicted(model, val)
             score = float(balanced_accuracy_score(codes[val], predicted))
             if score > best:
                 best, waited = score, 0
@@ -252,7 +274,7 @@ class MLPHead(Head):
         self.best_epoch_, self.best_val_score_ = epoch - waited, best
         return self
 
-    def predict_proba(self, X) -> np.ndarray:
+    def _proba(self, X) -> np.ndarray:
         x = torch.from_numpy((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_)
         with torch.inference_mode():
             return torch.softmax(self.model_(x), dim=1).numpy().astype(np.float64)
@@ -273,6 +295,52 @@ class MLPHead(Head):
         head.model_.eval()
         head.classes_ = np.array(classes, dtype=object)
         return head
+
+
+class _InMemory:
+    """The MLP's rows as tensors on the device: shuffled mini-batches, predictions in one go."""
+
+    def __init__(self, x: np.ndarray, codes: np.ndarray, weights: np.ndarray, batch_size: int, device):
+        self.xs = torch.from_numpy(x).to(device)
+        self.ys = torch.from_numpy(codes).long().to(device)
+        self.ws = torch.from_numpy(weights).float().to(device)
+        self.batch_size, self.device = batch_size, device
+
+    def batches(self, rows: np.ndarray, generator: torch.Generator) -> Iterator[tuple]:
+        order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)].to(self.device)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            yield self.xs[batch], self.ys[batch], self.ws[batch]
+
+    def predicted(self, model, rows: np.ndarray) -> np.ndarray:
+        return model(self.xs[torch.from_numpy(rows).to(self.device)]).argmax(1).cpu().numpy()
+
+
+class _Streamed:
+    """The MLP's rows read from disk: each epoch visits blocks of `block_rows` rows in a random order and
+    shuffles the rows within a block (the usual streaming shuffle), so one or two blocks are in memory."""
+
+    def __init__(self, x: StoreRows, codes: np.ndarray, weights: np.ndarray, head: "MLPHead", device):
+        self.x, self.codes, self.weights, self.head, self.device = x, codes, weights, head, device
+
+    def _tensor(self, block: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy((block - self.head.mean_) / self.head.scale_).to(self.device)
+
+    def batches(self, rows: np.ndarray, generator: torch.Generator) -> Iterator[tuple]:
+        size = self.head.batch_size
+        chunks = [rows[k : k + self.x.block_rows] for k in range(0, len(rows), self.x.block_rows)]
+        for c in torch.randperm(len(chunks), generator=generator).tolist():
+            chunk = chunks[c]
+            xs = self._tensor(np.concatenate(list(self.x[chunk].blocks())))
+            ys = torch.from_numpy(self.codes[chunk]).long().to(self.device)
+            ws = torch.from_numpy(self.weights[chunk]).float().to(self.device)
+            order = torch.randperm(len(chunk), generator=generator).to(self.device)
+            for start in range(0, len(order), size):
+                batch = order[start : start + size]
+                yield xs[batch], ys[batch], ws[batch]
+
+    def predicted(self, model, rows: np.ndarray) -> np.ndarray:
+        return np.concatenate([model(self._tensor(b)).argmax(1).cpu().numpy() for b in self.x[rows].blocks()])
 
 
 # ----------------------------------------------------------------------------------------- xgboost
@@ -353,25 +421,50 @@ class XGBoostHead(Head):
 
     def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "XGBoostHead":
         codes = self._encode(y)
-        X = np.asarray(X, dtype=np.float32)
         weights = self._weights(codes, sample_weight)
         train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
-        dtrain = xgb.QuantileDMatrix(X[train], codes[train], weight=weights[train], max_bin=self.max_bin)
-        dval = xgb.QuantileDMatrix(X[val], codes[val], weight=weights[val], ref=dtrain, max_bin=self.max_bin)
         callbacks = [_Reporter(report, self.REPORT_EVERY)] if report is not None else []
-        self.booster_ = xgb.train(
-            self._params(),
-            dtrain,
-            num_boost_round=self.n_estimators,
-            evals=[(dval, "val")],
-            early_stopping_rounds=self.early_stopping_rounds,
-            callbacks=callbacks,
-            verbose_eval=False,
-        )
+        with tempfile.TemporaryDirectory(prefix="skinlesion-xgboost-") as pages:
+            if isinstance(X, StoreRows):
+                dtrain, dval = self._pages(X, codes, weights, np.sort(train), np.sort(val), pages)
+            else:
+                X = np.asarray(X, dtype=np.float32)
+                dtrain = xgb.QuantileDMatrix(X[train], codes[train], weight=weights[train], max_bin=self.max_bin)
+                dval = xgb.QuantileDMatrix(X[val], codes[val], weight=weights[val], ref=dtrain, max_bin=self.max_bin)
+            self.booster_ = xgb.train(
+                self._params(),
+                dtrain,
+                num_boost_round=self.n_estimators,
+                evals=[(dval, "val")],
+                early_stopping_rounds=self.early_stopping_rounds,
+                callbacks=callbacks,
+                verbose_eval=False,
+            )
+            del dtrain, dval
+            gc.collect()  # the matrices release their page files before the folder goes
         self.best_iteration_ = int(self.booster_.best_iteration)
         return self
 
-    def predict_proba(self, X) -> np.ndarray:
+    QUANTILE_BLOCKS: ClassVar[int] = 2
+    """Streamed fits take the bin edges from a random sample of this many blocks of training rows."""
+
+    def _pages(self, X: StoreRows, codes, weights, train, val, folder: str):
+        """External-memory matrices: XGBoost quantises each block into a page file under `folder` and
+        reads the pages back in every boosting round. The bin edges come from quantiles of a sample of
+        the training rows (XGBoost's own sketch over 1,024 columns needs ~0.8 GB whatever the rows)."""
+        sample = X[train].sample(self.QUANTILE_BLOCKS * X.block_rows, self.random_state)
+        edges = np.quantile(sample, np.linspace(0, 1, self.max_bin + 1), axis=0).astype(np.float32)
+        del sample
+        ref = xgb.QuantileDMatrix(edges, np.zeros(len(edges)), max_bin=self.max_bin)
+        threads = self.n_jobs or os.cpu_count() or 1
+        for name, rows in (("train", train), ("val", val)):
+            pages = _Pages(X[rows], codes[rows], weights[rows], os.path.join(folder, name))
+            ref = xgb.ExtMemQuantileDMatrix(pages, ref=ref, max_bin=self.max_bin, nthread=threads)
+            if name == "train":
+                dtrain = ref  # the validation pages take the training matrix's bins
+        return dtrain, ref
+
+    def _proba(self, X) -> np.ndarray:
         p = self.booster_.predict(
             xgb.DMatrix(np.asarray(X, dtype=np.float32)), iteration_range=(0, self.best_iteration_ + 1)
         )
@@ -390,6 +483,30 @@ class XGBoostHead(Head):
         head.best_iteration_ = json.loads((folder / "head-xgboost.json").read_text())["best_iteration"]
         head.classes_ = np.array(classes, dtype=object)
         return head
+
+
+class _Pages(xgb.DataIter):
+    """Streamed rows for XGBoost's external memory: one block per call, with its labels and weights."""
+
+    def __init__(self, x: StoreRows, codes: np.ndarray, weights: np.ndarray, cache: str):
+        self.x, self.codes, self.weights = x, codes, weights
+        self._blocks: Iterator[np.ndarray] | None = None
+        self._done = 0
+        super().__init__(cache_prefix=cache, release_data=True)
+
+    def next(self, input_data: Callable) -> bool:
+        if self._blocks is None:
+            self._blocks = self.x.blocks()
+        block = next(self._blocks, None)
+        if block is None:
+            return False
+        rows = slice(self._done, self._done + len(block))
+        input_data(data=block, label=self.codes[rows], weight=self.weights[rows])
+        self._done += len(block)
+        return True
+
+    def reset(self) -> None:
+        self._blocks, self._done = None, 0
 
 
 class _Reporter(xgb.callback.TrainingCallback):

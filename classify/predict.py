@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from classify.fit import predictions_csv
-from classify.inputs import embeddings, proba_views, usable, with_meta
+from classify.inputs import MEMORY_BUDGET, StoreRows, inputs_matrix, parse_budget, proba_views, usable
 from classify.metrics import evaluate
 from classify.runs import Run, RunError, load_run, write_json, write_text
 from extract.backbones import get_family
@@ -48,16 +48,16 @@ def check_fingerprints(run: Run, store: FeatureStore) -> None:
 
 def _meta(store: FeatureStore, run: Run) -> dict[str, np.ndarray]:
     """The run's metadata columns from the store; columns it lacks count as blank (with a warning)."""
-    samples = store.samples()
-    missing = [c for c in run.inputs.meta if c not in samples.meta]
+    have = store.meta_columns()
+    missing = [c for c in run.inputs.meta if c not in have]
     if missing:
         log.warning("%s lacks metadata %s: treated as missing for every row", store.path, ", ".join(missing))
-    return {c: np.array(samples.meta[c], dtype=object) for c in run.inputs.meta if c in samples.meta}
+    return {c: store.column(f"meta/{c}").astype(object) for c in run.inputs.meta if c in have}
 
 
-def _inputs(store: FeatureStore, run: Run) -> np.ndarray:
-    n = len(store.samples().image_id)
-    return with_meta(embeddings(store, run.inputs), run.encoder.transform(_meta(store, run), n))
+def _inputs(store: FeatureStore, run: Run, rows: np.ndarray, budget: int) -> np.ndarray | StoreRows:
+    """The run's inputs for `rows` (a mask), in memory or streamed as the budget allows."""
+    return inputs_matrix(store, run.inputs, rows, run.encoder.transform(_meta(store, run), len(store)), budget)
 
 
 def parse_label_map(text: str) -> dict[str, str]:
@@ -68,13 +68,15 @@ def parse_label_map(text: str) -> dict[str, str]:
     return {a.strip(): b.strip() for a, b in pairs}
 
 
-def evaluate_run(run_dir: str | Path, features: str | None = None, label_map: str = "") -> dict:
-    """Metrics of a run on its own test rows, or on every labelled row of another store."""
+def evaluate_run(
+    run_dir: str | Path, features: str | None = None, label_map: str = "", memory_budget: str = MEMORY_BUDGET
+) -> dict:
+    """Metrics of a run on its own test rows, or on every labelled row of another store; embeddings
+    larger than `memory_budget` are read and scored block by block."""
     run = load_run(run_dir)
     own = features is None or Path(features).resolve() == Path(run.card["store"])
     store = FeatureStore(features or run.card["store"])
     check_fingerprints(run, store)
-    samples = store.samples()
     rows = usable(store, run.inputs)
     if own:
         split = read_split(store, run.card["split"])
@@ -82,7 +84,7 @@ def evaluate_run(run_dir: str | Path, features: str | None = None, label_map: st
             raise RunError(f"{store.path}: the run's split {run.card['split']} is missing from the store")
         rows &= split == TEST
     mapping = parse_label_map(label_map)
-    labels = np.array([mapping.get(v, v) for v in samples.label], dtype=object)
+    labels = np.array([mapping.get(v, v) for v in store.column("label")], dtype=object)
     rows &= labels != ""
     unknown = sorted(set(labels[rows]) - set(run.classes))
     if unknown:
@@ -92,8 +94,8 @@ def evaluate_run(run_dir: str | Path, features: str | None = None, label_map: st
         )
     if not rows.any():
         raise RunError(f"{store.path}: no labelled rows to evaluate on")
-    proba = proba_views(run.head, _inputs(store, run)[rows])
-    groups = np.array(samples.group, dtype=object)[rows]
+    proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(memory_budget)))
+    groups = store.column("group")[rows]
     metrics = evaluate(labels[rows], proba, run.classes, groups, run.card.get("positive"), run.card["majority"])
     name = "test" if own else Path(store.path).stem
     folder = run.folder / "evaluations" / name
@@ -103,7 +105,7 @@ def evaluate_run(run_dir: str | Path, features: str | None = None, label_map: st
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled", **metrics},
     )
     write_text(
-        folder / "predictions.csv", predictions_csv(np.array(samples.image_id, dtype=object)[rows], proba, run.classes)
+        folder / "predictions.csv", predictions_csv(store.column("image_id")[rows], proba, run.classes)
     )
     return metrics
 
@@ -155,7 +157,7 @@ def predict(
         store = FeatureStore(store_path)
         check_fingerprints(run, store)
         rows = usable(store, run.inputs)
-        proba = proba_views(run.head, _inputs(store, run)[rows])
+        proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(MEMORY_BUDGET)))
         ids = [i for i, ok in zip(store.samples().image_id, rows) if ok]
         failed = store.failed()
     return Prediction(ids, proba, run.classes, failed)

@@ -66,11 +66,13 @@ def write_report(
 def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) -> str:
     finetune = config.get("kind") == "finetune"
     test = metrics["test"]
-    second, second_name = (
-        (metrics["validation"], "validation (fold 0: picks the epoch)")
-        if finetune
-        else (metrics["cv"], "cross-validation (out of fold)")
-    )
+    if finetune:
+        second, second_name = metrics["validation"], "validation (fold 0: picks the epoch)"
+    elif metrics["cv"].get("protocol") == "holdout":
+        second = metrics["cv"]
+        second_name = "validation fold 0 (holdout: the final model is the one fitted on folds 1..K-1)"
+    else:
+        second, second_name = metrics["cv"], "cross-validation (out of fold)"
     title = f"fine-tuned {config['backbone']}" if finetune else f"{config['head']} on {config['backbone']}"
     lines = [
         f"# Run report: {title}",
@@ -92,10 +94,9 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
         "Intervals: 95 % bootstrap over lesions (1000 resamples of lesion groups, not of images).",
     ]
     if not finetune:
-        lines.append(
-            f"The study's best mean fold balanced accuracy: {_fmt(second['study_best_value'])} "
-            f"({second['folds']} folds)."
-        )
+        scored = "fold 0 of" if second.get("protocol") == "holdout" else "mean over"
+        best = _fmt(second["study_best_value"])
+        lines.append(f"The study's best balanced accuracy ({scored} {second['folds']} folds): {best}.")
     lines.append("")
     if "sensitivity_at_specificity" in test:
         s = test["sensitivity_at_specificity"]

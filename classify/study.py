@@ -98,7 +98,8 @@ def open_study(name: str, storage: optuna.storages.BaseStorage | str, seed: int)
 
 
 class Objective:
-    """Mean balanced accuracy over the grouped folds of the study rows for one trial's parameters."""
+    """Mean balanced accuracy over the grouped folds of the study rows for one trial's parameters
+    (`protocol="holdout"`: fold 0's alone)."""
 
     def __init__(
         self,
@@ -109,15 +110,18 @@ class Objective:
         folds: np.ndarray,
         seed: int,
         fixed: dict | None = None,
+        protocol: str = "cv",
     ):
         self.head, self.x, self.y, self.groups, self.folds = head, x, y, groups, folds
         self.seed, self.fixed = seed, fixed or {}
+        self.scored = [0] if protocol == "holdout" else list(range(int(folds.max()) + 1))
+        """Folds scored per trial: every one (cv), or fold 0 (holdout)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", WORKER)
         params = {**self.head.search_space(trial), **self.fixed}
         scores, aucs = [], []
-        for k in range(int(self.folds.max()) + 1):
+        for k in self.scored:
             train, val = self.folds != k, self.folds == k
             head = self.head(**params, random_state=self.seed)
             fit_views(head, self.x[train], self.y[train], self.groups[train], report=_reporter(trial, k))

@@ -121,8 +121,7 @@ def ensure_split(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
         existing = read_split(store, spec.name)
         if existing is not None:
             return existing
-        samples = store.samples()
-        split = make_split(np.array(samples.label, dtype=object), np.array(samples.group, dtype=object), spec)
+        split = make_split(store.column("label"), store.column("group"), spec)
         write_split(store, spec, split)
     return split
 

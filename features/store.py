@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -32,6 +32,9 @@ SAMPLE_FIELDS = ("image_id", "path", "label", "group", "sha256")
 STR = h5py.string_dtype("utf-8")
 CHUNK_BYTES = 1 << 20
 """Target size of one HDF5 chunk of embeddings (rows are chunked together for fast row reads)."""
+DTYPES = ("float32", "float16")
+"""How embeddings may be stored; readers always hand out float32. float16 halves an archive's store
+(1,000,000 x 1,024 is 2 GB instead of 4) at a relative rounding error of 5e-4."""
 
 
 class StoreError(ValueError):
@@ -139,13 +142,66 @@ class FeatureStore:
         with self._open() as f:
             return read_samples(f)
 
+    def __len__(self) -> int:
+        """Rows of the store, without reading them."""
+        with self._open() as f:
+            return len(f["samples/image_id"]) if "samples" in f else 0
+
+    def column(self, name: str) -> np.ndarray:
+        """One column of /samples (`label`, `group`, `image_id`, ..., or `meta/NAME`) as a compact
+        array of strings: a large store's columns are read one at a time, not as a whole `Samples`."""
+        with self._open() as f:
+            if f"samples/{name}" not in f:
+                raise StoreError(f"{self.path}: no column samples/{name}")
+            values = _strings(f[f"samples/{name}"])
+        return np.array(values, dtype=str) if values else np.zeros(0, dtype=str)
+
+    def meta_columns(self) -> list[str]:
+        with self._open() as f:
+            return list(f.get("samples/meta", {}))
+
     def embeddings(self, backbone: str, views: bool = False) -> np.ndarray:
-        """(N, dim) embeddings, or (N, V, dim) test-time views with `views=True`."""
+        """(N, dim) embeddings, or (N, V, dim) test-time views with `views=True`; float32 always."""
         with self._open() as f:
             group = self._group(f, backbone)
             if views and "views" not in group:
                 raise StoreError(f"{self.path}: backbone {backbone!r} was extracted without test-time views")
-            return group["views" if views else "data"][()]
+            return group["views" if views else "data"][()].astype(np.float32, copy=False)
+
+    def dim(self, backbone: str) -> int:
+        with self._open() as f:
+            return int(self._group(f, backbone)["data"].shape[1])
+
+    def views(self, backbone: str) -> int:
+        """Test-time views stored per image (1: only the plain view)."""
+        with self._open() as f:
+            group = self._group(f, backbone)
+            return int(group["views"].shape[1]) if "views" in group else 1
+
+    def read_rows(self, backbones: Iterable[str], rows: np.ndarray, block_rows: int) -> Iterator[np.ndarray]:
+        """float32 blocks of about `block_rows` rows: the `rows` (sorted store rows) of the backbones'
+        embeddings side by side, in order. The file is read in windows of `block_rows` store rows, so
+        memory stays near two blocks however scattered the rows are."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) > 1 and np.any(np.diff(rows) <= 0):
+            raise ValueError("read_rows: rows must be sorted and unique")
+        with self._open() as f:
+            datasets = [self._group(f, b)["data"] for b in backbones]
+            pending: list[np.ndarray] = []
+            waiting = 0
+            windows = np.unique(rows // block_rows)
+            edges = np.searchsorted(rows, np.r_[windows, windows[-1] + 1] * block_rows) if len(rows) else []
+            for k, window in enumerate(windows):
+                mine = rows[edges[k] : edges[k + 1]]
+                span = slice(int(mine[0]), int(mine[-1]) + 1)
+                parts = [ds[span][mine - mine[0]].astype(np.float32, copy=False) for ds in datasets]
+                pending.append(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+                waiting += len(mine)
+                if waiting >= block_rows:
+                    yield np.concatenate(pending) if len(pending) > 1 else pending[0]
+                    pending, waiting = [], 0
+            if pending:
+                yield np.concatenate(pending) if len(pending) > 1 else pending[0]
 
     def done(self, backbone: str) -> np.ndarray:
         with self._open() as f:
@@ -276,6 +332,8 @@ class BackboneLayout:
     dim: int
     views: int
     attrs: dict
+    dtype: str = "float32"
+    """One of DTYPES."""
 
 
 def journal_folder(store: Path) -> Path:
@@ -409,16 +467,19 @@ def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout]) -> 
             ds.resize(n, axis=0)
     for name, layout in wanted.items():
         if name not in root:
+            if layout.dtype not in DTYPES:
+                raise StoreError(f"{name}: embeddings stored as {layout.dtype}? choose {', '.join(DTYPES)}")
             group = root.create_group(name)
-            rows = max(1, min(n, CHUNK_BYTES // (4 * layout.dim * layout.views)))
+            dtype = np.dtype(layout.dtype)
+            rows = max(1, min(n, CHUNK_BYTES // (dtype.itemsize * layout.dim * layout.views)))
             group.create_dataset(
-                "data", (n, layout.dim), np.float32, maxshape=(None, layout.dim), chunks=(rows, layout.dim)
+                "data", (n, layout.dim), dtype, maxshape=(None, layout.dim), chunks=(rows, layout.dim)
             )
             group.create_dataset("done", (n,), bool, maxshape=(None,), chunks=(max(1, min(n, 65536)),))
             if layout.views > 1:
                 shape = (n, layout.views, layout.dim)
                 group.create_dataset(
-                    "views", shape, np.float32, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:]
+                    "views", shape, dtype, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:]
                 )
         root[name].attrs.update(layout.attrs)
     return {name: root[name] for name in wanted}
@@ -455,14 +516,30 @@ def write_arrays(store: Path, samples: Samples, embeddings: dict[str, tuple[np.n
     """A store from arrays already in memory (synthetic stores for tests and benchmarks), written
     through the same journal and assembly as an extraction. `embeddings`: backbone -> ((N, dim) or
     (N, V, dim) array, provenance attributes, which must include a fingerprint)."""
+    attrs = {name: a for name, (_, a) in embeddings.items()}
+    write_blocks(store, samples, attrs, [(0, {name: values for name, (values, _) in embeddings.items()})])
+
+
+def write_blocks(
+    store: Path, samples: Samples, attrs: dict[str, dict], blocks: Iterable[tuple[int, dict[str, np.ndarray]]]
+) -> None:
+    """A store written block by block, so that one larger than memory can be made (bench/scale.py's
+    synthetic archive). `blocks`: (first row, backbone -> (n, dim) or (n, V, dim) array); each array's
+    dtype (float32 or float16) is how that backbone is stored. `attrs`: backbone -> provenance
+    attributes, with a fingerprint."""
     store = Path(store)
     journal = Journal(journal_folder(store))
-    journal.start({name: attrs["fingerprint"] for name, (_, attrs) in embeddings.items()}, overwrite=True)
-    chunk = Chunk(ids=list(samples.image_id), sha256=list(samples.sha256))
-    layouts = []
-    for name, (values, attrs) in embeddings.items():
-        views = values if values.ndim == 3 else values[:, None, :]
-        layouts.append(BackboneLayout(name, views.shape[2], views.shape[1], attrs))
-        chunk.embeddings[name] = (list(samples.image_id), views.mean(axis=1), views if views.shape[1] > 1 else None)
-    journal.write(chunk)
-    assemble(store, samples, layouts, journal, {}, [])
+    journal.start({name: a["fingerprint"] for name, a in attrs.items()}, overwrite=True)
+    layouts: dict[str, BackboneLayout] = {}
+    for start, arrays in blocks:
+        stop = start + len(next(iter(arrays.values())))
+        ids = samples.image_id[start:stop]
+        chunk = Chunk(ids=list(ids), sha256=list(samples.sha256[start:stop]))
+        for name, values in arrays.items():
+            views = values if values.ndim == 3 else values[:, None, :]
+            layout = BackboneLayout(name, views.shape[2], views.shape[1], attrs[name], str(values.dtype))
+            layouts.setdefault(name, layout)
+            data = values if values.ndim == 2 else values.mean(axis=1, dtype=np.float32).astype(values.dtype)
+            chunk.embeddings[name] = (list(ids), data, views if views.shape[1] > 1 else None)
+        journal.write(chunk)
+    assemble(store, samples, list(layouts.values()), journal, {}, [])
