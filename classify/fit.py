@@ -20,11 +20,11 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 import optuna
-import torch
 from filelock import FileLock
 
 from classify.heads import HEADS, get_head
@@ -157,7 +157,10 @@ def _fixed_params(head_cls, cfg: FitConfig) -> dict:
     fixed = {"device": cfg.device} if "device" in params else {}
     if cfg.n_jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // cfg.n_jobs)
-        torch.set_num_threads(threads)
+        if head_cls.name == "mlp":
+            import torch  # only here: linear and XGBoost fits run without torch (heads.py says why)
+
+            torch.set_num_threads(threads)
         if "n_jobs" in params:
             fixed["n_jobs"] = threads
     return fixed
@@ -301,7 +304,7 @@ def _final(
         "split": split_spec.name,
         "params": params,
         **resolved,
-        "torch_version": str(torch.__version__),
+        "torch_version": metadata.version("torch"),
         "optuna_version": optuna.__version__,
     }
     write_json(run / "config.json", config)

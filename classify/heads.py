@@ -11,6 +11,9 @@ Streamed inputs (`StoreRows`, a store larger than the memory budget) are learnt 
 the heads that can (XGBoost through its external-memory pages, the MLP through a block loader); the
 linear head says it cannot.
 
+torch is imported where the MLP needs it, not here: it adds about 0.5 GB of resident memory (and
+seconds of start-up) that linear and XGBoost fits do without, which matters for stores near the budget.
+
 Saved heads hold data, not programs: arrays in `.npz` (no pickle), tensors loaded with
 `weights_only`, XGBoost's own UBJSON; the run folder records each file's SHA-256 (classify/runs.py).
 """
@@ -22,11 +25,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
 import numpy as np
 import optuna
-import torch
 import xgboost as xgb
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
@@ -35,6 +37,9 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
 from sklearn.utils.class_weight import compute_sample_weight
 
 from classify.inputs import StoreRows
+
+if TYPE_CHECKING:
+    import torch
 
 Report = Callable[[int, float], None]
 """report(step, value): an intermediate, higher-is-better score during fit."""
@@ -169,13 +174,26 @@ class LinearHead(Head):
 # ----------------------------------------------------------------------------------------- mlp
 
 
-def _device(device: str) -> torch.device:
+def _device(device: str) -> "torch.device":
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float, n_out: int) -> torch.nn.Sequential:
+def _xgboost_device(device: str) -> str:
+    """XGBoost's device for `--device`: `auto` asks torch for a GPU, but only where an NVIDIA driver
+    is present, so that a CPU-only XGBoost fit never imports torch."""
+    if device != "auto":
+        return device.split(":")[0]
+    driver = Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+    return _device("auto").type if driver else "cpu"
+
+
+def _mlp(n_in: int, hidden: tuple[int, ...], dropout: float, n_out: int) -> "torch.nn.Sequential":
+    import torch
+
     layers: list[torch.nn.Module] = []
     for width in hidden:
         layers += [torch.nn.Linear(n_in, width), torch.nn.GELU(), torch.nn.Dropout(dropout)]
@@ -229,6 +247,8 @@ class MLPHead(Head):
         }
 
     def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "MLPHead":
+        import torch
+
         codes = self._encode(y)
         train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
         weights = self._weights(codes, sample_weight)
@@ -275,11 +295,15 @@ class MLPHead(Head):
         return self
 
     def _proba(self, X) -> np.ndarray:
+        import torch
+
         x = torch.from_numpy((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_)
         with torch.inference_mode():
             return torch.softmax(self.model_(x), dim=1).numpy().astype(np.float64)
 
     def save(self, folder: Path) -> list[str]:
+        import torch
+
         state = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
         state["mean"], state["scale"] = torch.from_numpy(self.mean_), torch.from_numpy(self.scale_)
         torch.save(state, folder / "head.pt")
@@ -287,6 +311,8 @@ class MLPHead(Head):
 
     @classmethod
     def load(cls, folder: Path, params: dict, classes: list[str]) -> "MLPHead":
+        import torch
+
         head = cls(**{**params, "hidden": tuple(params.get("hidden", (512,)))})
         state = torch.load(folder / "head.pt", map_location="cpu", weights_only=True)
         head.mean_, head.scale_ = state.pop("mean").numpy(), state.pop("scale").numpy()
@@ -301,18 +327,24 @@ class _InMemory:
     """The MLP's rows as tensors on the device: shuffled mini-batches, predictions in one go."""
 
     def __init__(self, x: np.ndarray, codes: np.ndarray, weights: np.ndarray, batch_size: int, device):
+        import torch
+
         self.xs = torch.from_numpy(x).to(device)
         self.ys = torch.from_numpy(codes).long().to(device)
         self.ws = torch.from_numpy(weights).float().to(device)
         self.batch_size, self.device = batch_size, device
 
-    def batches(self, rows: np.ndarray, generator: torch.Generator) -> Iterator[tuple]:
+    def batches(self, rows: np.ndarray, generator: "torch.Generator") -> Iterator[tuple]:
+        import torch
+
         order = torch.from_numpy(rows)[torch.randperm(len(rows), generator=generator)].to(self.device)
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
             yield self.xs[batch], self.ys[batch], self.ws[batch]
 
     def predicted(self, model, rows: np.ndarray) -> np.ndarray:
+        import torch
+
         return model(self.xs[torch.from_numpy(rows).to(self.device)]).argmax(1).cpu().numpy()
 
 
@@ -323,10 +355,14 @@ class _Streamed:
     def __init__(self, x: StoreRows, codes: np.ndarray, weights: np.ndarray, head: "MLPHead", device):
         self.x, self.codes, self.weights, self.head, self.device = x, codes, weights, head, device
 
-    def _tensor(self, block: np.ndarray) -> torch.Tensor:
+    def _tensor(self, block: np.ndarray) -> "torch.Tensor":
+        import torch
+
         return torch.from_numpy((block - self.head.mean_) / self.head.scale_).to(self.device)
 
-    def batches(self, rows: np.ndarray, generator: torch.Generator) -> Iterator[tuple]:
+    def batches(self, rows: np.ndarray, generator: "torch.Generator") -> Iterator[tuple]:
+        import torch
+
         size = self.head.batch_size
         chunks = [rows[k : k + self.x.block_rows] for k in range(0, len(rows), self.x.block_rows)]
         for c in torch.randperm(len(chunks), generator=generator).tolist():
@@ -401,7 +437,7 @@ class XGBoostHead(Head):
 
     def _params(self) -> dict:
         binary = len(self.classes_) == 2
-        device = _device(self.device).type
+        device = _xgboost_device(self.device)
         return {
             "objective": "binary:logistic" if binary else "multi:softprob",
             "eval_metric": "logloss" if binary else "mlogloss",

@@ -19,9 +19,6 @@ from classify.fit import predictions_csv
 from classify.inputs import MEMORY_BUDGET, StoreRows, inputs_matrix, parse_budget, proba_views, usable
 from classify.metrics import evaluate
 from classify.runs import Run, RunError, load_run, write_json, write_text
-from extract.backbones import get_family
-from extract.manifest import read_paths
-from extract.run import ExtractConfig, extract
 from features.splits import TEST, read_split
 from features.store import FeatureStore, StoreError
 
@@ -122,6 +119,8 @@ def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
     """How to ask `extract` for the weights the run's store was made with. A weights file that has
     moved with its run folder (a fine-tuned backbone.pt) is found there; the fingerprint check after
     extraction proves it is the same file."""
+    from extract.backbones import get_family  # torch: only `predict` embeds images (heads.py says why)
+
     if recorded["weights"] == "none":
         return "none"
     if recorded["weights"] == get_family(backbone).default_weights:
@@ -136,6 +135,9 @@ def predict(
     run_dir: str | Path, paths: list[str], batch_size: int = 0, workers: int = -1, device: str = "auto"
 ) -> Prediction:
     """Class probabilities of new images, embedded exactly as the run's training store was."""
+    from extract.manifest import read_paths
+    from extract.run import ExtractConfig, extract
+
     run = load_run(run_dir)
     manifest = read_paths(paths)
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:

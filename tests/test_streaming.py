@@ -165,3 +165,18 @@ def test_bench_writes_a_synthetic_store_in_the_real_format(tmp_path):
     x = store.embeddings("synthetic")
     gap = x[labels == "mel"].mean(axis=0) - x[labels == "nv"].mean(axis=0)
     assert np.linalg.norm(gap) > 1.5  # class structure (2.5 by construction) above the noise of the means
+
+
+def test_fit_and_evaluate_of_xgboost_run_without_torch(tmp_path, store):
+    """torch adds ~0.5 GB resident: a store near the budget must be fittable without it."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import cli
+assert cli.main(["fit", "--features", {str(store)!r}, "--head", "xgboost", "--trials", "1",
+                 "--memory-budget", {TINY_BUDGET!r}, "--out", {str(tmp_path / "run")!r}]) == 0
+assert cli.main(["evaluate", "--run", {str(tmp_path / "run")!r}, "--memory-budget", {TINY_BUDGET!r}]) == 0
+assert "torch" not in sys.modules, "torch was imported"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
