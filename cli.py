@@ -345,6 +345,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS])
     parser.add_argument("--positive", default=t.positive)
     parser.add_argument("--tta", default=t.tta, choices=list(VIEWS), help="test-time views of the final embeddings")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="keep the chosen epoch's model instead of training again on all study rows")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
 
 

@@ -14,9 +14,13 @@ starts from embeddings computed with those statistics, and batch statistics of 3
 embedding at the first step (seen here: the training loss of a tuned linear head went from 0.4 to 1.2
 in the first epoch with `--bn train` and a head rate of 1e-3).
 
-Faults: a checkpoint after every epoch (written to a temporary file, then renamed); `--resume` goes on
-from it, and because every epoch's randomness is seeded from (seed, epoch), a resumed run equals an
-uninterrupted one up to the nondeterminism of the kernels.
+Two stages: training on folds 1..K-1 with fold 0 validated after every epoch picks the number of
+epochs; then (`--refit`, the default) the same training runs again from the start on every study row
+for that many epochs and is the final model, as `fit` refits its best head on all study rows.
+
+Faults: a checkpoint after every epoch of either stage (written to a temporary file, then renamed);
+`--resume` goes on from it, and because every epoch's randomness is seeded from (seed, epoch), a
+resumed run equals an uninterrupted one up to the nondeterminism of the kernels.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from features.store import FeatureStore
 log = logging.getLogger("classify")
 
 CHECKPOINT = "checkpoint.pt"
+REFIT_CHECKPOINT = "refit-checkpoint.pt"
 BEST = "best.pt"
 BACKBONE_FILE = "backbone.pt"
 STORE = "embeddings.h5"
@@ -114,6 +119,10 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     tta: str = "none"
     """Test-time views of the final embeddings (the run's store, and `predict`): none, flip or d8."""
+    refit: bool = True
+    """Once validation has picked the number of epochs, train again from the start on every study row
+    (validation fold included) for that many epochs: the final model, as `fit` refits its best head
+    on all study rows. Its validation figures are the chosen epoch's, made before the refit."""
     resume: bool = False
 
 
@@ -322,27 +331,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     device = torch.device(resolve_device(cfg.device))
     precision = resolve_precision(cfg.precision, device.type)
     workers = cfg.workers if cfg.workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
-    backbone = load_backbone(cfg.backbone, weights)
+    codes = np.array([classes.index(c) if c in classes else -1 for c in labels])
+    start_head = _refit_without_validation(init, manifest, train_rows) if init else None
+    t = _training(cfg, weights, start_head, manifest, train_rows, codes, len(classes), device)
+    backbone, model, ema, scored = t.backbone, t.model, t.ema, t.scored
     if init:
         _check_same_extraction(backbone, init)
-    frozen, trainable = trainable_blocks(backbone, cfg.unfreeze)
-    for module in trainable:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    stats = None if init else _embedding_stats(backbone, [manifest.file(r) for r in train_rows], device, cfg)
-    start_head = _refit_without_validation(init, manifest, train_rows) if init else None
-    model = Model(backbone.module, head_module(start_head, len(classes), stats))
-    model.to(device, memory_format=torch.channels_last)
-    codes = np.array([classes.index(c) if c in classes else -1 for c in labels])
-    counts = np.bincount(codes[train_rows], minlength=len(classes))
-    class_weight = torch.tensor(
-        len(train_rows) / (len(classes) * np.maximum(counts, 1)), dtype=torch.float32, device=device
-    )
-    optimizer = _optimizer(model, trainable, cfg)
-    ema = _ema(model, cfg.ema)
-    scored = ema.module if ema is not None else model  # what is validated, kept and saved
-    steps_per_epoch = math.ceil(len(train_rows) / cfg.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, steps_per_epoch))
     autocast = (
         torch.autocast(device.type, dtype=PRECISIONS[precision]) if precision != "fp32" else contextlib.nullcontext()
     )
@@ -359,42 +353,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if state["options"] != options:
             changed = sorted(k for k in options if state["options"].get(k) != options[k])
             raise FinetuneError(f"--resume: the checkpoint was made with other options ({', '.join(changed)})")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        t.load(state)
         history, best, waited = state["history"], state["best"], state["waited"]
         failed.update(state["failed"])
         start_epoch = state["epoch"] + 1
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
     else:
-        score, auc = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        score, auc, _ = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes,
+                                  cfg.batch_size)  # fmt: skip
         history.append({"epoch": 0, "loss": None, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": None})
         best = {"epoch": 0, "score": score}
         _save(scored.state_dict(), run_dir / BEST)
         log.info("epoch 0 (as initialised): validation balanced accuracy %.4f, AUC %.4f", score, auc)
 
-    files = [manifest.file(r) for r in train_rows]
     for epoch in range(start_epoch, cfg.epochs + 1):
         if waited >= cfg.patience:
             break
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
-        loader = DataLoader(
-            _Images(files, train_transform(backbone.preprocess)),
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            num_workers=workers,
-            collate_fn=_collate,
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
-            pin_memory=device.type == "cuda",
-            drop_last=False,
-        )
-        loss, speed = _train_epoch(
-            model, frozen, cfg, ema, loader, train_rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
-            backbone.preprocess, device, failed, manifest, epoch,
-        )  # fmt: skip
-        score, auc = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
+        loss, speed = _epoch(t, cfg, epoch, manifest, codes, workers, device, autocast, scaler, failed)
+        score, auc, _ = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes,
+                                  cfg.batch_size)  # fmt: skip
         history.append(
             {"epoch": epoch, "loss": loss, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": speed}
         )
@@ -408,17 +385,118 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "AUC %.4f",
             epoch, cfg.epochs, loss, speed, score, best["score"], best["epoch"], auc,
         )  # fmt: skip
-        _save(
-            {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "history": history, "best": best, "waited": waited,
-             "failed": failed, "options": options, **({"ema": ema.state_dict()} if ema is not None else {})},
-            checkpoint_path,
-        )  # fmt: skip
+        _save({"epoch": epoch, **t.state(), "history": history, "best": best, "waited": waited, "failed": failed,
+               "options": options}, checkpoint_path)  # fmt: skip
 
     model.load_state_dict(torch.load(run_dir / BEST, map_location=device, weights_only=True))
+    refit = None
+    if cfg.refit and best["epoch"] > 0:
+        _, _, val_proba = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes,
+                                    cfg.batch_size)  # fmt: skip
+        kept = np.array([r for r in val_rows if manifest.image_id[r] not in failed], dtype=np.int64)
+        validation = (kept, val_proba)
+        del t, model, ema, scored  # the first stage's weights: the refit starts afresh
+        model, refit = _refit(cfg, weights, init, manifest, np.flatnonzero(split >= 0), codes, len(classes),
+                              best["epoch"], options, device, autocast, scaler, workers, failed, run_dir)  # fmt: skip
+        refit["validation"] = validation
     metrics = _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision,
-                      history, best, failed, started)  # fmt: skip
+                      history, best, failed, started, refit)  # fmt: skip
     return metrics
+
+
+@dataclass
+class _Training:
+    """One stage's model and optimisation state: what an epoch updates and a checkpoint holds."""
+
+    backbone: Backbone
+    model: Model
+    frozen: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: torch.optim.swa_utils.AveragedModel | None
+    class_weight: torch.Tensor
+    rows: np.ndarray
+
+    @property
+    def scored(self) -> nn.Module:
+        """What is validated, kept and saved: the moving average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self) -> dict:
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}  # fmt: skip
+        return {**state, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
+
+    def load(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _training(cfg: FinetuneConfig, weights: str, head: Head | None, manifest: Manifest, rows: np.ndarray,
+              codes: np.ndarray, n_classes: int, device: torch.device) -> _Training:  # fmt: skip
+    """A stage's fresh start: the backbone with its top blocks unfrozen, the head (`head`, or a fresh one
+    standardised on the rows' embeddings), class weights of `rows`, AdamW, the schedule, the average."""
+    backbone = load_backbone(cfg.backbone, weights)
+    frozen, trainable = trainable_blocks(backbone, cfg.unfreeze)
+    for module in trainable:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    stats = None if head else _embedding_stats(backbone, [manifest.file(r) for r in rows], device, cfg)
+    model = Model(backbone.module, head_module(head, n_classes, stats))
+    model.to(device, memory_format=torch.channels_last)
+    counts = np.bincount(codes[rows], minlength=n_classes)
+    class_weight = torch.tensor(len(rows) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    optimizer = _optimizer(model, trainable, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, math.ceil(len(rows) / cfg.batch_size)))
+    return _Training(backbone, model, frozen, optimizer, scheduler, _ema(model, cfg.ema), class_weight, rows)
+
+
+def _epoch(t: _Training, cfg: FinetuneConfig, epoch: int, manifest: Manifest, codes: np.ndarray, workers: int,
+           device: torch.device, autocast, scaler, failed: dict[str, str]) -> tuple[float, float]:  # fmt: skip
+    """One epoch of a stage, its randomness seeded from (seed, epoch); returns the loss and images/s."""
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
+    loader = DataLoader(
+        _Images([manifest.file(r) for r in t.rows], train_transform(t.backbone.preprocess)),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        collate_fn=_collate,
+        generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch),
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+    )
+    return _train_epoch(
+        t.model, t.frozen, cfg, t.ema, loader, t.rows, codes, t.class_weight, t.optimizer, t.scheduler, autocast,
+        scaler, t.backbone.preprocess, device, failed, manifest, epoch,
+    )  # fmt: skip
+
+
+def _refit(cfg: FinetuneConfig, weights: str, init: Run | None, manifest: Manifest, rows: np.ndarray,
+           codes: np.ndarray, n_classes: int, epochs: int, options: dict, device: torch.device, autocast, scaler,
+           workers: int, failed: dict[str, str], run_dir: Path) -> tuple[nn.Module, dict]:  # fmt: skip
+    """The second stage: the first stage's training from the start on `rows` (every study row) for the
+    `epochs` that validation chose, from --init's head as `fit` made it (on all study rows), or a fresh
+    one. Resumable from its own checkpoint. Returns the model to keep (the average when there is one)
+    and what to record of the stage."""
+    t = _training(cfg, weights, init.head if init else None, manifest, rows, codes, n_classes, device)
+    path, losses, start = run_dir / REFIT_CHECKPOINT, [], 1
+    if path.exists():  # only ever written by this run's own first stage ending (options were checked)
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["options"] == options:
+            t.load(state)
+            losses, start = state["losses"], state["epoch"] + 1
+            failed.update(state["failed"])
+            log.info("resuming the refit after epoch %d", state["epoch"])
+    log.info("refit on all %d study rows for the %d epochs validation chose", len(rows), epochs)
+    for epoch in range(start, epochs + 1):
+        loss, speed = _epoch(t, cfg, epoch, manifest, codes, workers, device, autocast, scaler, failed)
+        losses.append(loss)
+        log.info("refit epoch %d/%d: loss %.4f, %.1f images/s", epoch, epochs, loss, speed)
+        _save({"epoch": epoch, **t.state(), "losses": losses, "failed": failed, "options": options}, path)
+    return t.scored, {"epochs": epochs, "rows": len(rows), "losses": losses}
 
 
 def _init_checks(cfg: FinetuneConfig, init: Run | None) -> str:
@@ -592,8 +670,8 @@ def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, opt
     return total / max(seen, 1), seen / max(time.monotonic() - started, 1e-9)
 
 
-def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size) -> tuple[float, float]:
-    """Balanced accuracy and AUC of the validation part (eval mode, centre crops)."""
+def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size) -> tuple[float, float, np.ndarray]:
+    """Balanced accuracy, AUC and class probabilities of the validation part (eval mode, centre crops)."""
     model.eval()
     probs = []
     with torch.inference_mode(), autocast:
@@ -605,16 +683,18 @@ def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size
     proba = np.concatenate(probs)
     predicted = proba.argmax(axis=1)
     score = float(np.mean([np.mean(predicted[codes == k] == k) for k in np.unique(codes)]))
-    return score, macro_auc(np.array(classes, dtype=object)[codes], proba, classes)
+    return score, macro_auc(np.array(classes, dtype=object)[codes], proba, classes), proba
 
 
 # ----------------------------------------------------------------------------------------- results
 
 
 def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision, history, best,
-            failed, started) -> dict:  # fmt: skip
+            failed, started, refit: dict | None = None) -> dict:  # fmt: skip
     """Save the fine-tuned backbone and head, embed the data set with them (the run's store), score the
-    validation and test rows from that store, and write the run folder as `fit` does."""
+    test rows from that store, and the validation rows too unless the model was refitted on them (then
+    the chosen epoch's validation predictions, made before the refit, are reported), and write the run
+    folder as `fit` does."""
     model.cpu().eval()
     _save(model.backbone.state_dict(), run_dir / BACKBONE_FILE)
     head = head_file(model.head, classes, init.head if init else None)
@@ -639,7 +719,12 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
     majority = max(classes, key=lambda c: (np.sum(labels[split >= 0] == c), c))
     metrics, proba_of = {}, {}
     for part, rows in (("test", (split == TEST) & done), ("validation", (split == VALIDATION_FOLD) & done)):
-        proba = proba_views(head, x[rows])
+        if part == "validation" and refit is not None:
+            kept, proba = refit.pop("validation")
+            row_of = {image_id: row for row, image_id in enumerate(ids)}
+            rows = np.array([row_of[manifest.image_id[r]] for r in kept], dtype=np.int64)
+        else:
+            proba = proba_views(head, x[rows])
         proba_of[part] = (ids[rows], labels[rows], proba)
         metrics[part] = evaluate(labels[rows], proba, classes, groups[rows], positive, majority, cfg.seed)
     attrs = store.backbone_attrs(backbone.name)
@@ -672,6 +757,7 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
         "split": split_spec.name,
         "precision": precision,
         "best_epoch": best["epoch"],
+        "refit": refit,
         "params": {
             k: cfg.__dict__[k] for k in ("unfreeze", "lr", "backbone_lr", "weight_decay", "epochs", "batch_size")
         },

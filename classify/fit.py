@@ -4,8 +4,8 @@ rows, and write a run folder with its report.
 The protocol (../shared/DESIGN.md): a lesion-grouped, stratified split is made once and stored in the
 feature store; the study only sees the study rows, scored by grouped K-fold cross-validation; the best
 parameters are refitted on all study rows and scored once on the test rows. For stores larger than the
-memory budget (streamed from disk) the `holdout` protocol scores fold 0 only and keeps the model fitted
-on the other folds (docs/evaluation.md says why).
+memory budget (streamed from disk) the `holdout` protocol scores fold 0 only and keeps the best trial's
+own model, fitted on the other folds (docs/evaluation.md says why).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from classify.inputs import (
 from classify.metrics import default_positive, evaluate
 from classify.report import write_report
 from classify.runs import jsonable, save_run, write_json, write_text
-from classify.study import Objective, fail_stale, history, open_study, progress, storage_for
+from classify.study import Objective, fail_stale, history, kept_trial, open_study, progress, storage_for
 from features.splits import TEST, UNUSED, SplitSpec, ensure_split, split_counts
 from features.store import FeatureStore, StoreError
 
@@ -229,6 +229,7 @@ def fit(cfg: FitConfig) -> dict:
         cfg.seed,
         fixed,
         protocol,
+        keep=run / "trials",
     )
     if cfg.trials > 0:
         study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
@@ -260,9 +261,13 @@ def _final(
     x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
     if resolved["protocol"] == "holdout":
         scored = folds == 0
-        head = head_cls(**params, random_state=cfg.seed)
-        fit_views(head, x[~scored], y[~scored], g[~scored])
-        cv_proba = _aligned(proba_views(head, x[scored]), head.classes_, classes)
+        kept = kept_trial(study.best_trial, head_cls, params, cfg.seed)  # the same fit, already made
+        if kept is None:
+            head = head_cls(**params, random_state=cfg.seed)
+            fit_views(head, x[~scored], y[~scored], g[~scored])
+            kept = head, proba_views(head, x[scored])
+        head = kept[0]
+        cv_proba = _aligned(kept[1], head.classes_, classes)
     else:
         scored = np.ones(len(y), dtype=bool)
         cv_proba = np.zeros((len(y), len(classes)))

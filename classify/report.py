@@ -66,7 +66,10 @@ def write_report(
 def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) -> str:
     finetune = config.get("kind") == "finetune"
     test = metrics["test"]
-    if finetune:
+    if finetune and config.get("refit"):
+        second = metrics["validation"]
+        second_name = "validation (fold 0: the chosen epoch, before the refit on all study rows)"
+    elif finetune:
         second, second_name = metrics["validation"], "validation (fold 0: picks the epoch)"
     elif metrics["cv"].get("protocol") == "holdout":
         second = metrics["cv"]

@@ -31,6 +31,7 @@ from classify.metrics import macro_auc
 log = logging.getLogger("classify")
 
 STEPS_PER_FOLD = 1000
+KEPT = "fold0.npz"
 JOURNAL = "study.journal"
 """Default storage: an Optuna journal file in the run folder (file-locked: several local processes)."""
 
@@ -111,9 +112,13 @@ class Objective:
         seed: int,
         fixed: dict | None = None,
         protocol: str = "cv",
+        keep: Path | None = None,
     ):
         self.head, self.x, self.y, self.groups, self.folds = head, x, y, groups, folds
         self.seed, self.fixed = seed, fixed or {}
+        self.keep = keep if protocol == "holdout" else None
+        """Holdout: each trial's model and fold-0 predictions are kept here (`kept_trial`), since the
+        final fit of the best parameters would train exactly that model again."""
         self.scored = [0] if protocol == "holdout" else list(range(int(folds.max()) + 1))
         """Folds scored per trial: every one (cv), or fold 0 (holdout)."""
 
@@ -129,10 +134,27 @@ class Objective:
             predicted = head.classes_[proba.argmax(axis=1)]
             scores.append(float(balanced_accuracy_score(self.y[val], predicted)))
             aucs.append(macro_auc(self.y[val], proba, list(head.classes_)))
+            if self.keep is not None:
+                folder = self.keep / f"trial-{trial.number}"
+                folder.mkdir(parents=True, exist_ok=True)
+                head.save(folder)
+                np.savez(folder / KEPT, proba=proba, classes=np.asarray(head.classes_, dtype=str))
+                trial.set_user_attr("kept", str(folder.resolve()))
             _report(trial, float(np.mean(scores)), k * STEPS_PER_FOLD + STEPS_PER_FOLD - 1)
         trial.set_user_attr("fold_balanced_accuracy", scores)
         trial.set_user_attr("cv_auc", float(np.nanmean(aucs)))
         return float(np.mean(scores))
+
+
+def kept_trial(trial: optuna.trial.FrozenTrial, head: type[Head], params: dict, seed: int):
+    """The holdout trial's own model and its fold-0 probabilities (columns in its classes' order), or
+    None where they are not on this machine (a worker elsewhere ran it: then the caller refits)."""
+    folder = Path(trial.user_attrs.get("kept") or "/nonexistent")
+    if not (folder / KEPT).is_file():
+        return None
+    with np.load(folder / KEPT, allow_pickle=False) as z:
+        proba, classes = z["proba"], [str(c) for c in z["classes"]]
+    return head.load(folder, {**params, "random_state": seed}, classes), proba
 
 
 def _report(trial: optuna.Trial, value: float, step: int) -> None:

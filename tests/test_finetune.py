@@ -71,9 +71,18 @@ def test_only_the_unfrozen_blocks_change(tmp_path, cli, frozen, bn):
     code, _, err = _finetune(cli, frozen, out, "--unfreeze", "1", "--lr", "1e-2", "--backbone-lr", "1e-2", "--bn", bn)
     assert code == 0, err
     before = load_backbone(TINY, "none").module
-    after = load_backbone(TINY, "none").module  # then the last epoch's weights (the best may be epoch 0)
-    state = torch.load(out / ft.CHECKPOINT, weights_only=True)["model"]
-    after.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
+    state = torch.load(out / ft.CHECKPOINT, weights_only=True)["model"]  # the first stage's last epoch
+    _same_blocks_but_the_last(before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")},
+                              bn)  # fmt: skip
+    if (out / ft.REFIT_CHECKPOINT).exists():  # and the refit's, if validation chose an epoch after 0
+        state = torch.load(out / ft.REFIT_CHECKPOINT, weights_only=True)["model"]
+        _same_blocks_but_the_last(before, {k[len("backbone.") :]: v for k, v in state.items()
+                                           if k.startswith("backbone.")}, bn)  # fmt: skip
+
+
+def _same_blocks_but_the_last(before, state: dict, bn: str) -> None:
+    after = load_backbone(TINY, "none").module
+    after.load_state_dict(state)
     blocks_before, blocks_after = get_family(TINY).blocks(before), get_family(TINY).blocks(after)
     last = len(blocks_before) - 1
     for k, (b, a) in enumerate(zip(blocks_before, blocks_after)):
@@ -251,3 +260,52 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
     for h, r in zip(history, reference):
         assert h["val_auc"] == pytest.approx(r["val_auc"], abs=1e-6)
         assert (h["loss"] is None and r["loss"] is None) or h["loss"] == pytest.approx(r["loss"], rel=1e-5)
+
+
+def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, monkeypatch):
+    """Validation picks the epochs; the final model is the same training run again on all study rows."""
+    base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=2, patience=10,
+                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4)  # fmt: skip
+    validate, calls = ft._validate, []
+
+    def rising(*args):  # every epoch scores better than the last, so validation chooses epoch 2
+        score, auc, proba = validate(*args)
+        calls.append(score)
+        return float(len(calls)), auc, proba
+
+    monkeypatch.setattr(ft, "_validate", rising)
+    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
+    whole = tmp_path / "whole"
+    config = json.loads((whole / "config.json").read_text())
+    import h5py
+
+    with h5py.File(frozen["store"]) as f:
+        folds = f[f"splits/{config['split']}"][()]
+    assert config["best_epoch"] == 2
+    assert config["refit"] == {"epochs": 2, "rows": int(np.sum(folds >= 0)), "losses": config["refit"]["losses"]}
+    assert torch.load(whole / ft.REFIT_CHECKPOINT, weights_only=True)["epoch"] == 2
+    chosen = torch.load(whole / ft.BEST, weights_only=True)
+    final = torch.load(whole / ft.BACKBONE_FILE, weights_only=True)
+    assert any(not torch.allclose(chosen[f"backbone.{k}"], v) for k, v in final.items() if v.is_floating_point())
+    metrics = json.loads((whole / "metrics.json").read_text())
+    assert metrics["validation"]["n"] == int(np.sum(folds == 0))  # the chosen epoch's, before the refit
+    assert "before the refit" in (whole / "report.md").read_text()
+
+    train_epoch = ft._train_epoch
+
+    def interrupted(*args, **kwargs):
+        if len(args[5]) == int(np.sum(folds >= 0)) and args[-1] == 2:  # the refit's second epoch
+            raise KeyboardInterrupt
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), **base))
+    assert torch.load(tmp_path / "cut" / ft.REFIT_CHECKPOINT, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(ft, "_train_epoch", train_epoch)
+    calls.clear()
+    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    resumed = torch.load(tmp_path / "cut" / ft.BACKBONE_FILE, weights_only=True)
+    for k, v in final.items():
+        assert torch.allclose(resumed[k].float(), v.float(), atol=1e-5), k

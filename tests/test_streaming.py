@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, synthetic_store
 
 from classify.fit import FitConfig, FitError, fit
-from classify.heads import MLPHead, XGBoostHead
+from classify.heads import HEADS, MLPHead, XGBoostHead
 from classify.inputs import InputSpec, StoreRows, inputs_matrix, machine_memory, parse_budget
 from classify.metrics import macro_auc
 from classify.predict import evaluate_run
@@ -98,8 +98,11 @@ def test_streamed_fit_never_loads_the_whole_matrix(tmp_path, store, head, monkey
         raise AssertionError("a streamed fit read every embedding at once")
 
     monkeypatch.setattr(FeatureStore, "embeddings", refuse)
+    fits, original = [], HEADS[head].fit
+    monkeypatch.setattr(HEADS[head], "fit", lambda self, *a, **k: fits.append(1) or original(self, *a, **k))
     run = tmp_path / head
     metrics = fit(FitConfig(features=str(store), head=head, out=str(run), trials=2, memory_budget=TINY_BUDGET))
+    assert len(fits) == 2  # one per trial: the final model is the best trial's own, not fitted again
     config = json.loads((run / "config.json").read_text())
     assert config["streamed"] is True and config["protocol"] == "holdout"
     assert metrics["test"]["auc"] > 0.9  # separable classes: a head that learnt nothing scores ~0.5
