@@ -90,8 +90,8 @@ class FitConfig:
     """Embeddings that need more (with working copies) are streamed from the store in blocks:
     `1GB`, `800MB`, or `50%` of this machine's memory."""
     protocol: str = "auto"
-    """How trials are scored: `cv` (grouped K-fold), `holdout` (fold 0 only; the final model is the one
-    fitted on the other folds); `auto`: holdout when the embeddings are streamed, else cv."""
+    """How trials are scored: `cv` (grouped K-fold), `holdout` (fold 0 only; the final model is the best
+    trial's, fitted on the other folds); `auto`: holdout when the embeddings are streamed, else cv."""
 
 
 @dataclass
@@ -255,8 +255,9 @@ def _final(
     cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved
 ) -> dict:
     """Out-of-fold predictions of the best parameters, the refit on all study rows, the test score,
-    and every file of the run folder. With the holdout protocol: the fit on folds 1..K-1, its
-    predictions of fold 0, and that same model on the test rows."""
+    and every file of the run folder. With the holdout protocol: the best trial's own model (fitted on
+    folds 1..K-1; fitted again only where it is not on this machine), its predictions of fold 0, and
+    that same model on the test rows."""
     majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
     x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
     if resolved["protocol"] == "holdout":

@@ -487,7 +487,7 @@ class XGBoostHead(Head):
     def _pages(self, X: StoreRows, codes, weights, train, val, folder: str):
         """External-memory matrices: XGBoost quantises each block into a page file under `folder` and
         reads the pages back in every boosting round. The bin edges come from quantiles of a sample of
-        the training rows (XGBoost's own sketch over 1,024 columns needs ~0.8 GB whatever the rows)."""
+        the training rows: XGBoost's own sketch of 1,024 columns took 0.55-0.75 GB (docs/evaluation.md)."""
         sample = X[train].sample(self.QUANTILE_BLOCKS * X.block_rows, self.random_state)
         edges = np.quantile(sample, np.linspace(0, 1, self.max_bin + 1), axis=0).astype(np.float32)
         del sample
