@@ -493,12 +493,13 @@ class XGBoostHead(Head):
         del sample
         ref = xgb.QuantileDMatrix(edges, np.zeros(len(edges)), max_bin=self.max_bin)
         threads = self.n_jobs or os.cpu_count() or 1
-        for name, rows in (("train", train), ("val", val)):
-            pages = _Pages(X[rows], codes[rows], weights[rows], os.path.join(folder, name))
-            ref = xgb.ExtMemQuantileDMatrix(pages, ref=ref, max_bin=self.max_bin, nthread=threads)
-            if name == "train":
-                dtrain = ref  # the validation pages take the training matrix's bins
-        return dtrain, ref
+
+        def pages(rows: np.ndarray, name: str, reference) -> xgb.ExtMemQuantileDMatrix:
+            source = _Pages(X[rows], codes[rows], weights[rows], os.path.join(folder, name))
+            return xgb.ExtMemQuantileDMatrix(source, ref=reference, max_bin=self.max_bin, nthread=threads)
+
+        dtrain = pages(train, "train", ref)
+        return dtrain, pages(val, "val", dtrain)  # the validation pages take the training matrix's bins
 
     def _proba(self, X) -> np.ndarray:
         p = self.booster_.predict(
