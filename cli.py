@@ -215,7 +215,7 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         default=d.compile,
         choices=["auto", "on", "off"],
-        help=f"torch.compile the backbones (auto: from {COMPILE_FROM} images; eager if it fails)",
+        help=f"torch.compile the backbones (auto: on CPUs from {COMPILE_FROM} images; eager if it fails)",
     )
     parser.add_argument(
         "--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)"

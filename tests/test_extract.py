@@ -387,3 +387,51 @@ def test_compile_pads_every_batch_to_one_shape_and_falls_back_to_eager(tmp_path,
     assert "torch.compile failed" in caplog.text
     np.testing.assert_allclose(FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
                                FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+
+
+def test_device_defaults_follow_what_bounds_each_device(monkeypatch):
+    """A GPU machine decodes with all cores but one and does not compile under `auto`; a CPU shares
+    its cores with the model (4 decoders at most) and compiles from COMPILE_FROM images."""
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    assert run.default_workers("cuda") == 15 and run.default_workers("cuda:1") == 15
+    assert run.default_workers("cpu") == 4
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    assert run.default_workers("cpu") == 1 and run.default_workers("cuda") == 1
+    big = run.COMPILE_FROM
+    assert run.compiles("auto", "cpu", big) and not run.compiles("auto", "cpu", big - 1)
+    assert not run.compiles("auto", "cuda", 10 * big) and run.compiles("on", "cuda", 1)
+    assert not run.compiles("off", "cpu", 10 * big)
+
+
+def test_cuda_settings_make_fp32_exact_and_are_restored():
+    """On a GPU, fp32 turns TF32 off (and cuDNN's autotuner on) only inside the extraction; the
+    switches are process-wide, so they must come back as they were. They are plain flags: this runs
+    without a GPU."""
+    import torch
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        with run._cuda_settings(torch.device("cuda"), "fp32"):
+            assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
+        assert cudnn.allow_tf32 and matmul.allow_tf32 and cudnn.benchmark == before[0]
+        with run._cuda_settings(torch.device("cuda"), "bf16"):
+            assert cudnn.benchmark and cudnn.allow_tf32
+        with run._cuda_settings(torch.device("cpu"), "fp32"):
+            assert cudnn.allow_tf32 and cudnn.benchmark == before[0]
+    finally:
+        cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_steady_rate_ignores_the_prefetched_start():
+    """Workers prefetch batches while the model starts: those arrive at once and must not count.
+    Steady state is the second half of the images."""
+    rate = run._Throughput()
+    times = [0.0, 0.01, 0.02, 0.03, 1.0, 2.0, 3.0, 4.0]  # 4 prefetched batches, then 1 s each
+    rate.marks = [(t, 64 * (i + 1)) for i, t in enumerate(times)]
+    assert rate.steady() == pytest.approx(4 * 64 / (4.0 - 0.03))
+    rate.marks = rate.marks[:1]
+    assert rate.steady() == 0.0
+    rate.add(64)
+    assert rate.marks[-1][1] == 128 and rate.steady() > 0

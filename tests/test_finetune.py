@@ -139,9 +139,12 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     assert code == 0, err
     got = {r["image"]: r for r in csv.DictReader(open(tmp_path / "p.csv"))}
     assert all(abs(float(got[i]["mel"]) - float(expected[i]["mel"])) < 1e-5 for i in expected)
-    # extract --weights RUN/backbone.pt re-embeds with the fine-tuned backbone
+    # extract --weights RUN/backbone.pt re-embeds with the fine-tuned backbone (the run's store holds the
+    # mean of the d8 views, finetune's default)
+    assert FeatureStore(out / "embeddings.h5").views(TINY) == 8
     code, _, err = cli("extract", "--data", frozen["manifest"], "--backbone", TINY, "--weights", out / "backbone.pt",
-                       "--out", tmp_path / "again.h5", "--precision", "fp32", "--workers", "0")  # fmt: skip
+                       "--out", tmp_path / "again.h5", "--precision", "fp32", "--workers", "0",
+                       "--tta", "d8")  # fmt: skip
     assert code == 0, err
     np.testing.assert_allclose(FeatureStore(tmp_path / "again.h5").embeddings(TINY),
                                FeatureStore(out / "embeddings.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
