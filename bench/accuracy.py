@@ -33,12 +33,14 @@ from features.store import FeatureStore  # noqa: E402
 from extract.run import ExtractConfig, extract  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+IN_MEMORY = 1 << 40
+"""load_data's memory budget: this set's embeddings always fit."""
 
 
 def untuned(path: Path, c: float) -> tuple[float, dict]:
     """Logistic regression with a fixed C on the same split: grouped-CV and test figures."""
     store = FeatureStore(path)
-    data = load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()))
+    data = load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()), IN_MEMORY)
     classes = sorted(set(data.y))
     x, y, folds = data.x[data.study], data.y[data.study], data.folds[data.study]
     cv = np.zeros((len(y), len(classes)))

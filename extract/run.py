@@ -354,6 +354,7 @@ def _embed(
         num_workers=cfg.workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
+        worker_init_fn=_yield_to_the_model if device.type == "cpu" else None,
     )
     autocast = (
         torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
@@ -403,6 +404,15 @@ def _embed(
         progress.close()
     journal.write(pending.chunk())
     summary.steady_images_per_s = rate.steady()
+
+
+def _yield_to_the_model(worker_id: int) -> None:
+    """On a CPU the model is the bottleneck and runs one thread per core: a decoding worker at normal
+    priority preempts one of those threads and the others wait for it at their next barrier. At the
+    lowest priority it decodes in the cycles the model leaves (and whenever the model waits for it).
+    Measured with compiled resnet50 on 2 cores: 130 against 119-128 images/s."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
 
 
 def compiles(setting: str, device: str, images: int) -> bool:
