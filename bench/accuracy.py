@@ -32,9 +32,8 @@ from features.splits import SplitSpec, ensure_split  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from extract.run import ExtractConfig, extract  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
-IN_MEMORY = 1 << 40
-"""load_data's memory budget: this set's embeddings always fit."""
+sys.path.append(str(ROOT / "bench"))
+from common import DATA, IN_MEMORY  # noqa: E402
 
 
 def untuned(path: Path, c: float) -> tuple[float, dict]:

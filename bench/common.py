@@ -7,6 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
+IN_MEMORY = 1 << 40
+"""A memory budget for `classify.fit.load_data` under which this set's embeddings always stay in memory."""
 
 
 def first_images(n: int, folder: Path) -> Path:

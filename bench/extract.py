@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/extract.py must not shadow the package
-from common import DATA, first_images  # noqa: E402
+from common import DATA, IN_MEMORY, first_images  # noqa: E402
 BACKBONES = "resnet50,vgg11,densenet121,inception_v3,efficientnet_lite0"
 
 
@@ -194,7 +194,7 @@ def study_and_test(store_path: Path):
     from features.store import FeatureStore
 
     store = FeatureStore(store_path)
-    return load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()), 1 << 40)
+    return load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()), IN_MEMORY)
 
 
 def fixed_params_test(data, head: str, params: dict) -> dict:

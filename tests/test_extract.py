@@ -435,3 +435,13 @@ def test_steady_rate_ignores_the_prefetched_start():
     assert rate.steady() == 0.0
     rate.add(64)
     assert rate.marks[-1][1] == 128 and rate.steady() > 0
+
+
+def test_cpu_decoding_workers_yield_to_the_model(tmp_path):
+    """On a CPU the loader's workers start at the lowest priority (they preempted the model's threads);
+    run in a child process, since niceness cannot be lowered again."""
+    code = ("import os, extract.run as r; before = os.nice(0); r._yield_to_the_model(0); "
+            "print(before, os.nice(0))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    before, after = map(int, done.stdout.split())
+    assert after == 19 or (before >= 19 and after == before)
