@@ -256,10 +256,10 @@ def gflop_per_image(name: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------- tables
-def _fmt(result: dict | None, key: str = "images_per_s", digits: int = 0) -> str:
+def _fmt(result: dict | None, key: str = "images_per_s") -> str:
     if not isinstance(result, dict) or key not in result:
         return "error" if isinstance(result, dict) and "error" in result else "-"
-    return f"{result[key]:.{digits}f}"
+    return f"{result[key]:.0f}"
 
 
 def _pair(result: dict | None) -> str:

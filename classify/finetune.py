@@ -121,7 +121,7 @@ class FinetuneConfig:
     """Test-time views of the final embeddings (the run's store, and `predict`): none, flip or d8. d8
     (the mean embedding of the 8 flips and rotations, which training showed the network as
     augmentations) by default: on Lite0 / HAM10000 it raised the chosen epoch's validation AUC from
-    0.9015 to 0.9056, for 8x the cost of the final embedding only (about 2 of 23 minutes)."""
+    0.9015 to 0.9056, for 8x the cost of the final embedding only (2.5 of 26 minutes)."""
     refit: bool = True
     """Once validation has picked the number of epochs, train again from the start on every study row
     (validation fold included) for that many epochs: the final model, as `fit` refits its best head

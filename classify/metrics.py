@@ -40,11 +40,6 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[truth].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _balanced_accuracy(y: np.ndarray, predicted: np.ndarray) -> float:
-    """Mean recall over the classes present in `y` (balanced_accuracy_score, without its checks)."""
-    return float(np.mean([np.mean(predicted[y == c] == c) for c in np.unique(y)]))
-
-
 def sensitivity_at_specificity(truth: np.ndarray, score: np.ndarray, specificity: float) -> float:
     """The best sensitivity among thresholds whose specificity is at least `specificity`."""
     if truth.all() or not truth.any():

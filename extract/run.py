@@ -77,7 +77,7 @@ class ExtractConfig:
     compile: str = "auto"
     """torch.compile each backbone: `on`, `off`, or `auto` = on for a CPU when at least COMPILE_FROM
     images are to be embedded (resnet50 then runs 2.5x faster on this project's CPU), off on a GPU (where
-    decoding, not the model, bounds extraction: compiling cost resnet50 13 s on an H100 and gained
+    decoding, not the model, bounds extraction: compiling cost resnet50 about 14 s on an H100 and gained
     nothing). Falls back to eager, with a warning, where compiling fails."""
     strict: bool = False
     overwrite: bool = False
