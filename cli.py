@@ -195,6 +195,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     from extract.preprocess import VIEWS
     from extract.run import COMPILE_FROM, PRECISIONS, ExtractConfig
+    from extract.runtimes import RUNTIMES
 
     d = ExtractConfig()
     parser.add_argument(
@@ -211,11 +212,14 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
     parser.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
+    parser.add_argument("--runtime", default=d.runtime, choices=["auto", *RUNTIMES],
+                        help="auto: OpenVINO on CPUs where it is installed, else torch")  # fmt: skip
     parser.add_argument(
         "--compile",
         default=d.compile,
         choices=["auto", "on", "off"],
-        help=f"torch.compile the backbones (auto: on CPUs from {COMPILE_FROM} images; eager if it fails)",
+        help="torch runtime: compile the backbones ahead of time, cached for later runs (auto: on CPUs when "
+        f"cached or from {COMPILE_FROM} images; eager if it fails)",
     )
     parser.add_argument(
         "--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)"

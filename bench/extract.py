@@ -4,14 +4,19 @@ For each backbone, on the same images, in fresh processes (so each peak memory i
 
 - the naive loop: PIL decode and torchvision transforms per image in the main process, fp32, NCHW,
   batch 32, `torch.no_grad`, no workers;
-- `cli.py extract` as a user runs it (every option at its default: --precision auto, channels-last,
+- `cli.py extract` as a user runs it (every option at its default: --runtime auto, --precision auto,
   decoding workers, the per-device batch size), timed from the call to the finished store, and in
-  steady state (after the first batch).
+  steady state (the second half of the images): its first run on this machine, which converts or
+  compiles the model and caches it, and a later run, which reads it from the cache;
+- the torch runtime (`--runtime torch`): eager (the default for a first run of under 2000 images) and
+  compiled ahead of time, from the cache (`--compile on` fills it first).
 
-The ceiling is a 4096^3 matrix product in fp32 and bf16 (`torch.matmul`, best of 5), and a backbone's
-cost per image is counted by `torch.utils.flop_counter` (2 FLOPs per multiply-add). The second table
-(`--heads`) fits the linear, mlp and xgboost heads on fp32 and bf16 embeddings of
-ham10000_mel_nv_150 (EfficientNet-Lite0, real weights) and compares their test scores.
+The cache is a folder of the benchmark's own, emptied at the start. The ceiling is a 4096^3 matrix
+product in bf16 (`torch.matmul`, best of 5), measured again before each backbone's row, since on this
+shared machine it moves by 10-30 % from minute to minute; a backbone's cost per image is counted by
+`torch.utils.flop_counter` (2 FLOPs per multiply-add). The second table (`--heads`) fits the linear,
+mlp and xgboost heads on fp32, bf16 and OpenVINO bf16 embeddings of ham10000_mel_nv_150
+(EfficientNet-Lite0, real weights) and compares their test scores.
 
     python bench/extract.py [--backbones resnet50,vgg11,...] [--images 960] [--heads] [--trials 10]
 
@@ -25,6 +30,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,19 +104,21 @@ def naive(name: str, csv_path: Path) -> dict:
     return {"images_per_s": len(files) / (end - started), "steady_images_per_s": (len(files) - 32) / (end - first)}
 
 
-def tool(name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto") -> dict:
-    """`cli.py extract` with its defaults (or the given precision and --compile), timed from the call
-    to the finished store."""
+def tool(name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto",
+         runtime: str = "auto") -> dict:  # fmt: skip
+    """`cli.py extract` with its defaults (or the given options), timed from the call to the finished
+    store."""
     from extract.run import ExtractConfig, extract
 
     started = time.monotonic()
     summary = extract(ExtractConfig(data=str(csv_path), images=str(DATA), backbone=name, out=str(out),
                                     weights="none" if name != "efficientnet_lite0" else "default",
-                                    precision=precision, compile=compile))  # fmt: skip
+                                    precision=precision, compile=compile, runtime=runtime))  # fmt: skip
     seconds = time.monotonic() - started
     n = summary.embedded[name]
+    config = json.loads(_attrs(out))
     return {"images_per_s": n / seconds, "steady_images_per_s": summary.steady_images_per_s,
-            "precision": json.loads(_attrs(out))["precision"]}  # fmt: skip
+            "precision": config["precision"], "runtime": config["runtime"]}  # fmt: skip
 
 
 def _attrs(store: Path) -> str:
@@ -126,17 +134,28 @@ def one(args: argparse.Namespace) -> None:
     if args.mode == "naive":
         result = naive(name, csv_path)
     else:
-        result = tool(name, csv_path, Path(args.store), compile="on" if args.mode == "compiled" else "auto")
+        result = tool(name, csv_path, Path(args.store), **MODES[args.mode])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["peak_rss_children_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
+
+
+MODES = {
+    "first": {},  # the defaults, cache empty
+    "later": {},  # the defaults again, cache filled by "first"
+    "eager": {"runtime": "torch"},  # < 2000 images and nothing cached: eager
+    "fill": {"runtime": "torch", "compile": "on"},
+    "compiled": {"runtime": "torch"},  # after "fill": the cached package, loaded by `auto`
+}
+"""Runs of `cli.py extract` per backbone, in this order: the options each passes."""
 
 
 def measure(name: str, mode: str, csv_path: Path, work: Path) -> dict:
     store = work / f"{name}-{mode}.h5"
     store.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--one", name, "--mode", mode, "--csv", str(csv_path), "--store", str(store)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    env = {**os.environ, "SKINLESION_CACHE": str(work / "cache")}
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -144,8 +163,9 @@ SEEDS = 5
 
 
 def heads_table(work: Path, trials: int) -> None:
-    """Test scores of each head on fp32 and on bf16 embeddings of the same images and split: tuned by
-    its own study on each store, and with the same parameters (the fp32 study's best) on both, which
+    """Test scores of each head on fp32 and on bf16 embeddings (torch's, and OpenVINO's) of the same
+    images and split: tuned by its own study on each store, and with the same parameters (the fp32
+    study's best) on all, which
     separates the embeddings' precision from the noise of tuning; those are the mean over SEEDS seeds of
     the head's own randomness (XGBoost's column and row sampling, the MLP's initialisation and batches),
     which a single seed turns into differences of a point or more."""
@@ -156,34 +176,46 @@ def heads_table(work: Path, trials: int) -> None:
     from classify.fit import FitConfig, fit
 
     logging.disable(logging.INFO)
-    print("\n| head | fp32 embeddings: test BA / AUC | bf16: test BA / AUC | AUC difference |"
-          f" same parameters, mean of {SEEDS} seeds, fp32: BA / AUC (sd) | same, bf16 | AUC difference |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     stores = {}
-    for precision in ("fp32", "bf16"):
-        stores[precision] = work / f"ham-lite0-{precision}.h5"
-        if not stores[precision].exists():
-            tool("efficientnet_lite0", DATA / "labels.csv", stores[precision], precision)
+    for label, options in EMBEDDINGS.items():
+        stores[label] = work / f"ham-lite0-{label.replace(' ', '-')}.h5"
+        if not stores[label].exists():
+            tool("efficientnet_lite0", DATA / "labels.csv", stores[label], **options)
+    others = [label for label in EMBEDDINGS if label != "fp32"]
+    print("\n| head | " + " | ".join(f"{label}: test BA / AUC" for label in EMBEDDINGS)
+          + "".join(f" | AUC, {label} - fp32" for label in others)
+          + f" | same parameters, mean of {SEEDS} seeds: "
+          + " | ".join(f"{label}: BA / AUC (sd)" for label in EMBEDDINGS)
+          + "".join(f" | AUC, {label} - fp32" for label in others) + " |")  # fmt: skip
+    print("|" + " --- |" * (1 + 2 * (len(EMBEDDINGS) + len(others))))
     for head in ("linear", "mlp", "xgboost"):
         tuned, same = {}, {}
-        for precision, store in stores.items():
-            run = work / f"run-{head}-{precision}"
+        for label, store in stores.items():
+            run = work / f"run-{head}-{label.replace(' ', '-')}"
             metrics = run / "metrics.json"
             if not metrics.is_file():  # a rerun reuses the studies
                 fit(FitConfig(features=str(store), head=head, out=str(run), trials=trials))
-            tuned[precision] = json.loads(metrics.read_text())["test"]
+            tuned[label] = json.loads(metrics.read_text())["test"]
         params = json.loads((work / f"run-{head}-fp32" / "config.json").read_text())["params"]
-        for precision, store in stores.items():
+        for label, store in stores.items():
             data = study_and_test(store)
             runs = [fixed_params_test(data, head, {**params, "random_state": seed}) for seed in range(SEEDS)]
-            same[precision] = {k: float(np.mean([r[k] for r in runs])) for k in ("balanced_accuracy", "auc")}
-            same[precision]["sd"] = float(np.std([r["auc"] for r in runs]))
-        f, b = tuned["fp32"], tuned["bf16"]
-        cells = [f"{s['balanced_accuracy']:.3f} / {s['auc']:.3f}" for s in (f, b)] + [f"{b['auc'] - f['auc']:+.3f}"]
-        f, b = same["fp32"], same["bf16"]
-        cells += [f"{s['balanced_accuracy']:.3f} / {s['auc']:.3f} ({s['sd']:.3f})" for s in (f, b)]
-        cells.append(f"{b['auc'] - f['auc']:+.3f}")
+            same[label] = {k: float(np.mean([r[k] for r in runs])) for k in ("balanced_accuracy", "auc")}
+            same[label]["sd"] = float(np.std([r["auc"] for r in runs]))
+        cells = [f"{tuned[k]['balanced_accuracy']:.3f} / {tuned[k]['auc']:.3f}" for k in EMBEDDINGS]
+        cells += [f"{tuned[k]['auc'] - tuned['fp32']['auc']:+.3f}" for k in others]
+        cells += [f"{same[k]['balanced_accuracy']:.3f} / {same[k]['auc']:.3f} ({same[k]['sd']:.3f})"
+                  for k in EMBEDDINGS]  # fmt: skip
+        cells += [f"{same[k]['auc'] - same['fp32']['auc']:+.3f}" for k in others]
         print(f"| {head} | {' | '.join(cells)} |", flush=True)
+
+
+EMBEDDINGS = {
+    "fp32": {"precision": "fp32", "runtime": "torch"},
+    "bf16": {"precision": "bf16", "runtime": "torch"},
+    "openvino bf16": {"precision": "bf16", "runtime": "openvino"},
+}
+"""The stores the heads table compares, by label: the options `cli.py extract` makes each with."""
 
 
 def study_and_test(store_path: Path):
@@ -227,29 +259,37 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-extract-"))
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "cache", ignore_errors=True)
     ceiling = matmul_ceiling()
     print(f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
           f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
-    print("\n| backbone | GFLOP/image | naive loop, images/s | `cli.py extract` (defaults), images/s (steady) |"
-          " speed-up | precision | share of the ceiling (steady) | `--compile on`, images/s (steady) |"
-          " share of the ceiling (steady) | peak memory naive / defaults / compiled |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| backbone | GFLOP/image | bf16 ceiling, GFLOP/s | naive loop, images/s | `cli.py extract` defaults,"
+          " first run: images/s (steady) | later runs | speed-up (later / naive) | share of the ceiling, later"
+          " runs (steady) | `--runtime torch`: eager | torch compiled (cached) | its share (steady) |"
+          " peak memory: naive / defaults / torch compiled |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     csv_path = first_images(args.images, work)
     for name in filter(None, args.backbones.split(",")):  # --backbones '' runs only the heads table
         gflop = gflop_per_image(name)
+        limit = matmul_ceiling()["bf16"]
         slow = measure(name, "naive", csv_path, work)
-        fast = measure(name, "tool", csv_path, work)
-        compiled = measure(name, "compiled", csv_path, work)
-        limit = ceiling[fast["precision"]] if fast["precision"] in ceiling else ceiling["fp32"]
-        cells = []
-        for m in (fast, compiled):
-            share, steady = (m[k] * gflop / limit for k in ("images_per_s", "steady_images_per_s"))
-            cells.append((f"{m['images_per_s']:.1f} ({m['steady_images_per_s']:.1f})", f"{share:.0%} ({steady:.0%})",
-                          f"{max(m['peak_rss_mb'], m['peak_rss_children_mb']):.0f}"))  # fmt: skip
-        (speed, share, peak), (c_speed, c_share, c_peak) = cells
-        print(f"| {name} | {gflop:.2f} | {slow['images_per_s']:.1f} | {speed} | "
-              f"{fast['images_per_s'] / slow['images_per_s']:.1f}x | {fast['precision']} | {share} | {c_speed} | "
-              f"{c_share} | {slow['peak_rss_mb']:.0f} / {peak} / {c_peak} MB |", flush=True)  # fmt: skip
+        m = {mode: measure(name, mode, csv_path, work) for mode in MODES}
+
+        def speed(r: dict) -> str:
+            return f"{r['images_per_s']:.1f} ({r['steady_images_per_s']:.1f})"
+
+        def share(r: dict) -> str:
+            return f"{r['images_per_s'] * gflop / limit:.0%} ({r['steady_images_per_s'] * gflop / limit:.0%})"
+
+        def peak(r: dict) -> str:
+            return f"{max(r['peak_rss_mb'], r['peak_rss_children_mb']):.0f}"
+
+        later = m["later"]
+        print(f"| {name} | {gflop:.2f} | {limit:.0f} | {slow['images_per_s']:.1f} | {speed(m['first'])} | "
+              f"{speed(later)} ({later['runtime']}, {later['precision']}) | "
+              f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['eager'])} | "
+              f"{speed(m['compiled'])} | {share(m['compiled'])} | "
+              f"{slow['peak_rss_mb']:.0f} / {peak(later)} / {peak(m['compiled'])} MB |", flush=True)  # fmt: skip
     if args.heads:
         heads_table(work, args.trials)
 

@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from extract.backbones import load_backbone  # noqa: E402
 from extract.images import load_image  # noqa: E402
-from extract.run import ExtractConfig, _collate, _cuda_settings, _Forward, _Images, extract  # noqa: E402
+from extract.runtimes import PixelModel  # noqa: E402
+from extract.run import ExtractConfig, _collate, _cuda_settings, _Images, extract  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 BACKBONES = "resnet50,efficientnet_lite0,densenet121,inception_v3,vgg11"
@@ -187,10 +188,9 @@ def model_only(name: str, device: str, precision: str, batch: int, iters: int) -
     backbone.module.to(device, memory_format=torch.channels_last).eval()
     size = backbone.preprocess.crop
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    forward = _Forward(backbone, False, batch)
-    autocast = torch.autocast(device, dtype=DTYPES[precision], enabled=precision != "fp32")
+    forward = PixelModel(backbone, precision)
     times = []
-    with torch.inference_mode(), autocast, _cuda_settings(torch.device(device), precision):
+    with torch.inference_mode(), _cuda_settings(torch.device(device), precision):
         for i in range(iters + 3):
             sync(device)
             started = time.perf_counter()

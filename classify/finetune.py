@@ -739,7 +739,8 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
         "meta_encoder": {},
         "extraction": {
             backbone.name: {
-                k: attrs.get(k) for k in ("weights", "weights_sha256", "precision", "views", "fingerprint", "identity")
+                k: attrs.get(k)
+                for k in ("weights", "weights_sha256", "precision", "views", "runtime", "fingerprint", "identity")
             }
         },
         "positive": positive,

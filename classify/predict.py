@@ -150,6 +150,7 @@ def predict(
                     out=str(store_path),
                     precision=recorded["precision"],
                     tta=recorded["views"],
+                    runtime=recorded.get("runtime", "torch"),
                     batch_size=batch_size,
                     workers=workers,
                     device=device,

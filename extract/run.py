@@ -29,6 +29,15 @@ from extract.backbones import Backbone, load_backbone
 from extract.images import ImageError, file_sha256, load_image
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import VIEWS, Preprocess, apply_views
+from extract.runtimes import (  # noqa: F401  (PRECISIONS, COMPILE_FROM, compiles: used through this module)
+    COMPILE_FROM,
+    PRECISIONS,
+    RUNTIMES,
+    Forward,
+    RuntimeUnavailable,
+    compiles,
+    resolve_runtime,
+)
 from features.store import (
     BackboneLayout,
     Chunk,
@@ -49,13 +58,6 @@ class ConfigError(ValueError):
     """An option value that cannot work; raised before any image is read."""
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPILE_FROM = 2000
-"""`--compile auto` compiles when this many images or more are to be embedded: about where the time
-compiling takes the first time on a machine (8 s for vgg11 to 45 s for densenet121 on this project's
-2-core CPU) is won back (bench/extract.py)."""
-
-
 @dataclass
 class ExtractConfig:
     """Every option of `cli.py extract` and its default: the one place these defaults live."""
@@ -74,11 +76,15 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     tta: str = "none"
+    runtime: str = "auto"
+    """`torch`, `openvino` (CPU only, the `openvino` extra) or `auto` = OpenVINO where it is installed and
+    the device is a CPU, torch elsewhere (extract/runtimes.py)."""
     compile: str = "auto"
-    """torch.compile each backbone: `on`, `off`, or `auto` = on for a CPU when at least COMPILE_FROM
-    images are to be embedded (resnet50 then runs 2.5x faster on this project's CPU), off on a GPU (where
-    decoding, not the model, bounds extraction: compiling cost resnet50 about 14 s on an H100 and gained
-    nothing). Falls back to eager, with a warning, where compiling fails."""
+    """For the torch runtime, compile each backbone ahead of time and cache it (extract/compiled.py):
+    `on`, `off`, or `auto` = on for a CPU when the package is cached or at least COMPILE_FROM images are
+    to be embedded, off on a GPU (where decoding, not the model, bounds extraction: torch.compile cost
+    resnet50 about 14 s on an H100 and gained nothing). Falls back to eager, with a warning, where
+    compiling fails."""
     strict: bool = False
     overwrite: bool = False
     flush_rows: int = 512
@@ -89,10 +95,16 @@ class ExtractConfig:
     def resolved(self) -> "ExtractConfig":
         """A copy with every `auto` choice made for this machine (what the store records)."""
         device = resolve_device(self.device)
+        precision = resolve_precision(self.precision, device)
+        try:
+            runtime = resolve_runtime(self.runtime, device, precision)
+        except RuntimeUnavailable as exc:
+            raise ConfigError(str(exc)) from None
         return dataclasses.replace(
             self,
             device=device,
-            precision=resolve_precision(self.precision, device),
+            precision=precision,
+            runtime=runtime,
             batch_size=self.batch_size or (64 if device.startswith("cuda") else 16),
             workers=self.workers if self.workers >= 0 else default_workers(device),
         )
@@ -175,7 +187,7 @@ def _collate(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dic
 
 
 def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
-    identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": "torch"}
+    identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": cfg.runtime}
     return {
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
@@ -188,6 +200,7 @@ def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
         "interpolation": backbone.preprocess.interpolation,
         "precision": cfg.precision,
         "views": cfg.tta,
+        "runtime": cfg.runtime,
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
         "fingerprint": fingerprint(identity),
@@ -347,7 +360,8 @@ def _embed(
     for backbone in backbones:
         backbone.module.to(device, memory_format=torch.channels_last)
     rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
-    forwards = {b.name: _Forward(b, compiles(cfg.compile, device.type, len(rows)), rows_per_batch) for b in backbones}
+    runtime = RUNTIMES[cfg.runtime].forward
+    forwards = {b.name: runtime(b, cfg.precision, cfg.compile, len(rows), rows_per_batch, device) for b in backbones}
     loader = DataLoader(
         _Images(files, preprocesses),
         batch_size=cfg.batch_size,
@@ -355,11 +369,6 @@ def _embed(
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
         worker_init_fn=_yield_to_the_model if device.type == "cpu" else None,
-    )
-    autocast = (
-        torch.autocast(device.type, dtype=PRECISIONS[cfg.precision])
-        if cfg.precision != "fp32"
-        else contextlib.nullcontext()
     )
     pending = _Pending()
     n_failed = 0
@@ -374,7 +383,7 @@ def _embed(
         mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s
     )
     try:
-        with torch.inference_mode(), autocast, _cuda_settings(device, cfg.precision):
+        with torch.inference_mode(), _cuda_settings(device, cfg.precision):
             for positions, shas, tensors, failures in loader:
                 batch_rows = rows[positions]
                 pending.ids += [samples.image_id[r] for r in batch_rows]
@@ -413,11 +422,6 @@ def _yield_to_the_model(worker_id: int) -> None:
     Measured with compiled resnet50 on 2 cores: 130 against 119-128 images/s."""
     with contextlib.suppress(OSError):
         os.nice(19)
-
-
-def compiles(setting: str, device: str, images: int) -> bool:
-    """Whether --compile SETTING compiles the backbones for this many images on this device."""
-    return setting == "on" or (setting == "auto" and device == "cpu" and images >= COMPILE_FROM)
 
 
 @contextlib.contextmanager
@@ -460,41 +464,7 @@ class _Throughput:
         return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
-class _Forward:
-    """A backbone's forward pass from uint8 pixels (normalisation included), eager or torch.compile'd.
-
-    Compiled, the normalisation is fused into the graph, every batch is padded to the full size
-    (batch size x views; a short last batch would otherwise compile a second graph), and a failure to
-    compile warns and falls back to eager.
-    """
-
-    def __init__(self, backbone: Backbone, compile: bool, rows: int):
-        self.backbone, self.name, self.batch_size = backbone, backbone.name, rows
-        self.compiled = torch.compile(self.eager, dynamic=False) if compile else None
-
-    def eager(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
-        return self.backbone.module(x)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.compiled is None:
-            return self.eager(x)
-        n = len(x)
-        if n < self.batch_size:
-            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
-        try:
-            # freezing (read when the first call compiles): the weights become constants that inductor
-            # pre-packs for oneDNN, 2-3x faster on CPUs than without (`options=` did not apply it)
-            with torch._inductor.config.patch(freezing=True):
-                return self.compiled(x)[:n]
-        except Exception as exc:  # inductor needs a C++ compiler and supported ops; eager always works
-            log.warning("--compile: torch.compile failed for %s (%s: %s); running it uncompiled",
-                        self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
-            self.compiled = None
-            return self.eager(x[:n])
-
-
-def _forward(backbone: Backbone, forward: _Forward, batch: torch.Tensor, tta: str, device: torch.device
+def _forward(backbone: Backbone, forward: Forward, batch: torch.Tensor, tta: str, device: torch.device
              ) -> np.ndarray:  # fmt: skip
     """(B, 3, H, W) uint8 to (B, V, dim) float32 embeddings of every test-time view."""
     x = apply_views(batch.to(device, non_blocking=True), tta)  # views commute with the normalisation

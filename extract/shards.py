@@ -46,8 +46,9 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 
 def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
     """Manifest rows some backbone still lacks in the output store (or whose file changed): the
-    single-process extraction's own plan, read-only, so every rank computes the same."""
-    _, layouts = load_backbones(cfg)
+    single-process extraction's own plan, read-only, so every rank computes the same. (With `auto`
+    choices made, as that extraction makes them: unresolved, they changed the fingerprint.)"""
+    _, layouts = load_backbones(cfg.resolved())
     out = Path(cfg.out)
     _refuse_other_settings(out, layouts, cfg.overwrite)
     samples, todo = _plan(out, manifest, layouts, Journal(journal_folder(out)))
@@ -79,7 +80,7 @@ def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Sum
                 cfg = dataclasses.replace(cfg, workers=min(4, cores - 1))
         manifest = manifest or read_manifest(cfg.data, cfg.images)
         out = Path(cfg.out)
-        shard = np.array_split(rows_to_do(cfg, manifest), world)[rank]
+        shard = np.array_split(rows_to_do(dataclasses.replace(cfg, device=device), manifest), world)[rank]
         path = shard_path(out, rank, world)
         if len(shard):
             path.parent.mkdir(parents=True, exist_ok=True)

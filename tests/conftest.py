@@ -17,6 +17,20 @@ TINY = "torchvision:regnet_x_400mf"
 embeddings still vary between images (random-init MobileNets give ~1e-9 everywhere)."""
 
 
+@pytest.fixture(autouse=True)
+def session_cache(tmp_path_factory, monkeypatch) -> None:
+    """Compiled backbones go to a folder of the test session's (shared by its tests, so that each
+    model is converted once), never the user's cache."""
+    monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path_factory.getbasetemp() / "skinlesion-cache"))
+
+
+@pytest.fixture
+def compiled_cache(tmp_path, monkeypatch) -> Path:
+    """A cache of this test's own, for tests that count what is in it."""
+    monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "compiled"
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

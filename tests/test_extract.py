@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -14,12 +15,15 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT, TINY
 from imagefiles import lesion, mixed_folder, save
 
 import extract.run as run
-from extract.run import ExtractConfig, extract
-from features.store import FORMAT, FeatureStore, Journal, journal_folder
+from extract import compiled
+from extract.backbones import load_backbone
+from extract.run import ConfigError, ExtractConfig, extract
+from features.store import FORMAT, FeatureStore, Journal, StoreError, journal_folder
 
 FP32 = ("--precision", "fp32", "--workers", "0")
 DIM = 400  # TINY's embedding size
@@ -358,40 +362,139 @@ def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
     assert FeatureStore(out).done(TINY).all()
 
 
-def test_compile_pads_every_batch_to_one_shape_and_falls_back_to_eager(tmp_path, monkeypatch, caplog):
-    """--compile: one graph for all batches (the short last one padded), same embeddings, and a
-    compiler that fails warns and leaves the eager module doing the work."""
+def test_compile_caches_one_package_that_later_runs_load(tmp_path, monkeypatch, caplog, compiled_cache):
+    """--compile on: one real ahead-of-time compilation (about 20 s), every batch padded to its one
+    shape, the same embeddings as eager; the package is cached, so a later `auto` run of a few images
+    loads it instead of compiling (exporting is made to fail to prove it) and gets the same rows."""
     manifest = _csv_set(tmp_path, 7)
-    eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4)
+    eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4, runtime="torch")
     assert eager.steady_images_per_s > 0
-    shapes = []
+    shapes, load_or_compile = [], compiled.load_or_compile
 
-    def fake_compile(module, **kwargs):
-        return lambda x: shapes.append(tuple(x.shape)) or module(x)
+    def recording(*args):
+        runner = load_or_compile(*args)
+        return lambda x: shapes.append(tuple(x.shape)) or runner(x)
 
-    monkeypatch.setattr(run.torch, "compile", fake_compile)
-    _extract(manifest, tmp_path / "compiled.h5", batch_size=4, compile="on")
-    assert set(shapes) == {(4, 3, 224, 224)} and len(shapes) == 2
-    np.testing.assert_allclose(FeatureStore(tmp_path / "compiled.h5").embeddings(TINY),
-                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+    monkeypatch.setattr(compiled, "load_or_compile", recording)
+    _extract(manifest, tmp_path / "compiled.h5", batch_size=4, compile="on", runtime="torch")
+    assert shapes == [(4, 3, 224, 224)] * 2
+    packages = list(compiled_cache.glob("*.pt2"))
+    assert len(packages) == 1 and packages[0].name.startswith("torchvision_regnet_x_400mf-fp32-")
+    embeddings = {name: FeatureStore(tmp_path / f"{name}.h5").embeddings(TINY) for name in ("eager", "compiled")}
+    np.testing.assert_allclose(embeddings["compiled"], embeddings["eager"], rtol=1e-4, atol=1e-5)
 
-    def broken_compile(module, **kwargs):
-        def fail(x):
-            raise RuntimeError("inductor: no compiler")
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the package is cached")
 
-        return fail
-
-    monkeypatch.setattr(run.torch, "compile", broken_compile)
+    monkeypatch.setattr(compiled.torch.export, "export", no_export)
     with caplog.at_level("WARNING", logger="extract"):
-        _extract(manifest, tmp_path / "fallback.h5", batch_size=4, compile="on")
-    assert "torch.compile failed" in caplog.text
+        _extract(manifest, tmp_path / "cached.h5", batch_size=4, runtime="torch")  # --compile auto, 7 images
+    assert "uncompiled" not in caplog.text and "cannot load" not in caplog.text and len(shapes) == 4
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "cached.h5").embeddings(TINY), embeddings["compiled"])
+    # another batch size is another package: not cached, and 7 images are too few for `auto` to compile
+    _extract(manifest, tmp_path / "other.h5", batch_size=3, runtime="torch")
+    assert len(shapes) == 4 and len(list(compiled_cache.glob("*.pt2"))) == 1
+
+
+def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(tmp_path, monkeypatch, caplog,
+                                                                             compiled_cache):  # fmt: skip
+    """A package that does not load is deleted and compiled again; a compiler that fails warns and
+    leaves the eager module doing the work, with the same embeddings."""
+    manifest = _csv_set(tmp_path, 5)
+    eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4, runtime="torch")
+    assert eager.embedded == {TINY: 5}
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(compiled.torch._inductor, "aoti_compile_and_package", no_compiler)
+    compiled_cache.mkdir(parents=True, exist_ok=True)
+    backbone = load_backbone(TINY, "none")
+    bad = compiled.package_path(TINY, backbone.identity(), "fp32", (4, 3, 224, 224), torch.device("cpu"))
+    bad.write_bytes(b"not a package")
+    with caplog.at_level("WARNING", logger="extract"):
+        _extract(manifest, tmp_path / "fallback.h5", batch_size=4, runtime="torch")  # cached, so it tries to load
+    assert "cannot load this compiled package" in caplog.text and "no C++ compiler" in caplog.text
+    assert "running it uncompiled" in caplog.text and not bad.exists()
     np.testing.assert_allclose(FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
-                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_cache_keeps_the_most_recently_used_packages_within_its_limit(tmp_path):
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        (tmp_path / f"{name}.pt2").write_bytes(b"x" * 100)
+        os.utime(tmp_path / f"{name}.pt2", (1e9 - age, 1e9 - age))
+    (tmp_path / "new.pt2").write_bytes(b"x" * 100)
+    (tmp_path / "other.123.partial.pt2").write_bytes(b"x" * 1000)  # another process's unfinished package
+    removed = compiled.evict(tmp_path, keep=tmp_path / "new.pt2", limit=250)
+    assert [p.name for p in removed] == ["oldest.pt2", "middle.pt2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt2", "newest.pt2", "other.123.partial.pt2"]
+
+
+def test_package_names_change_with_everything_compiled_into_them():
+    identity = load_backbone(TINY, "none").identity()
+    cpu = torch.device("cpu")
+    base = compiled.package_path(TINY, identity, "bf16", (16, 3, 224, 224), cpu)
+    assert base == compiled.package_path(TINY, dict(identity), "bf16", (16, 3, 224, 224), cpu)
+    others = [
+        compiled.package_path(TINY, {**identity, "weights_sha256": "0" * 64}, "bf16", (16, 3, 224, 224), cpu),
+        compiled.package_path(TINY, identity, "fp32", (16, 3, 224, 224), cpu),
+        compiled.package_path(TINY, identity, "bf16", (32, 3, 224, 224), cpu),
+        compiled.package_path(TINY, identity, "bf16", (16, 3, 224, 224), torch.device("meta")),
+    ]
+    assert len({base, *others}) == 5
+
+
+def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path, monkeypatch, compiled_cache):
+    """--runtime openvino: the same embeddings as torch to fp32 rounding (a short last batch padded),
+    recorded in the store and its fingerprint; the converted model is cached, so a second run reads it
+    instead of converting (conversion is made to fail to prove it)."""
+    openvino = pytest.importorskip("openvino")
+    manifest = _csv_set(tmp_path, 7)
+    torch_store, ov_store = tmp_path / "torch.h5", tmp_path / "ov.h5"
+    _extract(manifest, torch_store, batch_size=4, runtime="torch")
+    assert _extract(manifest, ov_store, batch_size=4, runtime="openvino").embedded == {TINY: 7}
+    expected = FeatureStore(torch_store).embeddings(TINY)
+    np.testing.assert_allclose(FeatureStore(ov_store).embeddings(TINY), expected, rtol=1e-4, atol=1e-5)
+    attrs = {name: FeatureStore(path).backbone_attrs(TINY) for name, path in (("torch", torch_store), ("ov", ov_store))}
+    assert attrs["ov"]["runtime"] == "openvino" and attrs["torch"]["runtime"] == "torch"
+    assert attrs["ov"]["fingerprint"] != attrs["torch"]["fingerprint"]
+    assert [p.suffix for p in compiled_cache.iterdir()] == [".ov"]
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the model is cached")
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    _extract(manifest, tmp_path / "again.h5", batch_size=4, runtime="openvino")
+    np.testing.assert_array_equal(FeatureStore(tmp_path / "again.h5").embeddings(TINY),
+                                  FeatureStore(ov_store).embeddings(TINY))  # fmt: skip
+    with pytest.raises(StoreError, match="runtime: 'openvino' -> 'torch'"):
+        _extract(manifest, ov_store, batch_size=4, runtime="torch")  # never mixed in one store
+
+
+def test_runtime_auto_is_openvino_on_cpus_where_installed(monkeypatch):
+    """`auto` takes OpenVINO only where it runs (a CPU, the package installed, a precision it has), and
+    a runtime asked for by name that cannot run is refused before anything is read, saying why."""
+    from extract import runtimes
+
+    installed = importlib.util.find_spec("openvino") is not None
+    assert runtimes.resolve_runtime("auto", "cpu", "bf16") == ("openvino" if installed else "torch")
+    assert runtimes.resolve_runtime("auto", "cpu", "fp16") == "torch"
+    assert runtimes.resolve_runtime("auto", "cuda", "bf16") == "torch"
+    with pytest.raises(runtimes.RuntimeUnavailable, match="CPU only"):
+        runtimes.resolve_runtime("openvino", "cuda", "bf16")
+    monkeypatch.setattr(runtimes.importlib.util, "find_spec", lambda name: None)
+    assert runtimes.resolve_runtime("auto", "cpu", "bf16") == "torch"
+    with pytest.raises(ConfigError, match=r"pip install 'skinlesion\[openvino\]'"):
+        ExtractConfig(backbone=TINY, device="cpu", runtime="openvino").resolved()
+    with pytest.raises(ConfigError, match="choose auto, torch, openvino"):
+        ExtractConfig(backbone=TINY, device="cpu", runtime="tensorrt").resolved()
 
 
 def test_device_defaults_follow_what_bounds_each_device(monkeypatch):
     """A GPU machine decodes with all cores but one and does not compile under `auto`; a CPU shares
-    its cores with the model (4 decoders at most) and compiles from COMPILE_FROM images."""
+    its cores with the model (4 decoders at most) and compiles from COMPILE_FROM images, or for any
+    number once the package is cached."""
     monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
     assert run.default_workers("cuda") == 15 and run.default_workers("cuda:1") == 15
     assert run.default_workers("cpu") == 4
@@ -401,13 +504,14 @@ def test_device_defaults_follow_what_bounds_each_device(monkeypatch):
     assert run.compiles("auto", "cpu", big) and not run.compiles("auto", "cpu", big - 1)
     assert not run.compiles("auto", "cuda", 10 * big) and run.compiles("on", "cuda", 1)
     assert not run.compiles("off", "cpu", 10 * big)
+    assert run.compiles("auto", "cpu", 1, cached=True) and not run.compiles("auto", "cuda", 1, cached=True)
+    assert not run.compiles("off", "cpu", 1, cached=True)
 
 
 def test_cuda_settings_make_fp32_exact_and_are_restored():
     """On a GPU, fp32 turns TF32 off (and cuDNN's autotuner on) only inside the extraction; the
     switches are process-wide, so they must come back as they were. They are plain flags: this runs
     without a GPU."""
-    import torch
 
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32

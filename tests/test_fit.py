@@ -224,6 +224,8 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
         "fp32",
         "--workers",
         "0",
+        "--runtime",  # predict must follow the store's runtime, not resolve `auto` to OpenVINO
+        "torch",
     )
     assert code == 0, err
     run = tmp_path / "run"

@@ -1,0 +1,165 @@
+"""What runs a backbone's forward pass: torch (eager, or compiled ahead of time) or OpenVINO.
+
+Both take the same input, a (B, 3, H, W) uint8 batch, and give (B, dim) embeddings; the normalisation
+is part of the model each runs (`PixelModel`). The runtime changes the embeddings within the noise of
+the precision, so it is part of the store's fingerprint. `--runtime auto` picks the first runtime of
+AUTO_ORDER that can run on the device: OpenVINO where it is installed (the `openvino` extra) and the
+device is a CPU -- resnet50 in bf16 ran 1.7x faster there than torch's compiled model on this
+project's CPU (bench/extract.py) -- torch everywhere else.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from extract import compiled
+from extract.backbones import Backbone
+
+log = logging.getLogger("extract")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_FROM = 2000
+"""`--compile auto` compiles a backbone that has no compiled package in the cache yet when this many
+images or more are to be embedded: about where compiling (once per machine, backbone and batch size:
+15-25 s for resnet50 on this project's 2-core CPU) is won back within the first run."""
+
+
+class RuntimeUnavailable(ValueError):
+    """A runtime or precision this machine cannot run; raised before any image is read."""
+
+
+class PixelModel(nn.Module):
+    """A backbone's forward pass from uint8 pixels: normalisation and precision included, so that a
+    compiled model holds the whole computation (the normalisation fused into the first layer)."""
+
+    def __init__(self, backbone: Backbone, precision: str):
+        super().__init__()
+        self.module, self.preprocess, self.precision = backbone.module, backbone.preprocess, precision
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocess.normalize(x).contiguous(memory_format=torch.channels_last)
+        if self.precision == "fp32":
+            return self.module(x)
+        with torch.autocast(x.device.type, dtype=PRECISIONS[self.precision]):
+            return self.module(x)
+
+
+class Forward(Protocol):
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A compiled model serves one shape: a short last batch is padded with zeros to `rows`."""
+    return torch.cat([x, x.new_zeros((rows - len(x), *x.shape[1:]))]) if len(x) < rows else x
+
+
+def compiles(setting: str, device: str, images: int, cached: bool = False) -> bool:
+    """Whether --compile SETTING compiles a backbone for this many images on this device: under `auto`,
+    on a CPU, from COMPILE_FROM images, or for any number once its compiled package is cached."""
+    return setting == "on" or (setting == "auto" and device == "cpu" and (images >= COMPILE_FROM or cached))
+
+
+class TorchForward:
+    """Eager torch, or compiled ahead of time (extract/compiled.py) where `--compile` says so.
+
+    Compiled, every batch is padded to the full size (batch size x views), and a failure to compile or
+    load warns and falls back to eager (the same runtime and precision: the same embeddings to within
+    float rounding)."""
+
+    def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
+                 device: torch.device):  # fmt: skip
+        self.name, self.rows = backbone.name, rows
+        self.eager = PixelModel(backbone, precision)
+        crop = backbone.preprocess.crop
+        self.package = compiled.package_path(backbone.name, backbone.identity(), precision, (rows, 3, crop, crop),
+                                             device)  # fmt: skip
+        self.compile = compiles(compile, device.type, images, self.package.is_file())
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.compile:
+            return self.eager(x)
+        n, x = len(x), _padded(x, self.rows)
+        try:
+            if self.compiled is None:
+                self.compiled = compiled.load_or_compile(self.eager, x, self.package)
+            return self.compiled(x)[:n]
+        except Exception as exc:  # inductor needs a C++ compiler and supported ops; eager always works
+            log.warning("--compile: compiling %s failed (%s: %s); running it uncompiled",
+                        self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            self.compile = False
+            return self.eager(x[:n])
+
+
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+"""Our precision names as OpenVINO's CPU inference-precision hints."""
+
+
+class OpenVINOForward:
+    """OpenVINO on the CPU: the fp32 model converted once and cached as IR (extract/compiled.py),
+    compiled by OpenVINO for this CPU at start-up (0.2 s) with the precision as its inference hint."""
+
+    def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
+                 device: torch.device):  # fmt: skip
+        self.backbone, self.precision, self.rows = backbone, precision, rows
+        crop = backbone.preprocess.crop
+        self.path = compiled.package_path(backbone.name, backbone.identity(), "fp32", (rows, 3, crop, crop), device,
+                                          "openvino")  # fmt: skip
+        self.request = None
+
+    def _start(self, example: torch.Tensor):
+        import openvino as ov
+
+        model = compiled.load_or_convert(PixelModel(self.backbone, "fp32").eval(), example, self.path)
+        hint = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision]}
+        return ov.Core().compile_model(model, "CPU", hint).create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n, x = len(x), _padded(x, self.rows)
+        if self.request is None:
+            self.request = self._start(x)
+        out = self.request.infer({0: x.numpy()})[0]
+        return torch.from_numpy(out[:n].copy())
+
+
+def _openvino_missing(device: str, precision: str) -> str | None:
+    if device != "cpu":
+        return f"OpenVINO runs here on the CPU only, not on {device} (use --runtime torch)"
+    if importlib.util.find_spec("openvino") is None:
+        return "OpenVINO is not installed: pip install 'skinlesion[openvino]' (or use --runtime torch)"
+    if precision not in OPENVINO_PRECISION and precision != "auto":
+        return f"--runtime openvino runs {', '.join(OPENVINO_PRECISION)}, not {precision}"
+    return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    forward: Callable[..., Forward]
+    """Called as forward(backbone, precision, compile, images, rows, device)."""
+    missing: Callable[[str, str], str | None]
+    """Why it cannot run on this device in this precision, or None."""
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "torch": Runtime(TorchForward, lambda device, precision: None),
+    "openvino": Runtime(OpenVINOForward, _openvino_missing),
+}
+AUTO_ORDER = ("openvino", "torch")
+
+
+def resolve_runtime(runtime: str, device: str, precision: str) -> str:
+    """`auto` is the first runtime of AUTO_ORDER that runs here; a named one must run here."""
+    if runtime == "auto":
+        return next(name for name in AUTO_ORDER if RUNTIMES[name].missing(device, precision) is None)
+    if runtime not in RUNTIMES:
+        raise RuntimeUnavailable(f"--runtime {runtime!r}: choose auto, {', '.join(RUNTIMES)}")
+    reason = RUNTIMES[runtime].missing(device, precision)
+    if reason:
+        raise RuntimeUnavailable(f"--runtime {runtime}: {reason}")
+    return runtime
