@@ -194,8 +194,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     from extract.preprocess import VIEWS
-    from extract.run import COMPILE_FROM, PRECISIONS, ExtractConfig
-    from extract.runtimes import RUNTIMES
+    from extract.run import COMPILE_FROM, ExtractConfig
+    from extract.runtimes import ALL_PRECISIONS, RUNTIMES
 
     d = ExtractConfig()
     parser.add_argument(
@@ -210,7 +210,8 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
     parser.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default=d.precision, choices=["auto", *PRECISIONS])
+    parser.add_argument("--precision", default=d.precision, choices=["auto", *ALL_PRECISIONS],
+                        help="int8: OpenVINO only, calibrated on the data set's first 300 images")  # fmt: skip
     parser.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
     parser.add_argument("--runtime", default=d.runtime, choices=["auto", *RUNTIMES],
                         help="auto: OpenVINO on CPUs where it is installed, else torch")  # fmt: skip

@@ -9,13 +9,14 @@ For each backbone, on the same images, in fresh processes (so each peak memory i
   steady state (the second half of the images): its first run on this machine, which converts or
   compiles the model and caches it, and a later run, which reads it from the cache;
 - the torch runtime (`--runtime torch`): eager (the default for a first run of under 2000 images) and
-  compiled ahead of time, from the cache (`--compile on` fills it first).
+  compiled ahead of time, from the cache (`--compile on` fills it first);
+- OpenVINO int8 (`--precision int8`), first run (calibrating on 300 images) and later runs.
 
 The cache is a folder of the benchmark's own, emptied at the start. The ceiling is a 4096^3 matrix
 product in bf16 (`torch.matmul`, best of 5), measured again before each backbone's row, since on this
 shared machine it moves by 10-30 % from minute to minute; a backbone's cost per image is counted by
 `torch.utils.flop_counter` (2 FLOPs per multiply-add). The second table (`--heads`) fits the linear,
-mlp and xgboost heads on fp32, bf16 and OpenVINO bf16 embeddings of ham10000_mel_nv_150
+mlp and xgboost heads on fp32, bf16, OpenVINO bf16 and int8 embeddings of ham10000_mel_nv_150
 (EfficientNet-Lite0, real weights) and compares their test scores.
 
     python bench/extract.py [--backbones resnet50,vgg11,...] [--images 960] [--heads] [--trials 10]
@@ -143,6 +144,8 @@ def one(args: argparse.Namespace) -> None:
 MODES = {
     "first": {},  # the defaults, cache empty
     "later": {},  # the defaults again, cache filled by "first"
+    "int8-first": {"precision": "int8"},  # OpenVINO int8: calibrates on the first 300 images, caches it
+    "int8": {"precision": "int8"},  # and reads it from the cache
     "eager": {"runtime": "torch"},  # < 2000 images and nothing cached: eager
     "fill": {"runtime": "torch", "compile": "on"},
     "compiled": {"runtime": "torch"},  # after "fill": the cached package, loaded by `auto`
@@ -214,6 +217,7 @@ EMBEDDINGS = {
     "fp32": {"precision": "fp32", "runtime": "torch"},
     "bf16": {"precision": "bf16", "runtime": "torch"},
     "openvino bf16": {"precision": "bf16", "runtime": "openvino"},
+    "openvino int8": {"precision": "int8", "runtime": "openvino"},
 }
 """The stores the heads table compares, by label: the options `cli.py extract` makes each with."""
 
@@ -265,9 +269,10 @@ def main() -> None:
           f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
     print("\n| backbone | GFLOP/image | bf16 ceiling, GFLOP/s | naive loop, images/s | `cli.py extract` defaults,"
           " first run: images/s (steady) | later runs | speed-up (later / naive) | share of the ceiling, later"
-          " runs (steady) | `--runtime torch`: eager | torch compiled (cached) | its share (steady) |"
+          " runs (steady) | `--precision int8` (OpenVINO), first run | later runs | `--runtime torch`: eager |"
+          " torch compiled (cached) | its share (steady) |"
           " peak memory: naive / defaults / torch compiled |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("|" + " --- |" * 14)
     csv_path = first_images(args.images, work)
     for name in filter(None, args.backbones.split(",")):  # --backbones '' runs only the heads table
         gflop = gflop_per_image(name)
@@ -287,7 +292,8 @@ def main() -> None:
         later = m["later"]
         print(f"| {name} | {gflop:.2f} | {limit:.0f} | {slow['images_per_s']:.1f} | {speed(m['first'])} | "
               f"{speed(later)} ({later['runtime']}, {later['precision']}) | "
-              f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['eager'])} | "
+              f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['int8-first'])} | "
+              f"{speed(m['int8'])} | {speed(m['eager'])} | "
               f"{speed(m['compiled'])} | {share(m['compiled'])} | "
               f"{slow['peak_rss_mb']:.0f} / {peak(later)} / {peak(m['compiled'])} MB |", flush=True)  # fmt: skip
     if args.heads:

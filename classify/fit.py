@@ -288,7 +288,7 @@ def _final(
             "protocol": resolved["protocol"],
         },
     }
-    keys = ("weights", "weights_sha256", "precision", "views", "runtime", "fingerprint", "identity")
+    keys = ("weights", "weights_sha256", "precision", "views", "runtime", "calibration", "fingerprint", "identity")
     extraction = {b: {k: store.backbone_attrs(b).get(k) for k in keys} for b in spec.backbones}
     card = {
         "store": str(store.path.resolve()),

@@ -151,6 +151,7 @@ def predict(
                     precision=recorded["precision"],
                     tta=recorded["views"],
                     runtime=recorded.get("runtime", "torch"),
+                    calibration=recorded.get("calibration") or "",
                     batch_size=batch_size,
                     workers=workers,
                     device=device,

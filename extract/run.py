@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -30,9 +31,12 @@ from extract.images import ImageError, file_sha256, load_image
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import VIEWS, Preprocess, apply_views
 from extract.runtimes import (  # noqa: F401  (PRECISIONS, COMPILE_FROM, compiles: used through this module)
+    ALL_PRECISIONS,
+    CALIBRATION_IMAGES,
     COMPILE_FROM,
     PRECISIONS,
     RUNTIMES,
+    Calibration,
     Forward,
     RuntimeUnavailable,
     compiles,
@@ -79,6 +83,10 @@ class ExtractConfig:
     runtime: str = "auto"
     """`torch`, `openvino` (CPU only, the `openvino` extra) or `auto` = OpenVINO where it is installed and
     the device is a CPU, torch elsewhere (extract/runtimes.py)."""
+    calibration: str = ""
+    """--precision int8: empty to calibrate on the data set's first CALIBRATION_IMAGES images (the run
+    sets it to their digest), or the digest of an earlier calibration whose model must be cached (what
+    `predict` passes: new images are embedded with the training store's quantised model)."""
     compile: str = "auto"
     """For the torch runtime, compile each backbone ahead of time and cache it (extract/compiled.py):
     `on`, `off`, or `auto` = on for a CPU when the package is cached or at least COMPILE_FROM images are
@@ -129,8 +137,8 @@ def resolve_device(device: str) -> str:
 def resolve_precision(precision: str, device: str) -> str:
     """`auto` is the fastest precision the device runs natively (bf16 on AVX-512-bf16/AMX CPUs)."""
     if precision != "auto":
-        if precision not in PRECISIONS:
-            raise ConfigError(f"--precision {precision!r}: choose auto, {', '.join(PRECISIONS)}")
+        if precision not in ALL_PRECISIONS:
+            raise ConfigError(f"--precision {precision!r}: choose auto, {', '.join(ALL_PRECISIONS)}")
         return precision
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -188,6 +196,8 @@ def _collate(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dic
 
 def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
     identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": cfg.runtime}
+    if cfg.precision == "int8":
+        identity["calibration"] = cfg.calibration
     return {
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
@@ -203,9 +213,38 @@ def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
         "runtime": cfg.runtime,
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
+        **({"openvino_version": _openvino_version()} if cfg.runtime == "openvino" else {}),
+        **({"calibration": cfg.calibration} if cfg.precision == "int8" else {}),
         "fingerprint": fingerprint(identity),
         "identity": json.dumps(identity, sort_keys=True),
     }
+
+
+def resolve_calibration(cfg: ExtractConfig, manifest: Manifest) -> tuple[ExtractConfig, Calibration]:
+    """--precision int8: the calibration images, the first CALIBRATION_IMAGES of the whole data set
+    (--data, when given: a torchrun rank's manifest is only its shard), and the config with their
+    digest. The digest covers the files' bytes, so the same data set gives the same fingerprint."""
+    if cfg.precision != "int8":
+        return cfg, Calibration()
+    if cfg.calibration:
+        return cfg, Calibration(cfg.calibration)
+    source = read_manifest(cfg.data, cfg.images) if cfg.data else manifest
+    files = tuple(source.file(r) for r in range(min(CALIBRATION_IMAGES, len(source))))
+
+    def sha(path: Path) -> str:
+        try:
+            return file_sha256(path)
+        except OSError:
+            return "unreadable"
+
+    digest = hashlib.sha256("".join(map(sha, files)).encode()).hexdigest()[:16]
+    return dataclasses.replace(cfg, calibration=digest), Calibration(digest, files)
+
+
+def _openvino_version() -> str:
+    import openvino
+
+    return str(openvino.__version__)
 
 
 def _refuse_other_settings(out: Path, layouts: list[BackboneLayout], overwrite: bool) -> None:
@@ -311,6 +350,7 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     cfg = cfg.resolved()
     _names_and_weights(cfg)
     manifest = manifest or read_manifest(cfg.data, cfg.images)
+    cfg, calibration = resolve_calibration(cfg, manifest)
     backbones, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -327,7 +367,7 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     samples, todo = _plan(out, manifest, layouts, journal)
     summary = Summary(store=out)
     log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
-    _embed(cfg, manifest, samples, backbones, todo, journal, summary)
+    _embed(cfg, manifest, samples, backbones, todo, journal, summary, calibration)
     root_attrs = {
         "data_root": str(manifest.root.resolve()),
         "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
@@ -347,6 +387,7 @@ def _embed(
     todo: dict[str, np.ndarray],
     journal: Journal,
     summary: Summary,
+    calibration: Calibration = Calibration(),
 ) -> None:
     """Decode every row some backbone still needs, embed it, and journal the results in blocks."""
     rows = np.flatnonzero(np.any(list(todo.values()), axis=0))
@@ -361,7 +402,10 @@ def _embed(
         backbone.module.to(device, memory_format=torch.channels_last)
     rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
     runtime = RUNTIMES[cfg.runtime].forward
-    forwards = {b.name: runtime(b, cfg.precision, cfg.compile, len(rows), rows_per_batch, device) for b in backbones}
+    forwards = {
+        b.name: runtime(b, cfg.precision, cfg.compile, len(rows), rows_per_batch, device, calibration=calibration)
+        for b in backbones
+    }
     loader = DataLoader(
         _Images(files, preprocesses),
         batch_size=cfg.batch_size,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -24,6 +25,8 @@ from extract.backbones import Backbone
 log = logging.getLogger("extract")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""torch's precisions; ALL_PRECISIONS adds the ones only OpenVINO runs."""
+ALL_PRECISIONS = (*PRECISIONS, "int8")
 COMPILE_FROM = 2000
 """`--compile auto` compiles a backbone that has no compiled package in the cache yet when this many
 images or more are to be embedded: about where compiling (once per machine, backbone and batch size:
@@ -73,7 +76,7 @@ class TorchForward:
     float rounding)."""
 
     def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
-                 device: torch.device):  # fmt: skip
+                 device: torch.device, calibration: "Calibration | None" = None):  # fmt: skip
         self.name, self.rows = backbone.name, rows
         self.eager = PixelModel(backbone, precision)
         crop = backbone.preprocess.crop
@@ -97,28 +100,77 @@ class TorchForward:
             return self.eager(x[:n])
 
 
-OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16"}
-"""Our precision names as OpenVINO's CPU inference-precision hints."""
+OPENVINO_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "bf16"}
+"""Our precision names as OpenVINO's CPU inference-precision hints (int8: the layers NNCF leaves
+unquantised run in bf16)."""
+CALIBRATION_IMAGES = 300
+"""--precision int8 calibrates on the data set's first this many images (NNCF's default subset)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The images an int8 model is calibrated on, and their digest (in the store's fingerprint).
+
+    With a digest and no files, the int8 model made from that calibration must be in the cache:
+    `predict` embeds new images with the training store's quantised model, never a new one."""
+
+    digest: str = ""
+    files: tuple[Path, ...] = ()
 
 
 class OpenVINOForward:
     """OpenVINO on the CPU: the fp32 model converted once and cached as IR (extract/compiled.py),
-    compiled by OpenVINO for this CPU at start-up (0.2 s) with the precision as its inference hint."""
+    compiled by OpenVINO for this CPU at start-up (0.2 s) with the precision as its inference hint.
+    int8: the model quantised by NNCF's post-training quantisation on the calibration images, and
+    cached under their digest."""
 
     def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
-                 device: torch.device):  # fmt: skip
-        self.backbone, self.precision, self.rows = backbone, precision, rows
+                 device: torch.device, calibration: Calibration = Calibration()):  # fmt: skip
+        self.backbone, self.precision, self.rows, self.calibration = backbone, precision, rows, calibration
         crop = backbone.preprocess.crop
-        self.path = compiled.package_path(backbone.name, backbone.identity(), "fp32", (rows, 3, crop, crop), device,
-                                          "openvino")  # fmt: skip
+        identity = backbone.identity()
+        if precision == "int8":
+            identity["calibration"] = calibration.digest
+        # one cached model for every batch size: it is reshaped to this run's batch when read
+        self.path = compiled.package_path(backbone.name, identity, "int8" if precision == "int8" else "fp32",
+                                          (3, crop, crop), device, "openvino")  # fmt: skip
+        if precision == "int8" and not calibration.files and not (self.path / "model.xml").is_file():
+            raise RuntimeUnavailable(
+                f"{backbone.name}: the int8 model calibrated as {calibration.digest!r} is not in this machine's "
+                f"cache ({self.path.parent}); extract the data set it was calibrated on with --precision int8 "
+                f"here first"
+            )
         self.request = None
 
     def _start(self, example: torch.Tensor):
         import openvino as ov
 
-        model = compiled.load_or_convert(PixelModel(self.backbone, "fp32").eval(), example, self.path)
+        quantize = self._quantize if self.precision == "int8" else None
+        model = compiled.load_or_convert(PixelModel(self.backbone, "fp32").eval(), example, self.path, quantize)
+        model.reshape(list(example.shape))
         hint = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision]}
         return ov.Core().compile_model(model, "CPU", hint).create_infer_request()
+
+    def _quantize(self, model):
+        """NNCF post-training quantisation, its statistics taken on the calibration images (batches of
+        the model's one shape; the last one filled up with images from the start)."""
+        import nncf
+
+        from extract.images import ImageError, load_image
+
+        pictures = []
+        for path in self.calibration.files:
+            try:
+                pictures.append(self.backbone.preprocess.to_uint8(load_image(path)[0]))
+            except ImageError:
+                continue  # (the digest covers the files' bytes; an unreadable one is left out everywhere)
+        if not pictures:
+            raise RuntimeUnavailable(f"{self.backbone.name}: none of the calibration images could be read")
+        n = -(-len(pictures) // self.rows) * self.rows
+        pixels = torch.stack([pictures[i % len(pictures)] for i in range(n)]).numpy()
+        batches = [pixels[i : i + self.rows] for i in range(0, n, self.rows)]
+        log.info("calibrating int8 %s on %d images", self.backbone.name, len(pictures))
+        return nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n, x = len(x), _padded(x, self.rows)
@@ -131,23 +183,29 @@ class OpenVINOForward:
 def _openvino_missing(device: str, precision: str) -> str | None:
     if device != "cpu":
         return f"OpenVINO runs here on the CPU only, not on {device} (use --runtime torch)"
-    if importlib.util.find_spec("openvino") is None:
+    if any(importlib.util.find_spec(name) is None for name in ("openvino", "nncf")[: 1 + (precision == "int8")]):
         return "OpenVINO is not installed: pip install 'skinlesion[openvino]' (or use --runtime torch)"
-    if precision not in OPENVINO_PRECISION and precision != "auto":
+    if precision not in OPENVINO_PRECISION:
         return f"--runtime openvino runs {', '.join(OPENVINO_PRECISION)}, not {precision}"
+    return None
+
+
+def _torch_missing(device: str, precision: str) -> str | None:
+    if precision not in PRECISIONS:
+        return f"--precision {precision} runs on --runtime openvino only"
     return None
 
 
 @dataclass(frozen=True)
 class Runtime:
     forward: Callable[..., Forward]
-    """Called as forward(backbone, precision, compile, images, rows, device)."""
+    """Called as forward(backbone, precision, compile, images, rows, device, calibration=...)."""
     missing: Callable[[str, str], str | None]
     """Why it cannot run on this device in this precision, or None."""
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "torch": Runtime(TorchForward, lambda device, precision: None),
+    "torch": Runtime(TorchForward, _torch_missing),
     "openvino": Runtime(OpenVINOForward, _openvino_missing),
 }
 AUTO_ORDER = ("openvino", "torch")
@@ -156,7 +214,11 @@ AUTO_ORDER = ("openvino", "torch")
 def resolve_runtime(runtime: str, device: str, precision: str) -> str:
     """`auto` is the first runtime of AUTO_ORDER that runs here; a named one must run here."""
     if runtime == "auto":
-        return next(name for name in AUTO_ORDER if RUNTIMES[name].missing(device, precision) is None)
+        reasons = {name: RUNTIMES[name].missing(device, precision) for name in AUTO_ORDER}
+        usable = [name for name, reason in reasons.items() if reason is None]
+        if not usable:
+            raise RuntimeUnavailable("; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
+        return usable[0]
     if runtime not in RUNTIMES:
         raise RuntimeUnavailable(f"--runtime {runtime!r}: choose auto, {', '.join(RUNTIMES)}")
     reason = RUNTIMES[runtime].missing(device, precision)

@@ -25,7 +25,15 @@ import torch
 import torch.distributed as dist
 
 from extract.manifest import Manifest, read_manifest
-from extract.run import ExtractConfig, Summary, _plan, _refuse_other_settings, extract, load_backbones
+from extract.run import (
+    ExtractConfig,
+    Summary,
+    _plan,
+    _refuse_other_settings,
+    extract,
+    load_backbones,
+    resolve_calibration,
+)
 from features.store import Journal, journal_folder, journal_store
 
 log = logging.getLogger("extract")
@@ -48,7 +56,8 @@ def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
     """Manifest rows some backbone still lacks in the output store (or whose file changed): the
     single-process extraction's own plan, read-only, so every rank computes the same. (With `auto`
     choices made, as that extraction makes them: unresolved, they changed the fingerprint.)"""
-    _, layouts = load_backbones(cfg.resolved())
+    cfg, _ = resolve_calibration(cfg.resolved(), manifest)
+    _, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     _refuse_other_settings(out, layouts, cfg.overwrite)
     samples, todo = _plan(out, manifest, layouts, Journal(journal_folder(out)))
@@ -100,7 +109,8 @@ def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Sum
 
 def _gather(cfg: ExtractConfig, manifest: Manifest, out: Path, world: int, device: str) -> Summary:
     """Rank 0: the shard stores into the output store's journal, then the ordinary assembly."""
-    _, layouts = load_backbones(cfg.resolved())
+    resolved, _ = resolve_calibration(dataclasses.replace(cfg, device=device).resolved(), manifest)
+    _, layouts = load_backbones(resolved)
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
     copied: dict[str, int] = {}

@@ -22,6 +22,7 @@ from imagefiles import lesion, mixed_folder, save
 import extract.run as run
 from extract import compiled
 from extract.backbones import load_backbone
+from extract.runtimes import RuntimeUnavailable
 from extract.run import ConfigError, ExtractConfig, extract
 from features.store import FORMAT, FeatureStore, Journal, StoreError, journal_folder
 
@@ -32,9 +33,8 @@ DIM = 400  # TINY's embedding size
 def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> run.Summary:
     """Extract in this process; fp32 so that results are comparable bit for bit between runs."""
     return extract(
-        ExtractConfig(
-            data=str(data), backbone=backbone, weights="none", out=str(out), precision="fp32", workers=0, **cfg
-        )
+        ExtractConfig(data=str(data), backbone=backbone, weights="none", out=str(out),
+                      **{"precision": "fp32", "workers": 0, **cfg})  # fmt: skip
     )
 
 
@@ -458,6 +458,7 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
     np.testing.assert_allclose(FeatureStore(ov_store).embeddings(TINY), expected, rtol=1e-4, atol=1e-5)
     attrs = {name: FeatureStore(path).backbone_attrs(TINY) for name, path in (("torch", torch_store), ("ov", ov_store))}
     assert attrs["ov"]["runtime"] == "openvino" and attrs["torch"]["runtime"] == "torch"
+    assert attrs["ov"]["openvino_version"] == openvino.__version__ and "openvino_version" not in attrs["torch"]
     assert attrs["ov"]["fingerprint"] != attrs["torch"]["fingerprint"]
     assert [p.suffix for p in compiled_cache.iterdir()] == [".ov"]
 
@@ -470,6 +471,39 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
                                   FeatureStore(ov_store).embeddings(TINY))  # fmt: skip
     with pytest.raises(StoreError, match="runtime: 'openvino' -> 'torch'"):
         _extract(manifest, ov_store, batch_size=4, runtime="torch")  # never mixed in one store
+
+
+def test_int8_is_calibrated_on_the_data_set_and_predict_reuses_that_model(tmp_path, monkeypatch, compiled_cache):
+    """--precision int8 (OpenVINO): NNCF calibrates on the data set's first images; their digest is in
+    the fingerprint (another data set: another calibration, another fingerprint) and names the cached
+    model. Given that digest, as `predict` gives it, images are embedded with that same model without
+    calibrating again; a digest whose model is not cached is refused before any image is read."""
+    nncf = pytest.importorskip("nncf")
+    manifest, other = _csv_set(tmp_path, 6), _csv_set(tmp_path / "other", 5, start=50)
+    _extract(manifest, tmp_path / "fp32.h5", batch_size=4, runtime="torch")
+    _extract(manifest, tmp_path / "int8.h5", batch_size=4, precision="int8")
+    _extract(other, tmp_path / "other.h5", batch_size=4, precision="int8")
+    int8, fp32 = (FeatureStore(tmp_path / f"{name}.h5") for name in ("int8", "fp32"))
+    cosine = np.sum(int8.embeddings(TINY) * fp32.embeddings(TINY), axis=1) / (
+        np.linalg.norm(int8.embeddings(TINY), axis=1) * np.linalg.norm(fp32.embeddings(TINY), axis=1))  # fmt: skip
+    assert cosine.min() > 0.98, cosine  # quantised, not garbage
+    attrs, other_attrs = int8.backbone_attrs(TINY), FeatureStore(tmp_path / "other.h5").backbone_attrs(TINY)
+    assert attrs["precision"] == "int8" and attrs["runtime"] == "openvino" and len(attrs["calibration"]) == 16
+    assert other_attrs["calibration"] != attrs["calibration"]
+    assert other_attrs["fingerprint"] != attrs["fingerprint"]
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again although the model is cached")
+
+    monkeypatch.setattr(nncf, "quantize", no_calibration)
+    again = tmp_path / "again.h5"  # another batch size too: the cached model is reshaped, not made anew
+    _extract(manifest, again, batch_size=3, precision="int8", calibration=attrs["calibration"])
+    assert FeatureStore(again).backbone_attrs(TINY)["fingerprint"] == attrs["fingerprint"]
+    np.testing.assert_allclose(FeatureStore(again).embeddings(TINY), int8.embeddings(TINY), rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeUnavailable, match="not in this machine's cache"):
+        _extract(manifest, tmp_path / "unknown.h5", batch_size=4, precision="int8", calibration="0" * 16)
+    with pytest.raises(ConfigError, match="int8 runs on --runtime openvino only"):
+        _extract(manifest, tmp_path / "torch.h5", precision="int8", runtime="torch")
 
 
 def test_runtime_auto_is_openvino_on_cpus_where_installed(monkeypatch):
