@@ -220,15 +220,17 @@ def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
     }
 
 
-def resolve_calibration(cfg: ExtractConfig, manifest: Manifest) -> tuple[ExtractConfig, Calibration]:
+def resolve_calibration(cfg: ExtractConfig, manifest: Manifest, whole: Manifest | None = None
+                        ) -> tuple[ExtractConfig, Calibration]:  # fmt: skip
     """--precision int8: the calibration images, the first CALIBRATION_IMAGES of the whole data set
-    (--data, when given: a torchrun rank's manifest is only its shard), and the config with their
-    digest. The digest covers the files' bytes, so the same data set gives the same fingerprint."""
+    (`whole` if the caller has it, else --data when given: a torchrun rank's manifest is only its
+    shard), and the config with their digest. The digest covers the files' bytes, so the same data
+    set gives the same fingerprint."""
     if cfg.precision != "int8":
         return cfg, Calibration()
     if cfg.calibration:
         return cfg, Calibration(cfg.calibration)
-    source = read_manifest(cfg.data, cfg.images) if cfg.data else manifest
+    source = whole or (read_manifest(cfg.data, cfg.images) if cfg.data else manifest)
     files = tuple(source.file(r) for r in range(min(CALIBRATION_IMAGES, len(source))))
 
     def sha(path: Path) -> str:
@@ -349,8 +351,9 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     started = time.monotonic()
     cfg = cfg.resolved()
     _names_and_weights(cfg)
+    given = manifest
     manifest = manifest or read_manifest(cfg.data, cfg.images)
-    cfg, calibration = resolve_calibration(cfg, manifest)
+    cfg, calibration = resolve_calibration(cfg, manifest, whole=None if given else manifest)
     backbones, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,9 @@ class OpenVINOForward:
         quantize = self._quantize if self.precision == "int8" else None
         model = compiled.load_or_convert(PixelModel(self.backbone, "fp32").eval(), example, self.path, quantize)
         model.reshape(list(example.shape))
-        hint = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision]}
+        # as many threads as torch was given (torchrun ranks on one CPU share its cores)
+        hint = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
+                "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # fmt: skip
         return ov.Core().compile_model(model, "CPU", hint).create_infer_request()
 
     def _quantize(self, model):

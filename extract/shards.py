@@ -56,7 +56,7 @@ def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
     """Manifest rows some backbone still lacks in the output store (or whose file changed): the
     single-process extraction's own plan, read-only, so every rank computes the same. (With `auto`
     choices made, as that extraction makes them: unresolved, they changed the fingerprint.)"""
-    cfg, _ = resolve_calibration(cfg.resolved(), manifest)
+    cfg, _ = resolve_calibration(cfg.resolved(), manifest, whole=manifest)
     _, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     _refuse_other_settings(out, layouts, cfg.overwrite)
@@ -109,7 +109,7 @@ def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Sum
 
 def _gather(cfg: ExtractConfig, manifest: Manifest, out: Path, world: int, device: str) -> Summary:
     """Rank 0: the shard stores into the output store's journal, then the ordinary assembly."""
-    resolved, _ = resolve_calibration(dataclasses.replace(cfg, device=device).resolved(), manifest)
+    resolved, _ = resolve_calibration(dataclasses.replace(cfg, device=device).resolved(), manifest, whole=manifest)
     _, layouts = load_backbones(resolved)
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
