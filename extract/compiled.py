@@ -31,7 +31,8 @@ log = logging.getLogger("extract")
 
 CACHE_ENV = "SKINLESION_CACHE"
 CACHE_LIMIT_BYTES = 4 << 30
-"""Least recently used packages beyond this are deleted (resnet50 in bf16 is about 50 MB, vgg11 260)."""
+"""Least recently used models beyond this are deleted (resnet50's torch package in bf16 is 49 MB, vgg11's
+OpenVINO model, fp32 weights, 515 MB)."""
 FORMAT = 1
 """Bump to orphan every cached package (when what goes into one changes)."""
 
@@ -99,7 +100,7 @@ def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path,
                     transform: Callable | None = None):  # fmt: skip
     """The cached OpenVINO model (IR) at `path`, or `module` converted on `example` (then passed
     through `transform`, e.g. quantisation), saved there and returned. Converting traces the model:
-    6 s for resnet50 on this project's CPU, against 0.1 s to read the IR."""
+    6 s for resnet50 on this project's CPU, against 0.01-0.1 s to read the IR."""
     import openvino as ov
 
     xml = path / "model.xml"

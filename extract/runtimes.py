@@ -120,7 +120,7 @@ class Calibration:
 
 class OpenVINOForward:
     """OpenVINO on the CPU: the fp32 model converted once and cached as IR (extract/compiled.py),
-    compiled by OpenVINO for this CPU at start-up (0.2 s) with the precision as its inference hint.
+    compiled by OpenVINO for this CPU at start-up (0.2-0.7 s) with the precision as its inference hint.
     int8: the model quantised by NNCF's post-training quantisation on the calibration images, and
     cached under their digest."""
 
