@@ -2,11 +2,12 @@
 
 EfficientNet-Lite0 (real ImageNet weights) on ../shared/data/ham10000_mel_nv_150: `fit` tunes the
 linear, mlp and xgboost heads (20 trials each) on the frozen embeddings; `finetune --init` then starts
-from the tuned linear head with `--unfreeze 1`, `2` and `all`. All rows are scored on the store's
-test rows (lesion-grouped, never trained or early-stopped on). Prints test balanced accuracy, AUC and
-wall time per row.
+from the tuned linear head with `--unfreeze 1`, `2` and `all`, once per `--seeds` value (the seed of
+the training's randomness; the split is the frozen runs'). All rows are scored on the store's test rows
+(lesion-grouped, never trained or early-stopped on). Prints test balanced accuracy, AUC and wall time
+per row, and per `--unfreeze` the mean and spread over the seeds of the gain over the best frozen head.
 
-    python bench/finetune.py [--unfreeze 1,2,all] [--work DIR] [--reuse-frozen] [--set epochs=12 ...]
+    python bench/finetune.py [--unfreeze 1,2,all] [--seeds 0,1,2] [--work DIR] [--reuse-frozen] [--set epochs=12 ...]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +35,7 @@ DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--unfreeze", default="1,2,all")
+    parser.add_argument("--seeds", default="0", help="fine-tuning seeds, comma-separated (e.g. 0,1,2)")
     parser.add_argument("--heads", default="linear,mlp,xgboost")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work", default=str(ROOT / "bench-work" / "finetune"))
@@ -70,16 +74,25 @@ def main() -> None:
                 break
             except ValueError:
                 continue
+    frozen_best = max(rows, key=lambda r: r[1]["auc"])[1] if rows else None
+    gains: dict[str, list[tuple[float, float]]] = {}
     for unfreeze in args.unfreeze.split(","):
-        run = work / f"finetune-{unfreeze}"
-        shutil.rmtree(run, ignore_errors=True)
-        started = time.monotonic()
-        metrics = finetune(
-            FinetuneConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
-                           init=str(work / "frozen-linear"), out=str(run), unfreeze=unfreeze, **overrides)
-        )  # fmt: skip
-        best = json.loads((run / "config.json").read_text())["best_epoch"]
-        rows.append((f"fine-tuned, --unfreeze {unfreeze}", metrics["test"], time.monotonic() - started, best))
+        for seed in [int(v) for v in args.seeds.split(",")]:
+            run = work / f"finetune-{unfreeze}-seed{seed}"
+            shutil.rmtree(run, ignore_errors=True)
+            started = time.monotonic()
+            metrics = finetune(
+                FinetuneConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
+                               init=str(work / "frozen-linear"), out=str(run), unfreeze=unfreeze, seed=seed,
+                               **overrides)
+            )  # fmt: skip
+            best = json.loads((run / "config.json").read_text())["best_epoch"]
+            rows.append((f"fine-tuned, --unfreeze {unfreeze}, seed {seed}", metrics["test"],
+                         time.monotonic() - started, best))  # fmt: skip
+            if frozen_best is not None:
+                m = metrics["test"]
+                gains.setdefault(unfreeze, []).append((m["auc"] - frozen_best["auc"],
+                                                       m["balanced_accuracy"] - frozen_best["balanced_accuracy"]))
     print()
     print("| pipeline | test balanced accuracy (95 % CI) | test AUC (95 % CI) | wall time | best epoch |")
     print("| --- | --- | --- | --- | --- |")
@@ -88,6 +101,14 @@ def main() -> None:
         (bl, bh), (al, ah) = m["ci95"]["balanced_accuracy"], m["ci95"]["auc"]
         ci = f"{ba:.3f} ({bl:.3f}-{bh:.3f}) | {auc:.3f} ({al:.3f}-{ah:.3f})"
         print(f"| {name} | {ci} | {seconds / 60:.1f} min | {best} |")
+    if gains:
+        print()
+        print("| --unfreeze | seeds | AUC gain over the best frozen head: mean (min, max) | balanced accuracy gain |")
+        print("| --- | --- | --- | --- |")
+        for unfreeze, values in gains.items():
+            auc, ba = np.array(values).T
+            print(f"| {unfreeze} | {len(values)} | {auc.mean():+.3f} ({auc.min():+.3f}, {auc.max():+.3f}) | "
+                  f"{ba.mean():+.3f} ({ba.min():+.3f}, {ba.max():+.3f}) |")
 
 
 if __name__ == "__main__":

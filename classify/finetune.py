@@ -50,7 +50,7 @@ from tqdm import tqdm
 from classify.fit import predictions_csv
 from classify.heads import Head, LinearHead, MLPHead
 from classify.inputs import InputSpec, embeddings, fit_views, proba_views
-from classify.metrics import default_positive, evaluate, macro_auc
+from classify.metrics import balanced_offsets, default_positive, evaluate, macro_auc, shift_proba, threshold_of
 from classify.predict import weights_option
 from classify.report import write_report
 from classify.runs import Run, load_run, save_run, write_json, write_text
@@ -348,7 +348,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "workers", "device")}
     history: list[dict] = []
-    best = {"epoch": -1, "score": -1.0}
+    best = {"epoch": -1, "auc": -1.0}
     start_epoch, waited = 1, 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
@@ -356,6 +356,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if state["options"] != options:
             changed = sorted(k for k in options if state["options"].get(k) != options[k])
             raise FinetuneError(f"--resume: the checkpoint was made with other options ({', '.join(changed)})")
+        if "auc" not in state["best"]:
+            raise FinetuneError(f"--resume: {checkpoint_path} was written by an older version that chose epochs "
+                                "by balanced accuracy; start again with another --out")  # fmt: skip
         t.load(state)
         history, best, waited = state["history"], state["best"], state["waited"]
         failed.update(state["failed"])
@@ -365,9 +368,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         score, auc, _ = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes,
                                   cfg.batch_size)  # fmt: skip
         history.append({"epoch": 0, "loss": None, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": None})
-        best = {"epoch": 0, "score": score}
+        best = {"epoch": 0, "auc": _comparable(auc)}
         _save(scored.state_dict(), run_dir / BEST)
-        log.info("epoch 0 (as initialised): validation balanced accuracy %.4f, AUC %.4f", score, auc)
+        log.info("epoch 0 (as initialised): validation AUC %.4f, balanced accuracy %.4f", auc, score)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         if waited >= cfg.patience:
@@ -378,33 +381,52 @@ def finetune(cfg: FinetuneConfig) -> dict:
         history.append(
             {"epoch": epoch, "loss": loss, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": speed}
         )
-        if score > best["score"]:
-            best, waited = {"epoch": epoch, "score": score}, 0
+        if _comparable(auc) > best["auc"]:
+            best, waited = {"epoch": epoch, "auc": _comparable(auc)}, 0
             _save(scored.state_dict(), run_dir / BEST)
         else:
             waited += 1
         log.info(
-            "epoch %d/%d: loss %.4f, %.1f images/s, validation balanced accuracy %.4f (best %.4f at epoch %d), "
-            "AUC %.4f",
-            epoch, cfg.epochs, loss, speed, score, best["score"], best["epoch"], auc,
+            "epoch %d/%d: loss %.4f, %.1f images/s, validation AUC %.4f (best %.4f at epoch %d), balanced accuracy "
+            "%.4f at the argmax",
+            epoch, cfg.epochs, loss, speed, auc, best["auc"], best["epoch"], score,
         )  # fmt: skip
         _save({"epoch": epoch, **t.state(), "history": history, "best": best, "waited": waited, "failed": failed,
                "options": options}, checkpoint_path)  # fmt: skip
 
     model.load_state_dict(torch.load(run_dir / BEST, map_location=device, weights_only=True))
+    # The decision rule is set after the epoch is chosen, on the same validation rows: class offsets of
+    # the logits that maximise balanced accuracy there (for two classes, the positive-class threshold).
+    _, _, val_proba = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes,
+                                cfg.batch_size)  # fmt: skip
+    offsets = balanced_offsets(val_codes, val_proba)
+    kept = np.array([r for r in val_rows if manifest.image_id[r] not in failed], dtype=np.int64)
+    validation = (kept, shift_proba(val_proba, offsets))
     refit = None
     if cfg.refit and best["epoch"] > 0:
-        _, _, val_proba = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes,
-                                    cfg.batch_size)  # fmt: skip
-        kept = np.array([r for r in val_rows if manifest.image_id[r] not in failed], dtype=np.int64)
-        validation = (kept, val_proba)
         del t, model, ema, scored  # the first stage's weights: the refit starts afresh
         model, refit = _refit(cfg, weights, init, manifest, np.flatnonzero(split >= 0), codes, len(classes),
                               best["epoch"], options, device, autocast, scaler, workers, failed, run_dir)  # fmt: skip
-        refit["validation"] = validation
+    shift_logits(model.head, offsets)
+    decision = {"offsets": [float(v) for v in offsets], "classes": classes}
+    if len(classes) == 2:
+        decision["threshold"] = {classes[1]: threshold_of(offsets)}
     metrics = _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision,
-                      history, best, failed, started, refit)  # fmt: skip
+                      history, best, failed, started, refit, validation, decision)  # fmt: skip
     return metrics
+
+
+def _comparable(auc: float) -> float:
+    """An AUC that can be compared (NaN, when validation lacks a class, ranks below every number)."""
+    return -1.0 if np.isnan(auc) else float(auc)
+
+
+def shift_logits(head: nn.Module, offsets: np.ndarray) -> None:
+    """Add the class offsets to the bias of the head's last linear layer: its argmax is then the
+    decision rule chosen on validation (softmax(z + b) ranks classes as log p + b does)."""
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.add_(torch.as_tensor(offsets, dtype=last.bias.dtype, device=last.bias.device))
 
 
 @dataclass
@@ -693,11 +715,11 @@ def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size
 
 
 def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision, history, best,
-            failed, started, refit: dict | None = None) -> dict:  # fmt: skip
+            failed, started, refit: dict | None, validation: tuple[np.ndarray, np.ndarray], decision: dict
+            ) -> dict:  # fmt: skip
     """Save the fine-tuned backbone and head, embed the data set with them (the run's store), score the
-    test rows from that store, and the validation rows too unless the model was refitted on them (then
-    the chosen epoch's validation predictions, made before the refit, are reported), and write the run
-    folder as `fit` does."""
+    test rows from that store; report the chosen epoch's validation predictions (made before any refit,
+    with the decision rule set on them), and write the run folder as `fit` does."""
     model.cpu().eval()
     _save(model.backbone.state_dict(), run_dir / BACKBONE_FILE)
     head = head_file(model.head, classes, init.head if init else None)
@@ -722,8 +744,8 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
     majority = max(classes, key=lambda c: (np.sum(labels[split >= 0] == c), c))
     metrics, proba_of = {}, {}
     for part, rows in (("test", (split == TEST) & done), ("validation", (split == VALIDATION_FOLD) & done)):
-        if part == "validation" and refit is not None:
-            kept, proba = refit.pop("validation")
+        if part == "validation":
+            kept, proba = validation
             row_of = {image_id: row for row, image_id in enumerate(ids)}
             rows = np.array([row_of[manifest.image_id[r]] for r in kept], dtype=np.int64)
         else:
@@ -748,6 +770,7 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
         "init": str(Path(cfg.init).resolve()) if cfg.init else None,
         "unfreeze": cfg.unfreeze,
         "best_epoch": best["epoch"],
+        "decision": decision,
     }
     save_run(run_dir, head, card)
     config = {
@@ -761,6 +784,8 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
         "split": split_spec.name,
         "precision": precision,
         "best_epoch": best["epoch"],
+        "chosen_by": "validation AUC",
+        "decision": decision,
         "refit": refit,
         "params": {
             k: cfg.__dict__[k] for k in ("unfreeze", "lr", "backbone_lr", "weight_decay", "epochs", "batch_size")

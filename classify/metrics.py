@@ -13,6 +13,8 @@ POSITIVE_NAMES = ("mel", "melanoma")
 SPECIFICITIES = (0.80, 0.90)
 ECE_BINS = 15
 BOOTSTRAP = 1000
+MAX_CANDIDATES = 512
+"""Decision offsets (`balanced_offsets`) are searched over at most this many values per class."""
 
 
 def default_positive(classes: list[str]) -> str | None:
@@ -169,3 +171,56 @@ def evaluate(
 
 def _ratio(a: int, b: int) -> float:
     return float(a / b) if b else float("nan")
+
+
+def balanced_offsets(codes: np.ndarray, proba: np.ndarray, rounds: int = 3) -> np.ndarray:
+    """Per-class offsets b of the log-probabilities whose decision argmax(log p + b) has the highest
+    balanced accuracy on these rows (codes: each row's class index; columns of `proba` follow them).
+
+    Why: a network's scores move as training goes on, so the argmax's operating point drifts even while
+    the ranking (AUC) improves; the rule is set once the model is chosen, on the rows that chose it.
+    Two classes: the exact best threshold (as an offset of the second class; among equally good ones the
+    nearest to the argmax). More: a few rounds of coordinate search over the candidates each class's
+    scores give (exact up to MAX_CANDIDATES rows). Classes absent from the rows keep offset 0."""
+    codes = np.asarray(codes)
+    k = proba.shape[1]
+    logp = np.log(np.clip(proba, 1e-12, 1.0))
+    offsets = np.zeros(k)
+    present = np.unique(codes)
+    if len(present) < 2:
+        return offsets
+
+    def score(b: np.ndarray) -> float:
+        predicted = np.argmax(logp + b, axis=1)
+        return float(np.mean([np.mean(predicted[codes == c] == c) for c in present]))
+
+    for _ in range(rounds if k > 2 else 1):
+        for j in range(1, k):
+            others = np.delete(logp + offsets, j, axis=1).max(axis=1)
+            margins = np.unique(others - logp[:, j])  # offset at which each row flips to or from class j
+            if len(margins) > MAX_CANDIDATES:  # large validation sets: quantiles of them
+                margins = np.unique(np.quantile(margins, np.linspace(0, 1, MAX_CANDIDATES)))
+            candidates = np.concatenate([[offsets[j]], (margins[:-1] + margins[1:]) / 2, margins[:1] - 1e-6,
+                                         margins[-1:] + 1e-6])  # fmt: skip
+            results = []
+            for c in candidates:
+                trial = offsets.copy()
+                trial[j] = c
+                results.append((score(trial), -abs(c), c))
+            offsets[j] = max(results)[2]
+    return offsets
+
+
+def shift_proba(proba: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Probabilities whose argmax is the offset decision: softmax(log p + b)."""
+    z = np.log(np.clip(proba, 1e-12, 1.0)) + offsets
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def threshold_of(offsets: np.ndarray) -> float:
+    """Two classes: the probability of the second class above which it is decided, for these offsets
+    (p1 / p0 > exp(-(b1 - b0)))."""
+    ratio = float(np.exp(-(offsets[1] - offsets[0])))
+    return ratio / (1 + ratio)

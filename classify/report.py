@@ -172,7 +172,8 @@ def _training_section(config: dict, epochs: list[dict]) -> list[str]:
         f"Unfrozen blocks: {config['unfreeze']} (batch-norm statistics: {config['bn']}); from "
         f"{'the head of ' + config['init'] if config.get('init') else 'a fresh head'}; AdamW (head {config['lr']}, "
         f"backbone {config['backbone_lr']}), warm-up and cosine decay, {config['precision']}. "
-        f"Best epoch: {config['best_epoch']} (epoch 0 is the model as initialised).",
+        f"Best epoch: {config['best_epoch']}, chosen by validation AUC (epoch 0 is the model as initialised). "
+        + _decision_sentence(config.get("decision")),
         "",
         "| epoch | training loss | images/s | validation balanced accuracy | validation AUC |",
         "| --- | --- | --- | --- | --- |",
@@ -183,6 +184,19 @@ def _training_section(config: dict, epochs: list[dict]) -> list[str]:
             f"{_fmt(e['val_balanced_accuracy'])} | {_fmt(e['val_auc'])} |"
         )
     return lines
+
+
+def _decision_sentence(decision: dict | None) -> str:
+    """How the fine-tuned head decides: the rule set on validation after the epoch was chosen."""
+    if not decision:
+        return ""
+    if "threshold" in decision:
+        (positive, threshold), = decision["threshold"].items()
+        return (f"Decision: `{positive}` when its probability exceeds {threshold:.3f} (set on the validation rows "
+                "for the best balanced accuracy, after the epoch was chosen; folded into the head).")
+    offsets = ", ".join(f"{c} {b:+.2f}" for c, b in zip(decision["classes"], decision["offsets"]))
+    return (f"Decision: argmax of the log-probabilities plus {offsets} (set on the validation rows for the best "
+            "balanced accuracy, after the epoch was chosen; folded into the head).")
 
 
 def _confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:

@@ -121,6 +121,12 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     predicted = head.predict(x[val])
     frozen_ba = np.mean([np.mean(predicted[labels[val] == c] == c) for c in np.unique(labels[val])])
     assert history[0]["val_balanced_accuracy"] == pytest.approx(frozen_ba)
+    # the epoch is chosen by validation AUC (threshold-free), the decision rule afterwards on those rows
+    config = json.loads((out / "config.json").read_text())
+    aucs = [-1.0 if h["val_auc"] is None else h["val_auc"] for h in history]
+    assert config["chosen_by"] == "validation AUC" and config["best_epoch"] == int(np.argmax(aucs))
+    threshold = config["decision"]["threshold"]["nv"]
+    assert 0 < threshold < 1 and load_run(out).card["decision"] == config["decision"]
     for name in ("report.md", "metrics.json", "test_predictions.csv", "run.json", "config.json",
                  "plots/training_history.png", "backbone.pt", "embeddings.h5"):  # fmt: skip
         assert (out / name).exists(), name
@@ -271,10 +277,10 @@ def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, mon
                 batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4)  # fmt: skip
     validate, calls = ft._validate, []
 
-    def rising(*args):  # every epoch scores better than the last, so validation chooses epoch 2
+    def rising(*args):  # every epoch's AUC beats the last, so validation chooses epoch 2
         score, auc, proba = validate(*args)
-        calls.append(score)
-        return float(len(calls)), auc, proba
+        calls.append(auc)
+        return score, float(len(calls)), proba
 
     monkeypatch.setattr(ft, "_validate", rising)
     ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))

@@ -281,3 +281,31 @@ def test_default_positive():
     assert default_positive(["nv", "bcc"]) is None
     assert default_positive(["melanocytic", "nv"]) is None
     assert default_positive([]) is None
+
+
+def test_balanced_offsets_find_the_best_threshold_when_the_argmax_is_off():
+    from classify.metrics import balanced_offsets, shift_proba, threshold_of
+
+    rng = np.random.default_rng(0)
+    codes = np.r_[np.zeros(300, int), np.ones(60, int)]
+    score = np.r_[rng.normal(0, 1, 300), rng.normal(1.5, 1, 60)]
+    p1 = 1 / (1 + np.exp(-(score - 3)))  # scores that rank well but whose argmax almost never says 1
+    proba = np.c_[1 - p1, p1]
+
+    def ba(decided: np.ndarray) -> float:
+        return float(np.mean([np.mean(decided[codes == c] == c) for c in (0, 1)]))
+
+    offsets = balanced_offsets(codes, proba)
+    best = ba(shift_proba(proba, offsets).argmax(axis=1))
+    assert ba(proba.argmax(axis=1)) < 0.55 and best > 0.8
+    every = max(ba((p1 > t).astype(int)) for t in np.unique(p1))  # no threshold does better
+    assert best == pytest.approx(every)
+    assert ba((p1 > threshold_of(offsets)).astype(int)) == pytest.approx(best)
+    # three classes, one favoured by a bias: the offsets take it away
+    y = rng.integers(0, 3, 600)
+    logits = rng.normal(0, 1, (600, 3))
+    logits[np.arange(600), y] += 1.2
+    logits[:, 0] += 1.5
+    proba3 = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    ba3 = lambda p: np.mean([np.mean(p.argmax(axis=1)[y == c] == c) for c in range(3)])  # noqa: E731
+    assert ba3(shift_proba(proba3, balanced_offsets(y, proba3))) > ba3(proba3) + 0.05
