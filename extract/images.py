@@ -13,10 +13,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-"""Suffixes tried for bare image ids and collected from class folders."""
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
+"""Suffixes tried for bare image ids (in this order, so the common formats come first) and collected
+from class folders, in any case. Pillow decodes all of them; TIFF scans are often 16-bit, which
+`load_image` scales to 8 bits like any other image, and a multi-page TIFF gives its first page.
+A WebP file that this Pillow cannot decode (built without libwebp) is listed as failed, saying so,
+rather than skipped."""
 
 ALPHA_BACKGROUND = (255, 255, 255)
 """Transparent pixels are composited onto white (the usual background of cut-out lesion images)."""
@@ -72,6 +76,8 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
+        if path.suffix.lower() == ".webp" and not features.check("webp"):
+            raise ImageError("cannot decode WebP: this Pillow was built without WebP support") from None
         raise ImageError("not an image (unrecognised file format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"truncated or corrupt image: {exc}") from None

@@ -82,7 +82,7 @@ class TorchForward:
         crop = backbone.preprocess.crop
         self.package = compiled.package_path(backbone.name, backbone.identity(), precision, (rows, 3, crop, crop),
                                              device)  # fmt: skip
-        self.compile = compiles(compile, device.type, images, self.package.is_file())
+        self.compile = compiles(compile, device.type, images, compiled.cached(self.package))
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class OpenVINOForward:
         # one cached model for every batch size: it is reshaped to this run's batch when read
         self.path = compiled.package_path(backbone.name, identity, "int8" if precision == "int8" else "fp32",
                                           (3, crop, crop), device, "openvino")  # fmt: skip
-        if precision == "int8" and not calibration.files and not (self.path / "model.xml").is_file():
+        if precision == "int8" and not calibration.files and not compiled.cached(self.path):
             raise RuntimeUnavailable(
                 f"{backbone.name}: the int8 model calibrated as {calibration.digest!r} is not in this machine's "
                 f"cache ({self.path.parent}); extract the data set it was calibrated on with --precision int8 "

@@ -412,6 +412,7 @@ def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(tmp_
     backbone = load_backbone(TINY, "none")
     bad = compiled.package_path(TINY, backbone.identity(), "fp32", (4, 3, 224, 224), torch.device("cpu"))
     bad.write_bytes(b"not a package")
+    compiled.record(bad)  # ours (recorded), yet it cannot be loaded
     with caplog.at_level("WARNING", logger="extract"):
         _extract(manifest, tmp_path / "fallback.h5", batch_size=4, runtime="torch")  # cached, so it tries to load
     assert "cannot load this compiled package" in caplog.text and "no C++ compiler" in caplog.text
@@ -423,12 +424,15 @@ def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(tmp_
 def test_cache_keeps_the_most_recently_used_packages_within_its_limit(tmp_path):
     for age, name in enumerate(["newest", "middle", "oldest"]):
         (tmp_path / f"{name}.pt2").write_bytes(b"x" * 100)
-        os.utime(tmp_path / f"{name}.pt2", (1e9 - age, 1e9 - age))
+        compiled.record(tmp_path / f"{name}.pt2")
+        os.utime(compiled.marker_path(tmp_path / f"{name}.pt2"), (1e9 - age, 1e9 - age))
     (tmp_path / "new.pt2").write_bytes(b"x" * 100)
+    compiled.record(tmp_path / "new.pt2")
     (tmp_path / "other.123.partial.pt2").write_bytes(b"x" * 1000)  # another process's unfinished package
     removed = compiled.evict(tmp_path, keep=tmp_path / "new.pt2", limit=250)
     assert [p.name for p in removed] == ["oldest.pt2", "middle.pt2"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt2", "newest.pt2", "other.123.partial.pt2"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(compiled.MARKER_SUFFIX))
+    assert left == ["new.pt2", "newest.pt2", "other.123.partial.pt2"]
 
 
 def test_package_names_change_with_everything_compiled_into_them():
@@ -460,7 +464,7 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
     assert attrs["ov"]["runtime"] == "openvino" and attrs["torch"]["runtime"] == "torch"
     assert attrs["ov"]["openvino_version"] == openvino.__version__ and "openvino_version" not in attrs["torch"]
     assert attrs["ov"]["fingerprint"] != attrs["torch"]["fingerprint"]
-    assert [p.suffix for p in compiled_cache.iterdir()] == [".ov"]
+    assert [p.suffix for p in compiled_cache.iterdir() if not p.name.endswith(compiled.MARKER_SUFFIX)] == [".ov"]
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again although the model is cached")
