@@ -8,13 +8,15 @@ head and its report), `evaluate` (a run on its test rows or another store), `pre
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
 import os
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 if TYPE_CHECKING:
     from extract.run import Summary
@@ -36,6 +38,7 @@ if __name__ == "__main__":
 
 import numpy as np
 
+from features.splits import MIN_TEST_LESIONS
 from features.store import FeatureStore
 
 # Each command imports its own modules (in its cmd_ function and its arguments' function), so that
@@ -51,6 +54,7 @@ USER_ERRORS = {
     "classify.fit": ("FitError",),
     "classify.heads": ("HeadError",),
     "classify.runs": ("RunError",),
+    "classify.study": ("StudyError",),
     "classify.finetune": ("FinetuneError",),
 }
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback.
@@ -89,6 +93,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if summary is None:  # a torchrun rank other than 0: rank 0 reports the store
         return 0
     print(describe(summary))
+    share = len(summary.failed) / max(summary.images, 1)
+    if share > cfg.max_failed:
+        return 1
     return 1 if cfg.strict and summary.failed else 0
 
 
@@ -110,10 +117,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget)
     where = "test rows" if args.features is None else args.features
+    if metrics.get("warning"):
+        print(f"WARNING: {metrics['warning']}")
     print(
         f"{args.run} on {where}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
         f"n={metrics['n']} ({metrics['lesions']} lesions); metrics in {Path(args.run) / 'evaluations'}"
     )
+    for reason, n in metrics["excluded"].items():
+        print(f"  left out, seen by the run: {n} images {reason}")
     return 0
 
 
@@ -121,16 +132,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from classify.fit import predictions_csv
     from classify.predict import predict
 
-    result = predict(args.run, args.images, args.batch_size, args.workers, args.device)
+    result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     Path(args.out).write_text(
-        predictions_csv(np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True)
+        predictions_csv(np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True,
+                        failed=result.failed)
     )
-    print(f"wrote {args.out}: {len(result.ids)} images classified")
-    if result.failed:
-        print(f"{len(result.failed)} images could not be used:")
-        for image_id, reason in result.failed.items():
-            print(f"  {image_id}: {reason}")
-    return 0
+    print(f"wrote {args.out}: {len(result.ids)} images classified, {len(result.failed)} could not be")
+    for image_id, reason in result.failed.items():
+        print(f"  failed: {image_id}: {reason}", file=sys.stderr)
+    if not result.ids:
+        print("error: no image was classified (each input and its reason is listed above and in "
+              f"{args.out})", file=sys.stderr)
+        return 1
+    return 1 if args.strict and result.failed else 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -145,12 +159,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def describe(summary: "Summary", max_failures: int = 20) -> str:
-    """What an extraction wrote: rows, labels, each backbone's provenance, this run's work, failures."""
+    """What an extraction wrote: rows, usable labelled rows, each backbone's provenance, this run's work,
+    failures; when most of the data set failed, the last line says so."""
     store = FeatureStore(summary.store)
     samples = store.samples()
-    labels = Counter(label for label in samples.label if label)
+    embedded = np.zeros(len(samples), dtype=bool)
+    for name in store.backbones:
+        embedded |= store.done(name)
+    labels = Counter(label for label, ok in zip(samples.label, embedded) if label and ok)
     lines = [
-        f"wrote {summary.store}: {len(samples)} rows, {sum(labels.values())} labelled "
+        f"wrote {summary.store}: {len(samples)} rows, {sum(labels.values())} labelled and usable "
         f"({', '.join(f'{k} {v}' for k, v in labels.most_common()) or 'no labels'}), "
         f"{len(set(samples.group))} groups, {len(store.failed())} failed"
     ]
@@ -162,34 +180,133 @@ def describe(summary: "Summary", max_failures: int = 20) -> str:
             f"weights {a['weights']}, {a['input_size']} px, {a['precision']}, views {a['views']}, "
             f"fingerprint {a['fingerprint']}{random}"
         )
-    embedded = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
+    work = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
     speed = summary.steady_images_per_s
     steady = f" ({speed:.1f} images/s after the first batch)" if speed else ""
-    lines.append(f"this run: embedded {embedded} in {summary.seconds:.1f} s{steady}")
+    lines.append(f"this run: embedded {work} in {summary.seconds:.1f} s{steady}")
     if summary.failed:
         lines.append(f"{len(summary.failed)} images of this data set could not be used (kept under /failed):")
         lines += [f"  {i}: {reason}" for i, reason in list(summary.failed.items())[:max_failures]]
         if len(summary.failed) > max_failures:
             lines.append(f"  ... and {len(summary.failed) - max_failures} more")
+    share = len(summary.failed) / max(summary.images, 1)
+    if share > 0.5:
+        reason, n = Counter(summary.failed.values()).most_common(1)[0]
+        lines.append(
+            f"WARNING: {share:.1%} of the images could not be used ({len(summary.failed)} of {summary.images}; "
+            f"most often: {reason}): check that --images is the folder that holds them"
+        )
     return "\n".join(lines)
 
 
-COMMANDS: dict[str, tuple[str, object, object, bool]] = {}
-"""name -> (help, cmd function, arguments function, whether --help shows defaults)."""
+@dataclass(frozen=True)
+class Command:
+    """One command of the command line: its help, what runs it, its options, and one example."""
+
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] | None
+    example: str
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one line (the option and what it takes) and exit status 2, not
+    argparse's usage block: the line is what a user reads."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Each option's default once, where it tells something: not for flags (True/False), not for options
+    without one (None), not where the help text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, True, False, "", argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Every command, with the options of `command` only (or of none: the top-level help needs none),
     so that each command imports just its own modules."""
-    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, (help_text, func, arguments, defaults) in COMMANDS.items():
-        formatter = argparse.ArgumentDefaultsHelpFormatter if defaults else argparse.HelpFormatter
-        sub = commands.add_parser(name, help=help_text, formatter_class=formatter)
-        sub.set_defaults(func=func)
-        if name == command and arguments is not None:
-            arguments(sub)
+    parser = _Parser(prog="cli.py", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, spec in COMMANDS.items():
+        sub = commands.add_parser(name, help=spec.help, description=spec.help, formatter_class=_Help,
+                                  epilog=f"example:\n  {spec.example}")
+        sub.set_defaults(func=spec.run)
+        if name == command and spec.arguments is not None:
+            spec.arguments(sub)
     return parser
+
+
+# ----------------------------------------------------------------------------------------- option types
+# Each checks a value's range before any work, so that a mistake is one line naming the option.
+
+
+def integer(low: int, high: int | None = None, *, also: tuple[int, ...] = (), auto: int | None = None):
+    """An integer in [low, high] (or one of `also`); `auto` (when given) is the word "auto" as that value."""
+
+    def parse(text: str) -> int:
+        if auto is not None and text == "auto":
+            return auto
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value in also or (value >= low and (high is None or value <= high)):
+            return value
+        allowed = f">= {low}" if high is None else f"from {low} to {high}"
+        allowed += "".join(f" or {v}" for v in also) + (" or auto" if auto is not None else "")
+        raise argparse.ArgumentTypeError(f"{value} is out of range: it takes a whole number {allowed}")
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False):
+    """A number in the interval from low to high (each end open or closed)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        below = value <= low if open_low else value < low
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above or value != value:
+            left, right = "(" if open_low else "[", ")" if open_high else "]"
+            span = f"in {left}{low:g}, {high:g}{right}" if high is not None else f"{'>' if open_low else '>='} {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it takes a number {span}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def memory_budget(text: str) -> str:
+    """--memory-budget: checked here (1GB, 800MB, 50%), passed on as written (the config records it)."""
+    from classify.inputs import parse_budget
+
+    try:
+        ok = parse_budget(text) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: write it as 1GB, 800MB or a share of this machine's memory: 50%")
+    return text
+
+
+BATCH = integer(1, auto=0)
+WORKERS = integer(0, auto=-1)
+FRACTION = number(0, 1, open_low=True, open_high=True)
+"""A share strictly between 0 and 1 (a test part of none or of everything means nothing)."""
 
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,8 +324,8 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone"
     )
     parser.add_argument("--out", default=d.out, help="feature store to write or extend")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
-    parser.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
+    parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
+    parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--precision", default=d.precision, choices=["auto", *ALL_PRECISIONS],
                         help="int8: OpenVINO only, calibrated on the data set's first 300 images")  # fmt: skip
@@ -223,10 +340,14 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         f"cached or from {COMPILE_FROM} images; eager if it fails)",
     )
     parser.add_argument(
-        "--flush-rows", type=int, default=d.flush_rows, help="rows per journal file (work lost to a crash)"
+        "--flush-rows", type=integer(1), default=d.flush_rows, help="rows per journal file (work lost to a crash)"
     )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
+    parser.add_argument("--max-failed", type=number(0, 1), default=d.max_failed,
+                        help="exit with status 1 if more than this share of the images could not be used")
     parser.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
+    parser.add_argument("--wait", action="store_true",
+                        help="if another extract is writing --out, wait for it instead of refusing")
 
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,24 +365,30 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="backbone(s) of the store, comma-separated (concatenated); default: its only one",
     )
     parser.add_argument(
-        "--trials", type=int, default=f.trials, help="trials this process adds to the study (0: only the report)"
+        "--trials", type=integer(0), default=f.trials,
+        help="trials this process adds to the study (0: only the report of what the study holds)",
     )
     parser.add_argument("--no-report", dest="report", action="store_false",
-                            help="a worker of a shared study: add trials only (`--trials 0` reports)")  # fmt: skip
-    parser.add_argument("--heartbeat", type=int, default=f.heartbeat,
-                            help="seconds between heartbeats in a database storage")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=f.timeout, help="stop starting trials after S seconds")
-    parser.add_argument("--n-jobs", type=int, default=f.n_jobs, help="trials run in parallel threads")
+                        help="a worker of a shared study: add trials only (`--trials 0` reports)")
+    parser.add_argument("--heartbeat", type=integer(1), default=f.heartbeat,
+                        help="seconds between heartbeats in a database storage")
+    parser.add_argument("--timeout", type=number(0, open_low=True), default=f.timeout,
+                        help="stop starting trials after this many seconds (default: no limit)")
+    parser.add_argument("--n-jobs", type=integer(1, also=(-1,)), default=f.n_jobs,
+                        help="trials run in parallel threads (-1: one per core)")
     parser.add_argument(
         "--storage", default=f.storage, help="Optuna storage URL (default: a journal file in the run folder)"
     )
     parser.add_argument(
         "--study", default=f.study, help="study name (resume it; default: derived from store, inputs, split, head)"
     )
-    parser.add_argument("--folds", type=int, default=f.folds, help="grouped cross-validation folds of the study rows")
-    parser.add_argument(
-        "--test-fraction", type=float, default=f.test_fraction, help="share of lesions kept for the test"
-    )
+    parser.add_argument("--folds", type=integer(2), default=f.folds,
+                        help="grouped cross-validation folds of the study rows")
+    parser.add_argument("--test-fraction", type=FRACTION, default=f.test_fraction,
+                        help="share of lesions kept for the test, in (0, 1)")
+    parser.add_argument("--allow-small-test", action="store_true",
+                        help=f"fit even if the test part holds fewer than {MIN_TEST_LESIONS} lesions of a class "
+                             "(every figure is then marked)")
     parser.add_argument("--seed", type=int, default=f.seed, help="seeds the split, the sampler and the heads")
     parser.add_argument(
         "--views", default=f.views, choices=list(VIEW_MODES), help="mean of the test-time views, or all of them"
@@ -273,41 +400,45 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--positive", default=f.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
     )
     parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
-    parser.add_argument("--memory-budget", default=f.memory_budget,
-                            help="embeddings larger than this are streamed from the store in blocks (1GB, 800MB, "
-                                 "or a share of this machine's memory: 50%%)")  # fmt: skip
+    parser.add_argument("--memory-budget", type=memory_budget, default=f.memory_budget,
+                        help="embeddings larger than this are streamed from the store in blocks (1GB, 800MB, "
+                             "or a share of this machine's memory: 50%%)")
     parser.add_argument("--protocol", default=f.protocol, choices=list(PROTOCOLS),
-                            help="score trials by grouped K-fold cv or by fold 0 alone (holdout); auto: holdout "
-                                 "when streamed")  # fmt: skip
+                        help="score trials by grouped K-fold cv or by fold 0 alone (holdout); auto: holdout "
+                             "when streamed")
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from classify.inputs import MEMORY_BUDGET
 
-    parser.add_argument("--run", required=True, help="run folder from `fit`")
+    parser.add_argument("--run", required=True, help="run folder from `fit` or `finetune`")
     parser.add_argument(
         "--features", default=None, help="another feature store (external validation); default: the run's test rows"
     )
     parser.add_argument(
         "--label-map", default="", help="store_label=run_label,... when the stores name classes differently"
     )
-    parser.add_argument("--memory-budget", default=MEMORY_BUDGET,
-                    help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)")  # fmt: skip
+    parser.add_argument("--memory-budget", type=memory_budget, default=MEMORY_BUDGET,
+                        help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)")
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     from extract.run import ExtractConfig
 
     d = ExtractConfig()
-    parser.add_argument("--run", required=True, help="run folder from `fit`")
+    parser.add_argument("--run", required=True, help="run folder from `fit` or `finetune`")
     parser.add_argument(
         "--images", required=True, nargs="+", help="image files, folders of images, or one manifest CSV"
     )
     parser.add_argument(
-        "--out", default="predictions.csv", help="ISIC-style CSV of probabilities and the predicted class"
+        "--root", default=None, help="folder a manifest CSV's paths and bare ids are relative to (default: the CSV's)"
     )
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="images per batch (0: per device)")
-    parser.add_argument("--workers", type=int, default=d.workers, help="decoding processes (-1: per machine)")
+    parser.add_argument(
+        "--out", default="predictions.csv", help="ISIC-style CSV of probabilities, the predicted class and failures"
+    )
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
+    parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
+    parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
 
 
@@ -326,47 +457,76 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--features", default=t.features, help="store whose split to use (default: --init's store)")
     parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--unfreeze", default=t.unfreeze, help="blocks trained, counted from the top, or 'all'")
-    parser.add_argument("--epochs", type=int, default=t.epochs)
-    parser.add_argument("--patience", type=int, default=t.patience, help="epochs without a better validation score")
-    parser.add_argument("--batch-size", type=int, default=t.batch_size)
-    parser.add_argument("--lr", type=float, default=t.lr, help="head's rate (default: 3e-5 with --init, 1e-3 without)")
-    parser.add_argument("--backbone-lr", type=float, default=t.backbone_lr, help="learning rate of the unfrozen blocks")
-    parser.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=t.warmup_epochs)
-    parser.add_argument(
-        "--ema", type=float, default=t.ema, help="decay per step of the weights' moving average (0: off)"
-    )
-    parser.add_argument("--mixup", type=float, default=t.mixup, help="mixup alpha (0: off)")
-    parser.add_argument("--label-smoothing", type=float, default=t.label_smoothing)
+    parser.add_argument("--unfreeze", type=_unfreeze, default=t.unfreeze,
+                        help="blocks trained, counted from the top, or 'all'")
+    parser.add_argument("--epochs", type=integer(1), default=t.epochs, help="most epochs of training")
+    parser.add_argument("--patience", type=integer(1), default=t.patience,
+                        help="epochs without a better validation AUC before stopping")
+    parser.add_argument("--batch-size", type=integer(1), default=t.batch_size, help="images per training step")
+    parser.add_argument("--lr", type=number(0, open_low=True), default=t.lr,
+                        help="head's rate (default: 3e-5 with --init, 1e-3 without)")
+    parser.add_argument("--backbone-lr", type=number(0), default=t.backbone_lr,
+                        help="learning rate of the unfrozen blocks")
+    parser.add_argument("--weight-decay", type=number(0), default=t.weight_decay,
+                        help="AdamW's decoupled weight decay (not on norms and biases)")
+    parser.add_argument("--warmup-epochs", type=number(0), default=t.warmup_epochs,
+                        help="epochs of linear warm-up before the cosine decay")
+    parser.add_argument("--ema", type=number(0, 1, open_high=True), default=t.ema,
+                        help="decay per step of the weights' moving average (0: off)")
+    parser.add_argument("--mixup", type=number(0), default=t.mixup, help="mixup alpha (0: off)")
+    parser.add_argument("--label-smoothing", type=number(0, 1, open_high=True), default=t.label_smoothing,
+                        help="share of each target spread over the other classes")
     parser.add_argument(
         "--bn", default=t.bn, choices=["train", "frozen"], help="batch-norm statistics of unfrozen blocks"
     )
-    parser.add_argument("--test-fraction", type=float, default=t.test_fraction, help="split recipe without a store")
-    parser.add_argument("--folds", type=int, default=t.folds, help="split recipe without a store")
-    parser.add_argument("--seed", type=int, default=t.seed)
-    parser.add_argument("--workers", type=int, default=t.workers, help="decoding processes (-1: per machine)")
-    parser.add_argument("--device", default=t.device)
-    parser.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS])
-    parser.add_argument("--positive", default=t.positive)
+    parser.add_argument("--test-fraction", type=FRACTION, default=t.test_fraction,
+                        help="split recipe without a store, in (0, 1)")
+    parser.add_argument("--folds", type=integer(2), default=t.folds, help="split recipe without a store")
+    parser.add_argument(
+        "--allow-small-test",
+        action="store_true",
+        help=f"go on even if the test part holds fewer than {MIN_TEST_LESIONS} lesions of a class",
+    )
+    parser.add_argument("--seed", type=int, default=t.seed, help="seeds the split (without a store) and the training")
+    parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
+    parser.add_argument("--device", default=t.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS],
+                        help="autocast precision of training and of the final embedding")
+    parser.add_argument("--positive", default=t.positive,
+                        help="class for sensitivity at fixed specificity (default: mel/melanoma)")
     parser.add_argument("--tta", default=t.tta, choices=list(VIEWS), help="test-time views of the final embeddings")
     parser.add_argument("--no-refit", dest="refit", action="store_false",
                         help="keep the chosen epoch's model instead of training again on all study rows")  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
 
 
+def _unfreeze(text: str) -> str:
+    if text == "all" or (text.isdigit() and int(text) >= 1):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: a number of blocks (1 or more) or 'all'")
+
+
 COMMANDS.update(
     {
-        "backbones": ("list backbones, dims, input sizes, weight status", cmd_backbones, None, False),
-        "extract": ("embed a data set with frozen backbones into a feature store", cmd_extract, _extract_arguments,
-                    True),
-        "fit": ("tune a head on a feature store with Optuna, test it once, write a run folder with a report", cmd_fit,
-                _fit_arguments, True),
-        "evaluate": ("score a run on its test rows, or on another labelled store", cmd_evaluate, _evaluate_arguments,
-                     False),
-        "predict": ("classify new images with a run", cmd_predict, _predict_arguments, False),
-        "finetune": ("train the top blocks of a backbone with the head, from a fit run's head", cmd_finetune,
-                     _finetune_arguments, True),
+        "backbones": Command("list backbones, dims, input sizes, weight status", cmd_backbones, None,
+                             "python cli.py backbones"),
+        "extract": Command("embed a data set with frozen backbones into a feature store", cmd_extract,
+                           _extract_arguments,
+                           "python cli.py extract --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
+                           "--out demo/isic_cc0.h5"),
+        "fit": Command("tune a head on a feature store with Optuna, test it once, write a run folder with a report",
+                       cmd_fit, _fit_arguments,
+                       "python cli.py fit --features demo/isic_cc0.h5 --head linear --trials 10 --out demo/run-linear"),
+        "evaluate": Command("score a run on its test rows, or on another labelled store", cmd_evaluate,
+                            _evaluate_arguments,
+                            "python cli.py evaluate --run demo/run-linear --features other.h5 "
+                            "--label-map melanoma=mel,nevus=nv"),
+        "predict": Command("classify new images with a run", cmd_predict, _predict_arguments,
+                           "python cli.py predict --run demo/run-linear --images new_images/ --out predictions.csv"),
+        "finetune": Command("train the top blocks of a backbone with the head, from a fit run's head", cmd_finetune,
+                            _finetune_arguments,
+                            "python cli.py finetune --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
+                            "--init demo/run-linear --out demo/run-finetuned"),
     }
 )  # fmt: skip
 
@@ -391,7 +551,26 @@ class _Format(logging.Formatter):
         return f"{record.levelname}: {text}" if record.levelno >= logging.WARNING else text
 
 
+DEBUG = "SKINLESION_DEBUG"
+"""Set this environment variable to see the traceback behind an error message."""
+
+
+def environment_message(exc: OSError) -> str:
+    """One line for a fault of the machine rather than of the input: a full disk, a folder that cannot
+    be written, a file that cannot be read."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    if exc.errno == errno.ENOSPC:
+        return (f"{where}the disk is full. Free some space and rerun the same command: finished work is kept "
+                "(extraction journals, study trials)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{where}{exc.strerror or exc}: choose a folder you can write to (--out), or change its permissions"
+    return f"{where}{exc.strerror or exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done; 1 a fault of the machine (full disk, unwritable folder) or, where asked
+    (--strict, --max-failed), images that could not be used; 2 bad input or options; 130 interrupted.
+    Every error is one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     handler = _StderrHandler()
@@ -399,17 +578,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc}" if str(exc) else "interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
-        if not _user_error(exc):
+        if os.environ.get(DEBUG):
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if _user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, OSError):
+            print(f"error: {environment_message(exc)}", file=sys.stderr)
+            global _ABANDON  # noqa: PLW0603
+            _ABANDON = True
+            return 1
+        raise
+
+
+_ABANDON = False
+"""Set after a fault of the machine: the process then ends without running destructors, because a library
+that failed mid-write (HDF5 on a full disk) can crash while freeing its objects, after the message."""
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if _ABANDON:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -28,7 +28,7 @@ from classify.fit import FitConfig, fit, load_data  # noqa: E402
 from classify.heads import LinearHead  # noqa: E402
 from classify.inputs import InputSpec  # noqa: E402
 from classify.metrics import evaluate  # noqa: E402
-from features.splits import SplitSpec, ensure_split  # noqa: E402
+from features.splits import SplitSpec, split_for  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 from extract.run import ExtractConfig, extract  # noqa: E402
 
@@ -39,7 +39,7 @@ from common import DATA, IN_MEMORY  # noqa: E402
 def untuned(path: Path, c: float) -> tuple[float, dict]:
     """Logistic regression with a fixed C on the same split: grouped-CV and test figures."""
     store = FeatureStore(path)
-    data = load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()), IN_MEMORY)
+    data = load_data(store, InputSpec(("efficientnet_lite0",)), split_for(store, SplitSpec()), IN_MEMORY)
     classes = sorted(set(data.y))
     x, y, folds = data.x[data.study], data.y[data.study], data.folds[data.study]
     cv = np.zeros((len(y), len(classes)))

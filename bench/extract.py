@@ -226,11 +226,11 @@ def study_and_test(store_path: Path):
     """The store's rows as `fit` loads them (the default split)."""
     from classify.fit import load_data
     from classify.inputs import InputSpec
-    from features.splits import SplitSpec, ensure_split
+    from features.splits import SplitSpec, split_for
     from features.store import FeatureStore
 
     store = FeatureStore(store_path)
-    return load_data(store, InputSpec(("efficientnet_lite0",)), ensure_split(store, SplitSpec()), IN_MEMORY)
+    return load_data(store, InputSpec(("efficientnet_lite0",)), split_for(store, SplitSpec()), IN_MEMORY)
 
 
 def fixed_params_test(data, head: str, params: dict) -> dict:

@@ -51,15 +51,25 @@ from classify.fit import predictions_csv
 from classify.heads import Head, LinearHead, MLPHead
 from classify.inputs import InputSpec, embeddings, fit_views, proba_views
 from classify.metrics import balanced_offsets, default_positive, evaluate, macro_auc, shift_proba, threshold_of
-from classify.predict import weights_option
+from classify.predict import run_split, weights_option
 from classify.report import write_report
-from classify.runs import Run, load_run, save_run, write_json, write_text
+from classify.runs import Run, load_run, save_run, save_split, write_json, write_text
 from extract.backbones import Backbone, get_family, load_backbone
 from extract.images import ImageError, load_image
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import Preprocess
 from extract.run import PRECISIONS, ExtractConfig, default_workers, extract, resolve_device, resolve_precision
-from features.splits import TEST, UNUSED, SplitSpec, make_split, read_split, spec_from_name, split_counts, write_split
+from features.splits import (
+    TEST,
+    UNUSED,
+    SplitSpec,
+    lesions_in_test,
+    make_split,
+    small_test,
+    spec_from_name,
+    split_counts,
+    split_for,
+)
 from features.store import FeatureStore
 
 log = logging.getLogger("classify")
@@ -106,6 +116,8 @@ class FinetuneConfig:
     """Batch-norm statistics of the unfrozen blocks: `train` (they adapt to the data) or `frozen`."""
     test_fraction: float = 0.2
     folds: int = 5
+    allow_small_test: bool = False
+    """Go on when the test part holds fewer than MIN_TEST_LESIONS lesions of a class (figures marked)."""
     seed: int = 0
     workers: int = -1
     device: str = "auto"
@@ -258,25 +270,23 @@ def _collate(items):
 
 
 def _split(cfg: FinetuneConfig, manifest: Manifest, init: Run | None) -> tuple[np.ndarray, SplitSpec]:
-    """The store's split mapped onto the manifest's rows, or the same recipe made from them."""
-    features = cfg.features or (init.card["store"] if init else None)
-    if features:
-        store = FeatureStore(features)
-        name = (
-            init.card["split"] if init and not cfg.features else SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed).name
-        )
-        stored = read_split(store, name)
-        if stored is None:
-            raise FinetuneError(
-                f"{store.path} has no split {name}; run `cli.py fit` on it first, or leave out --features"
-            )
-        by_id = dict(zip(store.samples().image_id, stored))
-        missing = sum(i not in by_id for i in manifest.image_id)
-        if missing:
-            log.warning("%d images of --data are not in %s: they are left out", missing, store.path)
-        return np.array([by_id.get(i, UNUSED) for i in manifest.image_id], dtype=np.int8), spec_from_name(name)
+    """--init's split (the one that run recorded), or --features' split of the same recipe, mapped onto
+    the manifest's rows; without either, the recipe made from the manifest."""
     spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
-    return make_split(np.array(manifest.label, dtype=object), np.array(manifest.group, dtype=object), spec), spec
+    if init and not cfg.features:
+        recorded = run_split(init)
+        by_id = dict(zip(recorded.image_id.tolist(), recorded.fold.tolist()))
+        source, spec = str(init.folder), spec_from_name(init.card["split"])
+    elif cfg.features:
+        store = FeatureStore(cfg.features)
+        by_id = dict(zip(store.column("image_id").tolist(), split_for(store, spec).tolist()))
+        source = str(store.path)
+    else:
+        return make_split(np.array(manifest.label, dtype=object), np.array(manifest.group, dtype=object), spec), spec
+    missing = sum(i not in by_id for i in manifest.image_id)
+    if missing:
+        log.warning("%d images of --data are not in the split of %s: they are left out", missing, source)
+    return np.array([by_id.get(i, UNUSED) for i in manifest.image_id], dtype=np.int8), spec
 
 
 # ----------------------------------------------------------------------------------------- faults
@@ -326,6 +336,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     unknown = sorted(set(labels[split != UNUSED]) - set(classes))
     if unknown:
         raise FinetuneError(f"labels {', '.join(unknown)} are not classes of --init ({', '.join(classes)})")
+    warning = small_test(lesions_in_test(labels, np.array(manifest.group, dtype=object), split))
+    if warning and not cfg.allow_small_test:
+        raise FinetuneError(f"{warning}. Raise --test-fraction or use more data, or pass --allow-small-test to go on "
+                            "with every figure marked")
     train_rows = np.flatnonzero((split >= 0) & (split != VALIDATION_FOLD))
     val_rows = np.flatnonzero(split == VALIDATION_FOLD)
     if not len(train_rows) or not len(val_rows):
@@ -734,7 +748,6 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
     )  # fmt: skip
     failed.update(summary.failed)
     store = FeatureStore(store_path)
-    write_split(store, split_spec, split)
     ids = np.array(store.samples().image_id, dtype=object)
     labels = np.array(store.samples().label, dtype=object)
     groups = np.array(store.samples().group, dtype=object)
@@ -752,11 +765,15 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
             proba = proba_views(head, x[rows])
         proba_of[part] = (ids[rows], labels[rows], proba)
         metrics[part] = evaluate(labels[rows], proba, classes, groups[rows], positive, majority, cfg.seed)
+    warning = small_test(lesions_in_test(labels, groups, split))
+    if warning:
+        metrics["warning"] = metrics["test"]["warning"] = metrics["validation"]["warning"] = warning
     attrs = store.backbone_attrs(backbone.name)
     card = {
         "kind": "finetune",
         "store": str(store_path.resolve()),
         "split": split_spec.name,
+        "split_digest": save_split(run_dir, ids, np.where(done, split, UNUSED), store.column("sha256")),
         "inputs": InputSpec((backbone.name,)).as_dict(),
         "meta_encoder": {},
         "extraction": {

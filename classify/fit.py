@@ -42,9 +42,20 @@ from classify.inputs import (
 )
 from classify.metrics import default_positive, evaluate
 from classify.report import write_report
-from classify.runs import jsonable, save_run, write_json, write_text
-from classify.study import Objective, fail_stale, history, kept_trial, open_study, progress, storage_for
-from features.splits import TEST, UNUSED, SplitSpec, ensure_split, split_counts
+from classify.runs import jsonable, save_run, save_split, write_json, write_text
+from classify.study import (
+    JOURNAL,
+    Objective,
+    fail_dead_local,
+    fail_interrupted,
+    fail_stale,
+    history,
+    kept_trial,
+    open_study,
+    progress,
+    storage_for,
+)
+from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, small_test, split_counts, split_for
 from features.store import FeatureStore, StoreError
 
 log = logging.getLogger("classify")
@@ -80,6 +91,9 @@ class FitConfig:
     study: str | None = None
     folds: int = 5
     test_fraction: float = 0.2
+    allow_small_test: bool = False
+    """Fit even when the test part holds fewer than MIN_TEST_LESIONS lesions of a class; every figure of
+    the run then carries a warning."""
     seed: int = 0
     views: str = "mean"
     meta: str = ""
@@ -102,6 +116,7 @@ class Data:
     y: np.ndarray
     groups: np.ndarray
     ids: np.ndarray
+    sha256: np.ndarray
     folds: np.ndarray
     encoder: MetaEncoder
 
@@ -134,7 +149,7 @@ def load_data(store: FeatureStore, spec: InputSpec, split: np.ndarray, budget: i
     meta = store_meta(store, spec.meta)
     encoder = MetaEncoder.fit({c: v[keep & (split >= 0)] for c, v in meta.items()})
     x = inputs_matrix(store, spec, keep, encoder.transform(meta, len(split)), budget)
-    columns = [store.column(name)[keep] for name in ("label", "group", "image_id")]
+    columns = [store.column(name)[keep] for name in ("label", "group", "image_id", "sha256")]
     return Data(x, *columns, split[keep], encoder)
 
 
@@ -166,6 +181,23 @@ def _fixed_params(head_cls, cfg: FitConfig) -> dict:
     return fixed
 
 
+def _check_parts(store: FeatureStore, data: Data, folds: int, dropped: dict[str, int]) -> None:
+    """The split's promises for the rows actually fitted: every class in every fold and in the test part
+    (rows left out after the split was made, e.g. not embedded by this backbone, could break them)."""
+    for c in sorted(set(data.y)):
+        parts = {f"fold {k}": data.folds == k for k in range(folds)} | {"the test part": data.test}
+        empty = [part for part, rows in parts.items() if not np.any(rows & (data.y == c))]
+        if empty:
+            why = f" after leaving out {', '.join(f'{n} {r}' for r, n in dropped.items())}" if dropped else ""
+            raise FitError(f"{store.path}: class {c!r} has no rows in {', '.join(empty)}{why}; embed the missing "
+                           "images, or use fewer --folds")
+
+
+def _finished(study: optuna.Study, since: int = 0) -> int:
+    """Finished trials of the study (numbered `since` or later)."""
+    return sum(t.state.is_finished() and t.number >= since for t in study.get_trials(deepcopy=False))
+
+
 def _redact(url: str | None) -> str | None:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
 
@@ -182,10 +214,23 @@ def fit(cfg: FitConfig) -> dict:
     )
     if cfg.protocol not in PROTOCOLS:
         raise FitError(f"--protocol {cfg.protocol!r}: choose {', '.join(PROTOCOLS)}")
+    if not 0 < cfg.test_fraction < 1:
+        raise FitError(f"--test-fraction {cfg.test_fraction}: a share of the lesions strictly between 0 and 1")
+    if cfg.folds < 2:
+        raise FitError(f"--folds {cfg.folds}: cross-validation needs at least 2 folds")
     budget = parse_budget(cfg.memory_budget)
     split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
-    split = ensure_split(store, split_spec)
+    split = split_for(store, split_spec)
     data = load_data(store, spec, split, budget)
+    dropped = left_out(store)
+    not_embedded = int(np.sum((split != UNUSED) & ~usable(store, spec)))
+    if not_embedded:
+        dropped[f"not embedded by {', '.join(spec.backbones)}"] = not_embedded
+    _check_parts(store, data, cfg.folds, dropped)
+    warning = small_test(lesions_in_test(data.y, data.groups, data.folds))
+    if warning and not cfg.allow_small_test:
+        raise FitError(f"{store.path}: {warning}. Raise --test-fraction (now {cfg.test_fraction:g}) or use more "
+                       "data, or pass --allow-small-test to fit anyway with every figure marked")
     streamed = isinstance(data.x, StoreRows)
     if streamed and not head_cls.streams:
         raise FitError(
@@ -201,8 +246,14 @@ def fit(cfg: FitConfig) -> dict:
     if positive is not None and positive not in classes:
         raise FitError(f"--positive {positive!r}: not a class of this store ({', '.join(classes)})")
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
+    if cfg.trials == 0 and cfg.storage is None and not (run / JOURNAL).is_file():
+        raise FitError(f"--trials 0: {run} holds no study to report on; add trials first (--trials N)")
+    if dropped:
+        log.warning("%s: %d labelled rows are left out of the split (%s)", store.path, sum(dropped.values()),
+                    ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
+    if warning:
+        log.warning("%s (--allow-small-test: every figure of this run is marked)", warning)
     log.info(
         "%s: %d study rows in %d folds, %d test rows (%s); head %s; study %s; %s; trials scored by %s",
         store.path,
@@ -217,8 +268,10 @@ def fit(cfg: FitConfig) -> dict:
         else "embeddings in memory",
         "fold 0 (holdout)" if protocol == "holdout" else f"{cfg.folds}-fold cross-validation",
     )
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from `progress`
+    # one line per trial comes from `progress`; a failed trial's own error is raised by `optimize`
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(name, storage_for(cfg.storage, run, cfg.heartbeat), cfg.seed)
+    fail_dead_local(study)
     fixed = _fixed_params(head_cls, cfg)
     objective = Objective(
         head_cls,
@@ -232,7 +285,17 @@ def fit(cfg: FitConfig) -> dict:
         keep=run / "trials",
     )
     if cfg.trials > 0:
-        study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()])
+        before = len(study.get_trials(deepcopy=False))
+        try:
+            study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs,
+                           callbacks=[progress()])
+        except KeyboardInterrupt:
+            fail_interrupted(study, first=before)
+            raise KeyboardInterrupt(
+                f"after {_finished(study, since=before)} trials of this run; study {name} keeps every finished trial "
+                f"({_finished(study)} now). Rerun the same command to add --trials more, or with --trials 0 to "
+                "refit the best and write the report"
+            ) from None
     fail_stale(study)
     if not cfg.report:
         log.info("study %s: %d trials; when every worker is done, `fit --trials 0` with the same --storage, "
@@ -243,8 +306,10 @@ def fit(cfg: FitConfig) -> dict:
         raise FitError(f"study {name}: no trial completed (all pruned or failed); run more --trials")
     best = study.best_trial
     params = {**head_cls.search_space(optuna.trial.FixedTrial(best.params)), **fixed}
+    run.mkdir(parents=True, exist_ok=True)
     with FileLock(str(run / ".final.lock")):  # several workers may finish at once: one writes at a time
-        resolved = {"protocol": protocol, "memory_budget_bytes": budget, "streamed": streamed}
+        resolved = {"protocol": protocol, "memory_budget_bytes": budget, "streamed": streamed,
+                    "left_out": dropped, "warning": warning}
         metrics = _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name,
                          resolved)  # fmt: skip
     log.info("fit took %.0f s", time.monotonic() - started)
@@ -288,11 +353,15 @@ def _final(
             "protocol": resolved["protocol"],
         },
     }
+    if resolved["warning"]:
+        metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
+    metrics["left_out"] = resolved["left_out"]
     keys = ("weights", "weights_sha256", "precision", "views", "runtime", "calibration", "fingerprint", "identity")
     extraction = {b: {k: store.backbone_attrs(b).get(k) for k in keys} for b in spec.backbones}
     card = {
         "store": str(store.path.resolve()),
         "split": split_spec.name,
+        "split_digest": save_split(run, data.ids, data.folds, data.sha256),
         "inputs": spec.as_dict(),
         "meta_encoder": data.encoder.columns,
         "extraction": extraction,
@@ -340,12 +409,23 @@ def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndar
     return out
 
 
-def predictions_csv(ids: np.ndarray, proba: np.ndarray, classes: list[str], predicted: bool = False) -> str:
-    """ISIC-style: `image` then one probability column per class (and `predicted` if asked)."""
+def predictions_csv(
+    ids: np.ndarray,
+    proba: np.ndarray,
+    classes: list[str],
+    predicted: bool = False,
+    failed: dict[str, str] | None = None,
+) -> str:
+    """ISIC-style: `image` then one probability column per class (and `predicted` if asked); with
+    `failed`, an `error` column, blank for classified images, and a row with its reason for each image
+    that could not be classified."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", *classes] + (["predicted"] if predicted else []))
+    errors = failed is not None
+    writer.writerow(["image", *classes] + (["predicted"] if predicted else []) + (["error"] if errors else []))
     for image_id, row in zip(ids, proba):
         cells = [str(image_id), *(f"{p:.6f}" for p in row)]
-        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []))
+        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []) + ([""] if errors else []))
+    for image_id, reason in (failed or {}).items():
+        writer.writerow([image_id, *([""] * len(classes))] + ([""] if predicted else []) + [reason])
     return buffer.getvalue()

@@ -18,8 +18,8 @@ import numpy as np
 from classify.fit import predictions_csv
 from classify.inputs import MEMORY_BUDGET, StoreRows, inputs_matrix, parse_budget, proba_views, usable
 from classify.metrics import evaluate
-from classify.runs import Run, RunError, load_run, write_json, write_text
-from features.splits import TEST, read_split
+from classify.runs import Run, RunError, RunSplit, load_run, read_run_split, write_json, write_text
+from features.splits import TEST, UNUSED, lesions_in_test, read_split, small_test
 from features.store import FeatureStore, StoreError
 
 log = logging.getLogger("classify")
@@ -65,24 +65,59 @@ def parse_label_map(text: str) -> dict[str, str]:
     return {a.strip(): b.strip() for a, b in pairs}
 
 
+def run_split(run: Run) -> RunSplit:
+    """The split the run used: its own record, or (runs made before runs kept it) the split stored in
+    the run's store."""
+    recorded = read_run_split(run.folder)
+    if recorded is not None:
+        return recorded
+    path = Path(run.card["store"])
+    stored = read_split(FeatureStore(path), run.card["split"]) if path.is_file() else None
+    if stored is None:
+        raise RunError(f"{run.folder}: the run's split {run.card['split']} is recorded neither in the run nor in "
+                       f"{path}; fit the run again")
+    store = FeatureStore(path)
+    keep = stored != UNUSED
+    return RunSplit(store.column("image_id")[keep], stored[keep], store.column("sha256")[keep])
+
+
+def seen_rows(split: RunSplit, ids: np.ndarray, sha256: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of a store (by `ids`, `sha256`) that the run trained or was tuned on: the same image id, or
+    the same file under another id (same SHA-256). Both as masks, by reason."""
+    seen = split.seen
+    by_id = np.isin(ids, split.image_id[seen])
+    hashes = [h for h in split.sha256[seen] if h]
+    by_file = np.isin(sha256, hashes) & (sha256 != "") & ~by_id
+    return {"trained or tuned on (same image id)": by_id,
+            "the same file as an image trained or tuned on (same SHA-256)": by_file}
+
+
 def evaluate_run(
     run_dir: str | Path, features: str | None = None, label_map: str = "", memory_budget: str = MEMORY_BUDGET
 ) -> dict:
-    """Metrics of a run on its own test rows, or on every labelled row of another store; embeddings
-    larger than `memory_budget` are read and scored block by block."""
+    """Metrics of a run on its own test rows, or on every labelled row of another store that the run has
+    not seen (an image it trained or was tuned on, by id or by file content, is never scored as new);
+    embeddings larger than `memory_budget` are read and scored block by block."""
     run = load_run(run_dir)
-    own = features is None or Path(features).resolve() == Path(run.card["store"])
+    own = features is None
     store = FeatureStore(features or run.card["store"])
     check_fingerprints(run, store)
     rows = usable(store, run.inputs)
-    if own:
-        split = read_split(store, run.card["split"])
-        if split is None:
-            raise RunError(f"{store.path}: the run's split {run.card['split']} is missing from the store")
-        rows &= split == TEST
     mapping = parse_label_map(label_map)
     labels = np.array([mapping.get(v, v) for v in store.column("label")], dtype=object)
     rows &= labels != ""
+    split = run_split(run)
+    ids = store.column("image_id")
+    if own:
+        rows &= np.isin(ids, split.test_ids)
+    excluded = {}
+    for reason, mask in seen_rows(split, ids, store.column("sha256")).items():
+        if np.any(rows & mask):
+            excluded[reason] = int(np.sum(rows & mask))
+            rows &= ~mask
+    if excluded:
+        log.warning("%s: %d images left out, as the run has seen them: %s", store.path, sum(excluded.values()),
+                    "; ".join(f"{n} {reason}" for reason, n in excluded.items()))
     unknown = sorted(set(labels[rows]) - set(run.classes))
     if unknown:
         raise RunError(
@@ -90,19 +125,25 @@ def evaluate_run(
             f"map them with --label-map store_label=run_label,..."
         )
     if not rows.any():
-        raise RunError(f"{store.path}: no labelled rows to evaluate on")
+        why = (f": all {sum(excluded.values())} labelled images were trained or tuned on by the run (same id or "
+               "same file), so none is unseen") if excluded else ""
+        raise RunError(f"{store.path}: no labelled rows to evaluate on{why}")
     proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(memory_budget)))
     groups = store.column("group")[rows]
     metrics = evaluate(labels[rows], proba, run.classes, groups, run.card.get("positive"), run.card["majority"])
+    warning = small_test(lesions_in_test(labels[rows], groups, np.full(len(groups), TEST)))
+    if warning:
+        metrics["warning"] = warning.replace("the test part", "the scored set")
+    metrics["excluded"] = excluded
     name = "test" if own else Path(store.path).stem
     folder = run.folder / "evaluations" / name
     folder.mkdir(parents=True, exist_ok=True)
     write_json(
         folder / "metrics.json",
-        {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled", **metrics},
+        {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
     write_text(
-        folder / "predictions.csv", predictions_csv(store.column("image_id")[rows], proba, run.classes)
+        folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes)
     )
     return metrics
 
@@ -113,6 +154,7 @@ class Prediction:
     proba: np.ndarray
     classes: list[str]
     failed: dict[str, str]
+    """Inputs that could not be classified (image id, or a folder with no images) and why."""
 
 
 def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
@@ -132,14 +174,22 @@ def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
 
 
 def predict(
-    run_dir: str | Path, paths: list[str], batch_size: int = 0, workers: int = -1, device: str = "auto"
+    run_dir: str | Path,
+    paths: list[str],
+    batch_size: int = 0,
+    workers: int = -1,
+    device: str = "auto",
+    root: str | None = None,
 ) -> Prediction:
-    """Class probabilities of new images, embedded exactly as the run's training store was."""
+    """Class probabilities of new images, embedded exactly as the run's training store was; every input
+    that could not be classified is in `failed` with its reason."""
     from extract.manifest import read_paths
     from extract.run import ExtractConfig, extract
 
     run = load_run(run_dir)
-    manifest = read_paths(paths)
+    manifest, failed = read_paths(paths, root)
+    if not len(manifest):
+        return Prediction([], np.zeros((0, len(run.classes))), run.classes, failed)
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
         store_path = Path(tmp) / "predict.h5"
         for backbone, recorded in run.card["extraction"].items():  # one pass each: settings may differ
@@ -155,13 +205,14 @@ def predict(
                     batch_size=batch_size,
                     workers=workers,
                     device=device,
+                    max_failed=1.0,  # predict reports every failure itself
                 ),
                 manifest=manifest,
             )
         store = FeatureStore(store_path)
         check_fingerprints(run, store)
         rows = usable(store, run.inputs)
-        proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(MEMORY_BUDGET)))
-        ids = [i for i, ok in zip(store.samples().image_id, rows) if ok]
-        failed = store.failed()
-    return Prediction(ids, proba, run.classes, failed)
+        ids = [i for i, ok in zip(store.column("image_id"), rows) if ok]
+        proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(MEMORY_BUDGET))) if ids else None
+        failed.update(store.failed())
+    return Prediction(ids, proba if proba is not None else np.zeros((0, len(run.classes))), run.classes, failed)

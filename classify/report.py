@@ -30,7 +30,7 @@ def _ci(metrics: dict, key: str) -> str:
 
 def headline(metrics: dict) -> str:
     """One line per part: balanced accuracy and AUC with their intervals, and the baseline."""
-    lines = []
+    lines = [f"WARNING: {metrics['warning']}"] if metrics.get("warning") else []
     for part in [p for p in ("test", "cv", "validation") if p in metrics]:
         m = metrics[part]
         lines.append(
@@ -65,6 +65,7 @@ def write_report(
 
 def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) -> str:
     finetune = config.get("kind") == "finetune"
+    warned = bool(metrics.get("warning"))
     test = metrics["test"]
     if finetune and config.get("refit"):
         second = metrics["validation"]
@@ -85,9 +86,11 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
         "",
         "## Headline",
         "",
+        *([f"> **Warning: {metrics['warning']}.** Every figure below is marked by it.", ""] if warned else []),
         "| | balanced accuracy (95 % CI) | AUC (95 % CI) | accuracy | ECE | n (lesions) |",
         "| --- | --- | --- | --- | --- | --- |",
-        f"| test | {_ci(test, 'balanced_accuracy')} | {_ci(test, 'auc')} | {_fmt(test['accuracy'])} | "
+        f"| test{' (too few lesions: see the warning)' if warned else ''} | {_ci(test, 'balanced_accuracy')} "
+        f"| {_ci(test, 'auc')} | {_fmt(test['accuracy'])} | "
         f"{_fmt(test['ece'])} | {test['n']} ({test['lesions']}) |",
         f"| {second_name} | {_ci(second, 'balanced_accuracy')} | {_ci(second, 'auc')} | "
         f"{_fmt(second['accuracy'])} | {_fmt(second['ece'])} | {second['n']} ({second['lesions']}) |",
@@ -131,6 +134,10 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
     lines += ["", "## Data", "", "| class | study rows | test rows |", "| --- | --- | --- |"]
     for c in sorted(set(counts["study"]) | set(counts["test"])):
         lines.append(f"| {c} | {counts['study'].get(c, 0)} | {counts['test'].get(c, 0)} |")
+    dropped = metrics.get("left_out") or {}
+    lines += ["", "Labelled rows left out of the split: " + (
+        f"{sum(dropped.values())} ({', '.join(f'{n} {reason}' for reason, n in dropped.items())})." if dropped
+        else "none.")]
     lines += [""] + (_training_section(config, history) if finetune else _study_section(config, history))
     history_plot = "training_history.png" if finetune else "optimisation_history.png"
     lines += [

@@ -21,9 +21,16 @@ import numpy as np
 
 from classify.heads import Head, get_head
 from classify.inputs import InputSpec, MetaEncoder
+from features.splits import TEST, UNUSED, split_digest
 
 HEAD_FOLDER = "head"
 CARD = "run.json"
+SPLIT_FILE = "split.npz"
+"""The split the run was fitted and tested with: every row it used, its fold (TEST for test rows) and
+the SHA-256 of its image file, so that `evaluate` can tell which images the run has seen."""
+CARD_KEYS: dict[str, type] = {"format": str, "head": str, "params": dict, "classes": list, "files": dict,
+                              "inputs": dict, "meta_encoder": dict, "extraction": dict, "split": str}
+"""What a card must hold, and of which JSON type, before anything else of it is trusted."""
 FORMAT = "skin-lesion-run"
 FORMAT_VERSION = 1
 
@@ -53,9 +60,13 @@ def write_json(path: Path, data) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
+    """Atomically; a failed write (a full disk) leaves neither a half file nor its temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -95,12 +106,26 @@ def save_run(folder: Path, head: Head, card: dict) -> None:
 
 
 def read_card(folder: Path) -> dict:
+    """The run's card, checked: valid JSON, the keys a run needs, and head files named inside head/."""
     card_path = Path(folder) / CARD
     if not card_path.is_file():
         raise RunError(f"{folder}: not a finished run (no {CARD}); run `cli.py fit ... --out {folder}` first")
-    card = json.loads(card_path.read_text())
-    if card.get("format") != FORMAT:
-        raise RunError(f"{card_path}: not a run card (format {card.get('format')!r})")
+    try:
+        card = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{card_path}: not valid JSON ({exc}); the card was damaged or edited: restore it, or "
+                       "fit the run again") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        format_ = card.get("format") if isinstance(card, dict) else None
+        raise RunError(f"{card_path}: not a run card (format {format_!r})")
+    for key, kind in CARD_KEYS.items():
+        if not isinstance(card.get(key), kind):
+            raise RunError(f"{card_path}: {key!r} is missing or not a JSON {kind.__name__}; the card was edited or "
+                           "damaged: restore it, or fit the run again")
+    for name in card["files"]:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise RunError(f"{card_path}: lists {name!r} as a head file; a run's files are plain names inside its "
+                           f"{HEAD_FOLDER}/ folder")
     return card
 
 
@@ -118,5 +143,58 @@ def load_run(folder: str | Path) -> Run:
                 f"{path}: its SHA-256 differs from the one recorded in {CARD} when the run was written; "
                 f"the file was modified, so the run is refused"
             )
-    head = get_head(card["head"]).load(head_dir, card["params"], card["classes"])
-    return Run(folder, card, head, InputSpec.from_dict(card["inputs"]), MetaEncoder(card["meta_encoder"]))
+    head_cls = get_head(card["head"])
+    try:
+        head = head_cls.load(head_dir, card["params"], card["classes"])
+        inputs, encoder = InputSpec.from_dict(card["inputs"]), MetaEncoder(card["meta_encoder"])
+    except Exception as exc:  # a head file that is not the data it should be (e.g. a pickle with code)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunError(f"{head_dir}: the {card['head']} head cannot be read as data ({reason[:200]}); "
+                       "the run is refused") from None
+    return Run(folder, card, head, inputs, encoder)
+
+
+@dataclass
+class RunSplit:
+    """The rows a run used, by image: which were test rows, which it trained or was tuned on."""
+
+    image_id: np.ndarray
+    fold: np.ndarray
+    sha256: np.ndarray
+
+    @property
+    def test_ids(self) -> np.ndarray:
+        return self.image_id[self.fold == TEST]
+
+    @property
+    def seen(self) -> np.ndarray:
+        """Rows the run trained or was tuned on (every fold of the study part)."""
+        return self.fold >= 0
+
+
+def save_split(folder: Path, ids, folds: np.ndarray, sha256) -> str:
+    """Write RUN/split.npz (rows in the split only) and return its digest."""
+    ids = np.asarray(ids, dtype=str)
+    folds = np.asarray(folds, dtype=np.int8)
+    keep = folds != UNUSED
+    tmp = folder / f".{SPLIT_FILE}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, image_id=ids[keep], fold=folds[keep],
+                                sha256=np.asarray(sha256, dtype="S64")[keep])
+        os.replace(tmp, folder / SPLIT_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return split_digest(ids[keep], folds[keep])
+
+
+def read_run_split(folder: str | Path) -> RunSplit | None:
+    """The split a run recorded (None for runs made before runs kept their split)."""
+    path = Path(folder) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return RunSplit(z["image_id"].astype(str), z["fold"].astype(np.int8), z["sha256"].astype(str))
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunError(f"{path}: cannot be read ({exc}); restore it, or fit the run again") from None

@@ -43,6 +43,10 @@ MAX_RETRY = 2
 SCHEMA_ATTEMPTS = 5
 
 
+class StudyError(ValueError):
+    """A study option that cannot work (e.g. a --storage that is not a database URL)."""
+
+
 def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.storages.BaseStorage:
     """`--storage URL` (sqlite:///..., postgresql://...) or the run folder's journal file.
 
@@ -51,7 +55,7 @@ def storage_for(url: str | None, run: Path, heartbeat: int = 60) -> optuna.stora
     trial FAIL and queues it again (`RetryHeartbeatStaleTrialCallback`), so no trial stays RUNNING."""
     if url:
         if "://" not in url:
-            raise ValueError(f"--storage {url!r}: a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)")
+            raise StudyError(f"--storage {url!r}: a database URL (sqlite:///FILE, postgresql://USER@HOST/DB)")
         for attempt in range(SCHEMA_ATTEMPTS):
             try:
                 return _rdb_storage(url, heartbeat)
@@ -82,6 +86,45 @@ def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+def fail_dead_local(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials of processes of this machine that no longer exist (a worker killed
+    with kill -9 in a journal-file study, which has no heartbeat): otherwise they stay RUNNING forever.
+    Trials of live processes and of other machines are left alone. Returns the trials marked."""
+    host = socket.gethostname()
+    marked = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        marked.append(trial.number)
+        log.warning("trial %d was left running by process %s, which no longer exists: marked failed",
+                    trial.number, pid)
+    return marked
+
+
+def fail_interrupted(study: optuna.Study, first: int) -> list[int]:
+    """After Ctrl-C: mark FAIL the trials this process left RUNNING (numbered `first` or later, recorded
+    as this process's, or not yet recorded at all: the interrupt can land between Optuna creating a trial
+    and the objective naming its worker)."""
+    marked = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.number >= first and trial.user_attrs.get("worker", WORKER) == WORKER:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            marked.append(trial.number)
+    return marked
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def open_study(name: str, storage: optuna.storages.BaseStorage | str, seed: int) -> optuna.Study:

@@ -10,6 +10,7 @@ load time and is listed with the other unreadable images.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ from typing import Callable
 
 from extract.images import IMAGE_SUFFIXES
 from features.store import Samples
+
+log = logging.getLogger("extract")
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "file": ("path", "image", "image_id", "image_name", "filename", "file"),
@@ -88,11 +91,16 @@ def _relative(path: Path, root: Path) -> str:
 def read_folder(folder: Path, images: Path | None) -> Manifest:
     """One subfolder per class; images directly in the folder are unlabelled."""
     files: list[tuple[Path, str]] = []
+    skipped: Counter = Counter()
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         here = Path(dirpath)
         label = "" if here == folder else here.relative_to(folder).parts[0]
         files += [(here / name, label) for name in sorted(filenames) if _is_image(name)]
+        skipped.update(os.path.splitext(name)[1].lower() or name for name in filenames if not _is_image(name))
+    if skipped:
+        log.warning("%s: %d files skipped, not in a format read here (%s; read: %s)", folder, sum(skipped.values()),
+                    ", ".join(f"{k} {n}" for k, n in skipped.most_common(5)), ", ".join(IMAGE_SUFFIXES))
     relative = [_relative(path, folder) for path, _ in files]
     stems = [path.stem for path, _ in files]
     unique = len(set(stems)) == len(stems)  # same file name in two class folders: ids keep the folder
@@ -109,37 +117,68 @@ def read_folder(folder: Path, images: Path | None) -> Manifest:
 
 
 class _Resolver:
-    """Finds the file of a CSV entry: a path, or a bare id tried with each image suffix."""
+    """Finds the file of a CSV entry, and never a different file of the same name.
+
+    An entry with a folder in it (`images/ISIC_1.jpg`, or an absolute path) is a path: relative to the
+    root and nowhere else, so a missing file is a missing file (with the root one folder too high, a
+    search by name would quietly take images of another data set). A bare name (`ISIC_1`,
+    `ISIC_1.jpg`) is an id: tried directly under the root (with each image suffix when it has none),
+    then searched for anywhere under it (HAM10000 ships its images in two folders). An id that names
+    more than one file is ambiguous: collected in `ambiguous`, which the reader turns into an error."""
 
     def __init__(self, root: Path):
         self.root = root
-        self._index: dict[str, Path] | None = None
+        self._index: dict[str, list[Path]] | None = None
+        self.ambiguous: dict[str, list[Path]] = {}
 
     def __call__(self, value: str) -> Path:
-        candidate = Path(value) if os.path.isabs(value) else self.root / value
-        if candidate.is_file():
-            return candidate
+        if os.path.isabs(value) or "/" in value or os.sep in value:
+            return Path(value) if os.path.isabs(value) else self.root / value
+        if (self.root / value).is_file():
+            return self.root / value
         if not _is_image(value):
-            for suffix in IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES):
-                if (found := self.root / f"{value}{suffix}").is_file():
-                    return found
-            candidate = self.root / f"{value}{IMAGE_SUFFIXES[0]}"
-        name = Path(value).name
-        found = self.index().get(_strip_suffix(name))
-        if found is not None and (not _is_image(name) or found.name.lower() == name.lower()):
-            return found
-        return candidate  # missing: it fails at load time and is listed with its reason
+            direct = _distinct(self.root / f"{value}{suffix}" for suffix in _ALL_SUFFIXES)
+            if direct:
+                return self._one(value, direct)
+        found = self.index().get(_strip_suffix(value), [])
+        if _is_image(value):
+            found = [f for f in found if f.name.lower() == value.lower()]
+        if found:
+            return self._one(value, found)
+        return self.root / (value if _is_image(value) else f"{value}{IMAGE_SUFFIXES[0]}")  # missing: fails later
 
-    def index(self) -> dict[str, Path]:
-        """Images anywhere under the root by stem (HAM10000 ships its images in two folders)."""
+    def _one(self, value: str, files: list[Path]) -> Path:
+        if len(files) > 1:
+            self.ambiguous[value] = files
+        return files[0]
+
+    def index(self) -> dict[str, list[Path]]:
+        """Images anywhere under the root by stem."""
         if self._index is None:
             self._index = {}
             for dirpath, dirnames, filenames in os.walk(self.root):
                 dirnames.sort()
                 for name in sorted(filenames):
                     if _is_image(name):
-                        self._index.setdefault(os.path.splitext(name)[0], Path(dirpath) / name)
+                        self._index.setdefault(os.path.splitext(name)[0], []).append(Path(dirpath) / name)
         return self._index
+
+
+_ALL_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + tuple(s.upper() for s in IMAGE_SUFFIXES)))
+
+
+def _distinct(paths) -> list[Path]:
+    """The paths that are files, each file once (x.jpg and x.JPG are one file where case does not count)."""
+    seen, files = set(), []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        if path.is_file() and (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            files.append(path)
+    return files
 
 
 def _pick(header: list[str], role: str) -> str | None:
@@ -196,6 +235,16 @@ def read_csv(path: Path, images: Path | None) -> Manifest:
         manifest.group.append((row.get(group_col) or "").strip() if group_col else "")
         for column, values in manifest.meta.items():
             values.append((row.get(column) or "").strip())
+    if resolve.ambiguous:
+        listed = "; ".join(
+            f"{value} matches {', '.join(_relative(f, root) for f in files)}"
+            for value, files in list(resolve.ambiguous.items())[:3]
+        )
+        raise ManifestError(
+            f"{path}: {len(resolve.ambiguous)} image ids match more than one file under {root} ({listed}"
+            f"{' ...' if len(resolve.ambiguous) > 3 else ''}); give each file's path relative to that folder "
+            "in the CSV, or point --images at the folder that holds only this data set"
+        )
     return manifest
 
 
@@ -206,25 +255,30 @@ READERS: list[tuple[Callable[[Path], bool], Callable[[Path, Path | None], Manife
 """How each kind of --data is recognised and read, first match wins."""
 
 
-def read_paths(paths: list[str | Path]) -> Manifest:
-    """Images named one by one, folders of them (searched recursively) or a single manifest CSV, as
-    for `cli.py predict`. A path that does not exist becomes a row that fails as a missing file."""
+def read_paths(paths: list[str | Path], root: str | Path | None = None) -> tuple[Manifest, dict[str, str]]:
+    """Images named one by one, folders of them (searched recursively) or a single manifest CSV (its paths
+    relative to `root`, else to its folder), as for `cli.py predict`. Returns the rows and the inputs that
+    hold no image at all (a folder without images), with the reason. A path that does not exist becomes a
+    row that fails as a missing file, so that every input is accounted for."""
     if len(paths) == 1 and Path(paths[0]).is_file() and str(paths[0]).lower().endswith(".csv"):
-        return read_manifest(paths[0])
-    root = Path.cwd()
-    manifest = Manifest(source=", ".join(str(p) for p in paths), kind="paths", root=root)
+        return read_manifest(paths[0], root), {}
+    here = Path.cwd()
+    manifest = Manifest(source=", ".join(str(p) for p in paths), kind="paths", root=here)
+    empty: dict[str, str] = {}
     for given in map(Path, paths):
         if given.is_dir():
             folder = read_folder(given, None)
+            if not folder.path:
+                empty[str(given)] = f"a folder with no images ({', '.join(IMAGE_SUFFIXES)})"
             files = [given / p for p in folder.path]
         else:
             files = [given]
         for file in files:
             manifest.image_id.append(_strip_suffix(file.name))
-            manifest.path.append(_relative(file.resolve(), root))
+            manifest.path.append(_relative(file.resolve(), here))
             manifest.label.append("")
             manifest.group.append("")
-    return manifest.check()
+    return (manifest.check() if manifest.image_id else manifest), empty
 
 
 def read_manifest(data: str | Path, images: str | Path | None = None) -> Manifest:

@@ -42,6 +42,7 @@ from extract.runtimes import (  # noqa: F401  (PRECISIONS, COMPILE_FROM, compile
     compiles,
     resolve_runtime,
 )
+from features.lock import StoreLock
 from features.store import (
     BackboneLayout,
     Chunk,
@@ -94,11 +95,16 @@ class ExtractConfig:
     resnet50 about 14 s on an H100 and gained nothing). Falls back to eager, with a warning, where
     compiling fails."""
     strict: bool = False
+    max_failed: float = 0.5
+    """The exit status is 1 when more than this share of the data set's images could not be used (a
+    mostly failed extraction is not a success: e.g. a manifest pointed at the wrong --images folder)."""
     overwrite: bool = False
     flush_rows: int = 512
     """Rows per journal file: at most this much work is redone after a crash."""
     flush_seconds: float = 60.0
     """...or at most this many seconds of it."""
+    wait: bool = False
+    """If another process is writing --out, wait for it instead of refusing."""
 
     def resolved(self) -> "ExtractConfig":
         """A copy with every `auto` choice made for this machine (what the store records)."""
@@ -156,6 +162,8 @@ class Summary:
     """Rows embedded by this run, per backbone."""
     failed: dict[str, str] = field(default_factory=dict)
     """Images of this data set that could not be used, with the reason."""
+    images: int = 0
+    """Images of this data set (rows of its manifest)."""
     seconds: float = 0.0
     steady_images_per_s: float = 0.0
     """Images decoded and embedded per second over the second half of the run (start-up, compiling and
@@ -357,27 +365,30 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
     backbones, layouts = load_backbones(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for backbone in backbones:
-        if backbone.random_init:
-            log.warning(
-                "%s has RANDOM weights (--weights none): its embeddings carry no ImageNet knowledge; "
-                "use them for tests only. The store marks them random_init=True.",
-                backbone.name,
-            )
-    _refuse_other_settings(out, layouts, cfg.overwrite)
-    journal = Journal(journal_folder(out))
-    journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
-    samples, todo = _plan(out, manifest, layouts, journal)
-    summary = Summary(store=out)
-    log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
-    _embed(cfg, manifest, samples, backbones, todo, journal, summary, calibration)
-    root_attrs = {
-        "data_root": str(manifest.root.resolve()),
-        "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-    }
-    assemble(out, samples, layouts, journal, root_attrs, manifest.image_id)
-    failed = FeatureStore(out).failed()
-    summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
+    # One writer per store, from the plan to the assembled store: a second extraction on --out is
+    # refused before it does any work (or, with cfg.wait, plans only once the first has finished).
+    with StoreLock(out, wait=cfg.wait):
+        for backbone in backbones:
+            if backbone.random_init:
+                log.warning(
+                    "%s has RANDOM weights (--weights none): its embeddings carry no ImageNet knowledge; "
+                    "use them for tests only. The store marks them random_init=True.",
+                    backbone.name,
+                )
+        _refuse_other_settings(out, layouts, cfg.overwrite)
+        journal = Journal(journal_folder(out))
+        journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
+        samples, todo = _plan(out, manifest, layouts, journal)
+        summary = Summary(store=out, images=len(manifest))
+        log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
+        _embed(cfg, manifest, samples, backbones, todo, journal, summary, calibration)
+        root_attrs = {
+            "data_root": str(manifest.root.resolve()),
+            "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+        }
+        assemble(out, samples, layouts, journal, root_attrs, manifest.image_id)
+        failed = FeatureStore(out).failed()
+        summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -1,27 +1,35 @@
-"""Lesion-grouped, stratified splits: a test part and K cross-validation folds, made once, stored.
+"""Lesion-grouped, stratified splits: a test part and K cross-validation folds.
 
-`/splits/<name>` holds one int8 per row: the fold index (0..K-1) of a study row, `TEST` (-1) for the
-test rows that no study ever sees, `UNUSED` (-2) for rows without a label. Every image of a lesion
-(group) lands on the same side, so no lesion is both trained on and tested on. The name encodes the
-recipe, so asking again for the same recipe reuses the stored split and never reshuffles test rows.
+A split is one int8 per store row: the fold index (0..K-1) of a study row, `TEST` (-1) for the test
+rows that no study ever sees, `UNUSED` (-2) for rows that cannot be fitted (no label, or an image that
+was not embedded). Every image of a lesion (group) lands on the same side, so no lesion is both
+trained on and tested on.
+
+A split is a pure function of the recipe (`SplitSpec`, whose name encodes it) and of the store's usable
+rows, so it is made again wherever it is needed instead of being written into the store: `fit` never
+writes into its input (a store on a read-only medium works, and trying recipes leaves nothing behind),
+and every head and backbone fitted on the same store and recipe gets the same test rows. A run keeps
+the split it used (classify/runs.py), so it is scored on the same rows even after the store grows.
+Stores written by earlier versions hold splits under `/splits/<name>`; those are read as they are.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
-from filelock import FileLock
 
 from features.store import FeatureStore
 
 TEST = -1
 UNUSED = -2
+MIN_TEST_LESIONS = 10
+"""A class with fewer lesions than this in the test part makes its figures too uncertain to mean much:
+`fit` refuses it unless told to go on, and then marks every figure."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,8 @@ def split_counts(split: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, i
 
 
 def read_split(store: FeatureStore, name: str) -> np.ndarray | None:
-    """The stored split, with rows added to the store after it was made marked UNUSED."""
+    """A split stored in the store by an earlier version (`/splits/<name>`), with rows added to the store
+    after it was made marked UNUSED; None when there is none."""
     with h5py.File(store.path, "r") as f:
         if f"splits/{name}" not in f:
             return None
@@ -109,42 +118,55 @@ def read_split(store: FeatureStore, name: str) -> np.ndarray | None:
     return stored
 
 
-def ensure_split(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
-    """The split of `spec` from the store, made and stored (atomically) the first time.
-
-    A lock next to the store makes concurrent `fit` workers agree: the first writes, the others read.
-    """
-    existing = read_split(store, spec.name)
-    if existing is not None:
-        return existing
-    with FileLock(str(store.path.with_name(f".{store.path.name}.lock"))):
-        existing = read_split(store, spec.name)
-        if existing is not None:
-            return existing
-        split = make_split(store.column("label"), store.column("group"), spec)
-        write_split(store, spec, split)
-    return split
+def usable_rows(store: FeatureStore) -> np.ndarray:
+    """Rows a split deals out: labelled, and embedded (by any backbone: an image that could not be read
+    has no embedding at all). Not tied to one backbone, so that every backbone of the store gets the
+    same split."""
+    embedded = np.zeros(len(store), dtype=bool)
+    for backbone in store.backbones:
+        embedded |= store.done(backbone)
+    failed = store.failed()
+    if failed:
+        embedded &= ~np.isin(store.column("image_id"), list(failed))
+    return embedded & (store.column("label") != "")
 
 
-def write_split(store: FeatureStore, spec: SplitSpec, split: np.ndarray) -> None:
-    """Add /splits/<spec.name> to the store: a copy with the split, renamed over the store."""
-    tmp = store.path.with_name(f"{store.path.name}.{os.getpid()}.tmp")
-    shutil.copyfile(store.path, tmp)
-    try:
-        with h5py.File(tmp, "r+") as f:
-            ds = f.require_group("splits").create_dataset(spec.name, data=np.asarray(split, dtype=np.int8))
-            ds.attrs.update(
-                {
-                    "seed": spec.seed,
-                    "method": "grouped-stratified-deal",
-                    "folds": spec.folds,
-                    "test_fraction": spec.test_fraction,
-                }
-            )
-        os.replace(tmp, store.path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def left_out(store: FeatureStore) -> dict[str, int]:
+    """Labelled rows that no split uses, by reason (for reports)."""
+    labelled = store.column("label") != ""
+    unusable = labelled & ~usable_rows(store)
+    if not unusable.any():
+        return {}
+    failed = np.isin(store.column("image_id"), list(store.failed()))
+    reasons = {"image could not be read": int(np.sum(unusable & failed)),
+               "not embedded": int(np.sum(unusable & ~failed))}
+    return {reason: n for reason, n in reasons.items() if n}
+
+
+def split_for(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
+    """The split of `spec` over the store's usable rows: the one an earlier version stored, if any,
+    else made (deterministically: the same store and recipe give the same split everywhere)."""
+    stored = read_split(store, spec.name)
+    if stored is not None:
+        return stored
+    labels = np.where(usable_rows(store), store.column("label"), "")
+    return make_split(labels, store.column("group"), spec)
+
+
+def split_digest(ids, split: np.ndarray) -> str:
+    """A short hash of which image is on which side: two runs with the same digest were tested on the
+    same rows."""
+    digest = hashlib.sha256()
+    for image_id, fold in zip(ids, np.asarray(split).tolist()):
+        digest.update(f"{image_id}\t{fold}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def lesions_in_test(labels: np.ndarray, groups: np.ndarray, split: np.ndarray) -> dict[str, int]:
+    """Lesions (groups) per class in the test part."""
+    labels, groups = np.asarray(labels, dtype=object), np.asarray(groups, dtype=object)
+    test = np.asarray(split) == TEST
+    return {c: len(set(groups[test & (labels == c)])) for c in sorted(set(labels[np.asarray(split) != UNUSED]))}
 
 
 def spec_from_name(name: str) -> SplitSpec:
@@ -153,3 +175,14 @@ def spec_from_name(name: str) -> SplitSpec:
     if not match:
         raise ValueError(f"not a split name: {name!r}")
     return SplitSpec(int(match.group(1)) / 100, int(match.group(2)), int(match.group(3)))
+
+
+def small_test(lesions: dict[str, int]) -> str:
+    """What is wrong with a test part that has fewer than MIN_TEST_LESIONS lesions of a class ("" when
+    nothing is): the line a refusal says, and the warning every figure carries when told to go on."""
+    short = {c: n for c, n in lesions.items() if n < MIN_TEST_LESIONS}
+    if not short:
+        return ""
+    listed = ", ".join(f"{n} of {c!r}" for c, n in short.items())
+    return (f"the test part holds only {listed} lesions (fewer than {MIN_TEST_LESIONS} per class): "
+            "its figures are too uncertain to mean much")

@@ -13,10 +13,13 @@ Format 1 (see docs/feature-store.md). Writing is crash-safe in two layers:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -233,6 +236,10 @@ def read_failed(f: h5py.File) -> dict[str, str]:
 class Journal:
     """Finished rows of a running extraction, as atomically written `.npz` files in one folder."""
 
+    _last_ns = 0
+    """Time stamp in this process's last chunk name: names sort in write order even when the clock
+    stands still between two writes, or steps back."""
+
     def __init__(self, folder: Path):
         self.folder = folder
 
@@ -254,6 +261,8 @@ class Journal:
         _atomic_write_bytes(plan, json.dumps({**old, **fingerprints}, indent=1).encode())
 
     def chunks(self) -> list[Path]:
+        """The journal's files in name order: write order within each process (and the numbered names
+        of older versions' journals first, so that their interrupted runs resume)."""
         return sorted(self.folder.glob("chunk-*.npz")) if self.folder.is_dir() else []
 
     def done_ids(self) -> dict[str, set[str]]:
@@ -266,10 +275,16 @@ class Journal:
         return done
 
     def write(self, chunk: "Chunk") -> None:
+        """Journal one block of work as a file of its own.
+
+        The name (time, PID, random part) cannot collide with another process's or another Journal
+        object's, even when two extractions write the same journal at once; picking the next number by
+        listing the folder could, and one process then renamed the other's temporary file. The file
+        appears only whole: written to a temporary name as unique as its own, synced, renamed. A write
+        that fails (a full disk) removes its temporary file and re-raises; the chunks before it stay, so
+        a rerun resumes from them."""
         if not chunk.ids and not chunk.failed:
             return
-        existing = self.chunks()
-        number = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
         arrays: dict[str, np.ndarray] = {
             "ids": np.array(chunk.ids, dtype=str),
             "sha256": np.array(chunk.sha256, dtype=str),
@@ -282,13 +297,21 @@ class Journal:
             arrays[f"data_{k}"] = data
             if views is not None:
                 arrays[f"views_{k}"] = views
-        path = self.folder / f"chunk-{number:07d}.npz"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        stamp = Journal._last_ns = max(time.time_ns(), Journal._last_ns + 1)
+        name = f"chunk-{stamp:020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path, tmp = self.folder / f"{name}.npz", self.folder / f"{name}.tmp"
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # the write's own error is the one to report
+            raise
 
     def read(self) -> Iterator["Chunk"]:
         for path in self.chunks():
@@ -388,6 +411,7 @@ def assemble(
     replaced (the caller refuses that unless the user passed --overwrite).
     """
     tmp = store.with_name(store.name + ".tmp")
+    _check_space(store, tmp, samples, layouts, journal)
     try:
         with h5py.File(tmp, "w") as f:
             failed = _copy_previous(store, f, layouts) if store.is_file() else {}
@@ -423,6 +447,22 @@ def assemble(
         tmp.unlink(missing_ok=True)
         raise
     journal.remove()
+
+
+def _check_space(store: Path, tmp: Path, samples: Samples, layouts: list[BackboneLayout], journal: Journal) -> None:
+    """Refuse to assemble on a disk without room for the new store: HDF5 that runs out of space mid-write
+    can leave its library in a state that crashes the process (seen: a segmentation fault after the
+    error) instead of raising. The estimate: the old store (copied), the embeddings of every row, and
+    the journal's size for the rest, with a margin."""
+    rows = len(samples)
+    embeddings = sum(rows * layout.dim * max(layout.views, 1) * np.dtype(layout.dtype).itemsize for layout in layouts)
+    journalled = sum(path.stat().st_size for path in journal.chunks())
+    old = store.stat().st_size if store.is_file() else 0
+    needed = int(1.1 * (old + max(embeddings, journalled)) + (1 << 20) + 200 * rows)
+    free = shutil.disk_usage(store.parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: assembling the store needs about "
+                      f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free", str(tmp))
 
 
 def _copy_previous(store: Path, f: h5py.File, layouts: list[BackboneLayout]) -> dict[str, str]:

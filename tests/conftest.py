@@ -61,8 +61,13 @@ def synthetic_store(
     seed: int = 0,
     views: int = 1,
     backbone: str = "fake",
+    prefix: str = "img",
 ) -> Path:
-    """A format-1 store of random embeddings with class structure, lesion groups and metadata."""
+    """A format-1 store of random embeddings with class structure, lesion groups and metadata. Image ids
+    are `<prefix>NNNN`, and each row's "file hash" is the hash of its id (so that stores with other
+    prefixes hold other images)."""
+    import hashlib
+
     import numpy as np
 
     from features.store import Samples, write_arrays
@@ -76,11 +81,11 @@ def synthetic_store(
     if views > 1:
         x = x[:, None, :] + rng.normal(0, 0.3, (n, views, dim))
     samples = Samples(
-        image_id=[f"img{i:04d}" for i in range(n)],
-        path=[f"img{i:04d}.jpg" for i in range(n)],
+        image_id=[f"{prefix}{i:04d}" for i in range(n)],
+        path=[f"{prefix}{i:04d}.jpg" for i in range(n)],
         label=list(labels),
         group=groups,
-        sha256=[""] * n,
+        sha256=[hashlib.sha256(f"{prefix}{i:04d}".encode()).hexdigest() for i in range(n)],
         meta={
             "age": [str(20 + i % 50) if i % 7 else "" for i in range(n)],
             "site": [("back", "face")[i % 2] for i in range(n)],

@@ -21,12 +21,12 @@ from conftest import ROOT, TINY
 from imagefiles import lesion, save
 
 import classify.finetune as ft
-from classify.runs import load_run
+from classify.runs import load_run, read_run_split
 from extract.backbones import get_family, load_backbone
 from features.splits import TEST
 from features.store import FeatureStore
 
-FAST = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
+FAST = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--allow-small-test")
 
 
 def _image_set(root: Path, n_groups: int = 12) -> Path:
@@ -56,7 +56,7 @@ def frozen(tmp_path_factory) -> dict:
                        "--out", str(store), "--precision", "fp32", "--workers", "0"]) == 0  # fmt: skip
     run = root / "linear"
     assert entry.main(["fit", "--features", str(store), "--head", "linear", "--out", str(run), "--folds", "2",
-                       "--trials", "2", "--test-fraction", "0.34"]) == 0  # fmt: skip
+                       "--trials", "2", "--test-fraction", "0.34", "--allow-small-test"]) == 0
     return {"manifest": manifest, "store": store, "run": run, "root": root}
 
 
@@ -109,11 +109,9 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     run = load_run(frozen["run"])
     store = FeatureStore(frozen["store"])
     ids = store.samples().image_id
-    split = json.loads((frozen["run"] / "config.json").read_text())["split"]
-    import h5py
-
-    with h5py.File(frozen["store"]) as f:
-        folds = f[f"splits/{split}"][()]
+    recorded = read_run_split(frozen["run"])
+    fold_of = dict(zip(recorded.image_id, recorded.fold))
+    folds = np.array([fold_of.get(i, -2) for i in ids])
     val, train = folds == 0, folds >= 1
     labels = np.array(store.samples().label, dtype=object)
     x = store.embeddings(TINY)
@@ -158,7 +156,7 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
 
 def test_a_fresh_head_starts_from_chance(tmp_path, cli, frozen):
     code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--weights", "none",
-                       "--features", frozen["store"], "--test-fraction", "0.34", "--folds", "2",
+                       "--features", frozen["store"], "--test-fraction", "0.34", "--folds", "2", "--allow-small-test",
                        "--out", tmp_path / "fresh", *FAST)  # fmt: skip
     assert code == 0, err
     history = json.loads((tmp_path / "fresh" / "history.json").read_text())
@@ -168,7 +166,7 @@ def test_a_fresh_head_starts_from_chance(tmp_path, cli, frozen):
 def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path, frozen):
     command = [sys.executable, str(ROOT / "cli.py"), "finetune", "--data", str(frozen["manifest"]), "--backbone", TINY,
                "--init", str(frozen["run"]), "--epochs", "4", "--batch-size", "4", "--workers", "0",
-               "--precision", "fp32", "--patience", "10"]  # fmt: skip
+               "--precision", "fp32", "--patience", "10", "--allow-small-test"]
     whole = tmp_path / "whole"
     done = subprocess.run([*command, "--out", str(whole)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -208,7 +206,7 @@ def test_refusals_and_faults(tmp_path, cli, frozen, monkeypatch):
     assert code == 2 and "blocks" in err
     xgb_run = tmp_path / "xgb"
     assert cli("fit", "--features", frozen["store"], "--head", "xgboost", "--out", xgb_run, "--folds", "2",
-               "--trials", "1", "--test-fraction", "0.34")[0] == 0  # fmt: skip
+               "--trials", "1", "--test-fraction", "0.34", "--allow-small-test")[0] == 0
     code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", xgb_run,
                        "--out", tmp_path / "y", *FAST)  # fmt: skip
     assert code == 2 and "linear or mlp" in err
@@ -244,7 +242,7 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
     """The moving average is what is validated and kept, and it survives an interruption."""
     base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=3, patience=10,
                 batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4,
-                label_smoothing=0.1)  # fmt: skip
+                label_smoothing=0.1, allow_small_test=True)
     ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
     reference = json.loads((tmp_path / "whole" / "history.json").read_text())
     state = torch.load(tmp_path / "whole" / ft.CHECKPOINT, weights_only=True)
@@ -274,7 +272,8 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
 def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, monkeypatch):
     """Validation picks the epochs; the final model is the same training run again on all study rows."""
     base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=2, patience=10,
-                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4)  # fmt: skip
+                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4,
+                allow_small_test=True)
     validate, calls = ft._validate, []
 
     def rising(*args):  # every epoch's AUC beats the last, so validation chooses epoch 2
@@ -286,10 +285,7 @@ def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, mon
     ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
     whole = tmp_path / "whole"
     config = json.loads((whole / "config.json").read_text())
-    import h5py
-
-    with h5py.File(frozen["store"]) as f:
-        folds = f[f"splits/{config['split']}"][()]
+    folds = read_run_split(frozen["run"]).fold
     assert config["best_epoch"] == 2
     assert config["refit"] == {"epochs": 2, "rows": int(np.sum(folds >= 0)), "losses": config["refit"]["losses"]}
     assert torch.load(whole / ft.REFIT_CHECKPOINT, weights_only=True)["epoch"] == 2

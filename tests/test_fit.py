@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, TINY, synthetic_store
 from imagefiles import lesion, save
 
-from classify.runs import RunError, load_run
-from features.splits import TEST
+from classify.runs import RunError, load_run, read_run_split
+from features.splits import TEST, split_digest
 from features.store import FeatureStore
 
 FAST = ("--folds", "3", "--trials", "3")
@@ -29,7 +29,7 @@ def _read_csv(path: Path) -> dict[str, dict[str, str]]:
 
 @pytest.fixture
 def store(tmp_path) -> Path:
-    return synthetic_store(tmp_path / "syn.h5", n=160)
+    return synthetic_store(tmp_path / "syn.h5", n=240)  # 12 lesions of each class in the test part
 
 
 def test_fit_writes_a_complete_honest_run(tmp_path, store, cli):
@@ -61,14 +61,17 @@ def test_fit_writes_a_complete_honest_run(tmp_path, store, cli):
     }
     config = json.loads((run / "config.json").read_text())
     assert config["head"] == "linear" and config["backbone"] == "fake" and "C" in config["params"]
-    # the test rows: exactly the split's, and no lesion of theirs in the study rows
+    # the test rows: exactly the split's (kept in the run, not written into the store), no lesion of
+    # theirs in the study rows
+    recorded = read_run_split(run)
     with h5py.File(store) as f:
-        split = f[f"splits/{config['split']}"][()]
-        ids = f["samples/image_id"].asstr()[()]
-        groups = f["samples/group"].asstr()[()]
+        assert "splits" not in f
+        group_of = dict(zip(f["samples/image_id"].asstr()[()], f["samples/group"].asstr()[()]))
+    ids, split = recorded.image_id, recorded.fold
     assert sorted(_read_csv(run / "test_predictions.csv")) == sorted(ids[split == TEST])
     assert sorted(_read_csv(run / "cv_predictions.csv")) == sorted(ids[split >= 0])
-    assert not set(groups[split == TEST]) & set(groups[split >= 0])
+    assert not {group_of[i] for i in ids[split == TEST]} & {group_of[i] for i in ids[split >= 0]}
+    assert load_run(run).card["split_digest"] == split_digest(ids, split)
     header = (run / "test_predictions.csv").read_text().splitlines()[0]
     assert header == "image,mel,nv"
     study = json.loads((run / "study.json").read_text())
@@ -107,7 +110,7 @@ def test_bad_requests_fail_before_training_with_what_exists(tmp_path, store, cli
 
 
 def test_views_and_metadata_inputs(tmp_path, cli):
-    store = synthetic_store(tmp_path / "views.h5", n=120, views=4)
+    store = synthetic_store(tmp_path / "views.h5", n=240, views=4)
     run = tmp_path / "run"
     code, _, err = cli(
         "fit", "--features", store, "--head", "linear", "--out", run, "--views", "all", "--meta", "age,site", *FAST
@@ -180,14 +183,14 @@ def test_a_tampered_head_file_is_refused(tmp_path, store, cli):
 def test_external_validation_checks_fingerprints_and_labels(tmp_path, store, cli):
     run = tmp_path / "run"
     assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
-    other = synthetic_store(tmp_path / "other.h5", n=60, classes=("melanoma", "nevus"))
+    other = synthetic_store(tmp_path / "other.h5", n=60, classes=("melanoma", "nevus"), prefix="ext")
     code, _, err = cli("evaluate", "--run", run, "--features", other)
     assert code == 2 and "melanoma" in err and "--label-map" in err
     code, out, err = cli("evaluate", "--run", run, "--features", other, "--label-map", "melanoma=mel,nevus=nv")
     assert code == 0, err
     metrics = json.loads((run / "evaluations" / "other" / "metrics.json").read_text())
     assert metrics["n"] == 60 and metrics["auc"] > 0.9  # same generator: the same classes
-    alien = synthetic_store(tmp_path / "alien.h5", n=60, seed=5)  # other "settings": another fingerprint
+    alien = synthetic_store(tmp_path / "alien.h5", n=60, seed=5, prefix="ext")  # another fingerprint
     code, _, err = cli("evaluate", "--run", run, "--features", alien)
     assert code == 2 and "other settings" in err
 
@@ -243,6 +246,7 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
         "2",
         "--test-fraction",
         "0.34",
+        "--allow-small-test",
     )
     assert code == 0, err
     expected = _read_csv(run / "test_predictions.csv")
@@ -254,20 +258,40 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
     out = tmp_path / "preds.csv"
     code, stdout, err = cli("predict", "--run", run, "--images", folder, "--out", out, "--workers", "0")
     assert code == 0, err
-    assert "broken" in stdout
+    assert "failed: broken: " in err and "1 could not be" in stdout
     got = _read_csv(out)
+    assert got["broken"]["error"] and got["broken"]["mel"] == "" and got["broken"]["predicted"] == ""
+    del got["broken"]
     assert sorted(got) == sorted(expected)
     for image_id, row in got.items():
         assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
-        assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c]))
+        assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c])) and row["error"] == ""
     assert FeatureStore(store).backbones == [TINY]
+    # --strict: any failure is status 1; nothing classified is status 1 whatever the options
+    code, _, _ = cli("predict", "--run", run, "--images", folder, "--out", out, "--workers", "0", "--strict")
+    assert code == 1
+    code, _, err = cli("predict", "--run", run, "--images", tmp_path / "nope.jpg", "--out", out, "--workers", "0")
+    assert code == 1 and "nope: missing file" in err and "no image was classified" in err
+    assert _read_csv(out)["nope"]["error"] == "missing file"
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("predict", "--run", run, "--images", tmp_path / "empty", "--out", out)
+    assert code == 1 and "a folder with no images" in err
+    # a manifest CSV: its paths relative to --root (else to its own folder, where they do not resolve)
+    listing = tmp_path / "lists" / "new.csv"
+    listing.parent.mkdir()
+    listing.write_text("path\n" + "".join(f"new/{i}.png\n" for i in expected))
+    code, _, err = cli("predict", "--run", run, "--images", listing, "--out", out, "--workers", "0")
+    assert code == 1 and err.count("missing file") == len(expected)
+    code, _, err = cli("predict", "--run", run, "--images", listing, "--root", tmp_path, "--out", out, "--workers", "0")
+    assert code == 0, err
+    assert sorted(_read_csv(out)) == sorted(expected)
 
 
 def test_several_backbones_side_by_side(tmp_path, cli):
     from features.store import Samples, write_arrays
 
     rng = np.random.default_rng(0)
-    n = 90
+    n = 240  # 60 lesions of each class: 12 in the test part
     labels = [("mel", "nv")[(i // 2) % 2] for i in range(n)]
     samples = Samples(
         image_id=[f"i{i}" for i in range(n)],
@@ -333,3 +357,34 @@ def test_a_study_in_sqlite_with_parallel_trials(tmp_path, store, cli):
     assert len(study.trials) == 4
     assert not (tmp_path / "r" / "study.journal").exists()
     assert json.loads((tmp_path / "r" / "config.json").read_text())["storage"] == url
+
+
+def test_evaluate_never_scores_images_the_run_has_seen(tmp_path, store, cli):
+    """A copy (or re-extraction) of the run's own store is not external data: only its unseen rows count."""
+    from features.store import Samples, write_arrays
+
+    run = tmp_path / "run"
+    assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
+    copy = tmp_path / "copy.h5"
+    shutil.copyfile(store, copy)
+    code, out, err = cli("evaluate", "--run", run, "--features", copy)
+    assert code == 0, err
+    metrics = json.loads((run / "evaluations" / "copy" / "metrics.json").read_text())
+    own = json.loads((run / "metrics.json").read_text())["test"]
+    seen = int(np.sum(read_run_split(run).seen))
+    assert metrics["n"] == own["n"] and metrics["balanced_accuracy"] == pytest.approx(own["balanced_accuracy"])
+    assert metrics["excluded"] == {"trained or tuned on (same image id)": seen}
+    assert f"{seen} images trained or tuned on" in out
+    # the same files under other ids (same SHA-256) are seen too; a store of nothing else: exit 2
+    source = FeatureStore(store)
+    samples, split = source.samples(), read_run_split(run)
+    study = np.isin(samples.image_id, split.image_id[split.seen])
+    renamed = Samples(image_id=[f"re{i}" for i, s in zip(samples.image_id, study) if s],
+                      path=[p for p, s in zip(samples.path, study) if s],
+                      label=[v for v, s in zip(samples.label, study) if s],
+                      group=[g for g, s in zip(samples.group, study) if s],
+                      sha256=[h for h, s in zip(samples.sha256, study) if s], meta={})
+    attrs = source.backbone_attrs("fake")
+    write_arrays(tmp_path / "renamed.h5", renamed, {"fake": (source.embeddings("fake")[study], attrs)})
+    code, _, err = cli("evaluate", "--run", run, "--features", tmp_path / "renamed.h5")
+    assert code == 2 and f"all {seen} labelled images were trained or tuned on" in err

@@ -45,7 +45,7 @@ def test_class_folders_give_labels_and_root_images_are_unlabelled(tmp_path):
     img(tmp_path / "nv" / "deeper" / "n2.jpeg")  # nested: label is the top class folder
     img(tmp_path / "loose.jpg")
     (tmp_path / "nv" / "notes.txt").write_text("not an image")
-    (tmp_path / "mel" / "scan.tif").write_bytes(b"II*\x00")  # not a collected suffix
+    (tmp_path / "mel" / "scan.dcm").write_bytes(b"DICM")  # not a collected suffix
     m = read_manifest(tmp_path)
     assert m.kind == "folder"
     assert m.root == tmp_path
@@ -367,3 +367,39 @@ def test_real_ham10000_mel_nv_150_labels_csv():
     assert list(m.meta) == ["dx_type", "age", "sex", "localization"]
     assert all(m.path[i] == f"images/{m.image_id[i]}.jpg" for i in range(len(m)))
     assert all(m.file(i).is_file() for i in range(0, len(m), 97))
+
+
+# ---------------------------------------------------------------- never another file of the same name
+
+
+def test_an_explicit_path_is_never_searched_for_by_name(tmp_path):
+    """With --images one folder too high, `images/ISIC_1.jpg` is missing: not another set's ISIC_1.jpg."""
+    top = tmp_path / "top"
+    img(top / "a_other_set" / "ISIC_1.jpg")  # first in a walk of `top`
+    img(top / "a_other_set" / "ISIC_2.jpg")
+    img(top / "mine" / "images" / "ISIC_1.jpg")
+    img(top / "mine" / "images" / "ISIC_2.jpg")
+    rows = "ISIC_1,images/ISIC_1.jpg,mel\nISIC_2,images/ISIC_2.jpg,nv\n"
+    rows = "ISIC_1,images/ISIC_1.jpg,mel\nISIC_2,images/ISIC_2.jpg,nv\n"
+    csv = write(top / "mine" / "labels.csv", "image_id,path,label\n" + rows)
+    m = read_manifest(csv, images=top)
+    assert m.path == ["images/ISIC_1.jpg", "images/ISIC_2.jpg"]
+    assert not any(m.file(i).exists() for i in range(len(m)))  # missing files, listed as such when loaded
+    right = read_manifest(csv)  # the CSV's own folder: found
+    assert all(right.file(i) == top / "mine" / "images" / f"ISIC_{i + 1}.jpg" for i in range(2))
+
+
+def test_a_bare_id_matching_several_files_is_an_error_naming_them(tmp_path):
+    img(tmp_path / "imgs" / "part_1" / "x1.jpg")
+    img(tmp_path / "imgs" / "part_2" / "x1.jpg")
+    img(tmp_path / "imgs" / "part_2" / "x2.jpg")
+    csv = write(tmp_path / "ids.csv", "image_id,label\nx1,mel\nx2,nv\n")
+    with pytest.raises(ManifestError, match="1 image ids match more than one file") as info:
+        read_manifest(csv, images=tmp_path / "imgs")
+    assert "part_1/x1.jpg" in str(info.value) and "part_2/x1.jpg" in str(info.value)
+    img(tmp_path / "flat" / "y.jpg")
+    img(tmp_path / "flat" / "y.png")  # two suffixes of one id, side by side
+    with pytest.raises(ManifestError, match=r"y matches y\.jpg, y\.png"):
+        read_manifest(write(tmp_path / "y.csv", "image_id\ny\n"), images=tmp_path / "flat")
+    # the exact file name is not ambiguous
+    assert read_manifest(write(tmp_path / "y2.csv", "image\ny.png\n"), images=tmp_path / "flat").path == ["y.png"]

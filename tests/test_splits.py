@@ -10,7 +10,18 @@ import pytest
 from conftest import synthetic_store
 
 from features import splits
-from features.splits import TEST, UNUSED, SplitError, SplitSpec, ensure_split, make_split, read_split, split_counts
+from features.splits import (
+    TEST,
+    UNUSED,
+    SplitError,
+    SplitSpec,
+    lesions_in_test,
+    make_split,
+    read_split,
+    small_test,
+    split_counts,
+    split_for,
+)
 from features.store import FeatureStore
 
 
@@ -186,7 +197,7 @@ def test_split_counts():
     assert list(split_counts(split, labels)["study"]) == ["bcc", "mel", "nv"]
 
 
-# ------------------------------------------------------------------------------- stored splits
+# ------------------------------------------------------------------------------- splits of a store
 
 
 @pytest.fixture
@@ -194,102 +205,38 @@ def store(tmp_path):
     return FeatureStore(synthetic_store(tmp_path / "features.h5", n=240, dim=8, per_group=2))
 
 
-def test_ensure_split_stores_the_split_in_the_store(store):
+def test_split_for_is_made_from_the_store_and_never_written_into_it(store):
     spec = SplitSpec(test_fraction=0.2, folds=4, seed=9)
+    before = store.path.read_bytes()
     samples = store.samples()
-    split = ensure_split(store, spec)
+    split = split_for(store, spec)
     expected = make_split(np.array(samples.label, dtype=object), np.array(samples.group, dtype=object), spec)
     assert np.array_equal(split, expected)
-    with h5py.File(store.path, "r") as f:
-        ds = f[f"splits/{spec.name}"]
-        assert ds.dtype == np.int8
-        assert np.array_equal(ds[()], split)
-        assert int(ds.attrs["seed"]) == 9 and int(ds.attrs["folds"]) == 4
-        assert float(ds.attrs["test_fraction"]) == pytest.approx(0.2)
-    assert np.array_equal(read_split(store, spec.name), split)
-    left = sorted(p.name for p in store.path.parent.iterdir())
-    assert "features.h5" in left and not [n for n in left if n.endswith(".tmp")]  # no temporary file left
+    assert np.array_equal(split_for(FeatureStore(store.path), spec), split)  # the same everywhere
+    assert store.path.read_bytes() == before
+    assert sorted(p.name for p in store.path.parent.iterdir()) == ["features.h5"]  # no lock, no sidecar
 
 
-def test_ensure_split_leaves_samples_and_embeddings_alone(store):
-    before_x, before_samples, before_attrs = store.embeddings("fake"), store.samples(), store.attrs
-    ensure_split(store, SplitSpec())
-    reopened = FeatureStore(store.path)
-    assert np.array_equal(reopened.embeddings("fake"), before_x)
-    assert reopened.samples() == before_samples
-    assert reopened.backbones == ["fake"]
-    assert {k: str(v) for k, v in reopened.attrs.items()} == {k: str(v) for k, v in before_attrs.items()}
-    assert reopened.backbone_attrs("fake")["fingerprint"] == "synthetic0"
+def test_another_recipe_gives_another_split(store):
+    assert not np.array_equal(split_for(store, SplitSpec(seed=0)), split_for(store, SplitSpec(seed=1)))
 
 
-def test_a_second_call_returns_the_stored_split_without_making_a_new_one(store, monkeypatch):
-    spec = SplitSpec(seed=4)
-    first = ensure_split(store, spec)
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("make_split called again for a stored split")
-
-    monkeypatch.setattr(splits, "make_split", refuse)
-    again = ensure_split(FeatureStore(store.path), spec)
-    assert np.array_equal(again, first)
-
-
-def test_the_stored_split_wins_over_a_fresh_one(store, monkeypatch):
+def test_a_split_stored_by_an_earlier_version_wins(store, monkeypatch):
     spec = SplitSpec(seed=4)
     n = len(store.samples())
     planted = np.where(np.arange(n) % 5 == 0, TEST, np.arange(n) % 4).astype(np.int8)
     with h5py.File(store.path, "r+") as f:
         f.require_group("splits").create_dataset(spec.name, data=planted)
-    assert np.array_equal(ensure_split(store, spec), planted)
-
-
-def test_a_split_stored_while_waiting_for_the_lock_is_used(store, monkeypatch):
-    # another worker stores the split between our first look and our look under the lock
-    spec = SplitSpec(seed=2)
-    n = len(store.samples())
-    planted = (np.arange(n) % 5 - 1).astype(np.int8)
-    with h5py.File(store.path, "r+") as f:
-        f.require_group("splits").create_dataset(spec.name, data=planted)
-    real_read, looks = splits.read_split, []
-
-    def late_read(store_, name):
-        looks.append(name)
-        return None if len(looks) == 1 else real_read(store_, name)
 
     def refuse(*args, **kwargs):
         raise AssertionError("made a new split although one is stored")
 
-    monkeypatch.setattr(splits, "read_split", late_read)
     monkeypatch.setattr(splits, "make_split", refuse)
-    assert np.array_equal(ensure_split(store, spec), planted)
-    assert len(looks) == 2
-
-
-def test_another_recipe_adds_a_second_split_and_keeps_the_first(store):
-    a = ensure_split(store, SplitSpec(seed=0))
-    b = ensure_split(store, SplitSpec(seed=1))
-    assert not np.array_equal(a, b)
-    with h5py.File(store.path, "r") as f:
-        assert set(f["splits"]) == {SplitSpec(seed=0).name, SplitSpec(seed=1).name}
-    assert np.array_equal(read_split(store, SplitSpec(seed=0).name), a)
-
-
-def test_a_failed_split_leaves_the_store_untouched(tmp_path):
-    store = FeatureStore(synthetic_store(tmp_path / "one.h5", n=60, dim=4, classes=("nv",)))
-    with pytest.raises(SplitError, match="only one class"):
-        ensure_split(store, SplitSpec())
-    with h5py.File(store.path, "r") as f:
-        assert "splits" not in f
-    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-
-
-def test_read_split_is_none_when_absent(store):
-    assert read_split(store, SplitSpec().name) is None
-    ensure_split(store, SplitSpec())
+    assert np.array_equal(split_for(store, spec), planted)
     assert read_split(store, SplitSpec(seed=1).name) is None
 
 
-def test_rows_added_after_the_split_are_unused(store):
+def test_rows_added_after_a_stored_split_are_unused(store):
     spec = SplitSpec()
     n = len(store.samples())
     full = make_split(
@@ -301,4 +248,20 @@ def test_rows_added_after_the_split_are_unused(store):
     assert split.shape == (n,) and split.dtype == np.int8
     assert np.array_equal(split[: n - 10], full[: n - 10])
     assert np.all(split[n - 10 :] == UNUSED)
-    assert np.array_equal(ensure_split(store, spec), split)
+    assert np.array_equal(split_for(store, spec), split)
+
+
+def test_a_failed_split_says_why(tmp_path):
+    store = FeatureStore(synthetic_store(tmp_path / "one.h5", n=60, dim=4, classes=("nv",)))
+    with pytest.raises(SplitError, match="only one class"):
+        split_for(store, SplitSpec())
+
+
+def test_a_small_test_part_is_named_with_its_counts():
+    labels = np.array(["mel"] * 30 + ["nv"] * 60, dtype=object)
+    groups = np.array([f"m{i}" for i in range(30)] + [f"n{i}" for i in range(60)], dtype=object)
+    split = make_split(labels, groups, SplitSpec(folds=3))
+    lesions = lesions_in_test(labels, groups, split)
+    assert lesions == {"mel": 6, "nv": 12}
+    assert small_test(lesions).startswith("the test part holds only 6 of 'mel' lesions (fewer than 10")
+    assert small_test({"mel": 10, "nv": 12}) == ""

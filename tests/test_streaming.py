@@ -14,6 +14,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from conftest import ROOT, synthetic_store
 
+from classify.runs import read_run_split
 from classify.fit import FitConfig, FitError, fit
 from classify.heads import HEADS, MLPHead, XGBoostHead
 from classify.inputs import InputSpec, StoreRows, inputs_matrix, machine_memory, parse_budget
@@ -108,7 +109,7 @@ def test_streamed_fit_never_loads_the_whole_matrix(tmp_path, store, head, monkey
     assert config["streamed"] is True and config["protocol"] == "holdout"
     assert metrics["test"]["auc"] > 0.9  # separable classes: a head that learnt nothing scores ~0.5
     assert metrics["cv"]["protocol"] == "holdout"
-    split = h5py.File(store)["splits"][config["split"]][()]
+    split = read_run_split(run).fold
     assert metrics["cv"]["n"] == int(np.sum(split == 0))  # only fold 0 is scored
     study = json.loads((run / "study.json").read_text())
     assert len(study["best"]["fold_balanced_accuracy"]) == 1
