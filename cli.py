@@ -227,7 +227,8 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if default in (None, True, False, "", argparse.SUPPRESS) or "default" in text or not action.option_strings:
+        flag_or_none = default is None or isinstance(default, bool) or default in ("", argparse.SUPPRESS)
+        if flag_or_none or "default" in text or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -592,7 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(exc, OSError):
             print(f"error: {environment_message(exc)}", file=sys.stderr)
-            global _ABANDON  # noqa: PLW0603
+            global _ABANDON
             _ABANDON = True
             return 1
         raise
