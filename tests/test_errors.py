@@ -132,7 +132,7 @@ def test_help_shows_each_default_once_has_help_for_every_option_and_ends_with_an
         if action.option_strings and action.dest != "help":
             assert action.help, f"{command} {action.option_strings[0]} has no help"
             shown = sub.formatter_class(prog="cli.py")._get_help_string(action)
-            has_default = action.default is not None and not isinstance(action.default, bool)
+            has_default = action.default not in (None, "") and not isinstance(action.default, bool)
             assert "default" in shown or not has_default, shown  # a 0 or "auto" default is shown too
     for option in re.split(r"\n  -", text):  # one option's help
         assert option.count("default") <= 1, option
