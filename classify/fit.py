@@ -271,7 +271,8 @@ def fit(cfg: FitConfig) -> dict:
     # one line per trial comes from `progress`; a failed trial's own error is raised by `optimize`
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = open_study(name, storage_for(cfg.storage, run, cfg.heartbeat), cfg.seed)
-    fail_dead_local(study)
+    if cfg.storage is None:  # a journal file has no heartbeat; databases fail and retry a dead worker's trial
+        fail_dead_local(study)
     fixed = _fixed_params(head_cls, cfg)
     objective = Objective(
         head_cls,
