@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from extract.backbones import load_backbone  # noqa: E402
 from extract.images import load_image  # noqa: E402
 from extract.runtimes import PixelModel  # noqa: E402
-from extract.run import ExtractConfig, _collate, _cuda_settings, _Images, extract  # noqa: E402
+from extract.run import DecodedImages, ExtractConfig, collate_decoded, cuda_settings, extract  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 BACKBONES = "resnet50,efficientnet_lite0,densenet121,inception_v3,vgg11"
@@ -134,8 +134,8 @@ def decode_loader(files: list[Path], n: int, workers: int, batch: int, device: s
     from torch.utils.data import DataLoader
 
     pre = load_backbone("resnet50", "none").preprocess
-    loader = DataLoader(_Images([files[i % len(files)] for i in range(n)], [pre]), batch_size=batch,
-                        num_workers=workers, collate_fn=_collate, pin_memory=device == "cuda")  # fmt: skip
+    loader = DataLoader(DecodedImages([files[i % len(files)] for i in range(n)], [pre]), batch_size=batch,
+                        num_workers=workers, collate_fn=collate_decoded, pin_memory=device == "cuda")  # fmt: skip
     started, first, seen = time.perf_counter(), None, 0
     for positions, _, tensors, _ in loader:
         tensors[0].to(device, non_blocking=True)
@@ -190,7 +190,7 @@ def model_only(name: str, device: str, precision: str, batch: int, iters: int) -
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     forward = PixelModel(backbone, precision)
     times = []
-    with torch.inference_mode(), _cuda_settings(torch.device(device), precision):
+    with torch.inference_mode(), cuda_settings(torch.device(device), precision):
         for i in range(iters + 3):
             sync(device)
             started = time.perf_counter()

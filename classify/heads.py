@@ -92,7 +92,7 @@ class Head(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
 
-def _inner_split(codes: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int):
+def inner_split(codes: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int):
     """Train/validation rows for early stopping: lesion-grouped when groups are known."""
     if groups is not None and len(np.unique(groups)) >= 5:
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
@@ -250,7 +250,7 @@ class MLPHead(Head):
         import torch
 
         codes = self._encode(y)
-        train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
+        train, val = inner_split(codes, groups, self.val_fraction, self.random_state)
         weights = self._weights(codes, sample_weight)
         device = _device(self.device)
         generator = torch.Generator().manual_seed(self.random_state)
@@ -458,7 +458,7 @@ class XGBoostHead(Head):
     def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "XGBoostHead":
         codes = self._encode(y)
         weights = self._weights(codes, sample_weight)
-        train, val = _inner_split(codes, groups, self.val_fraction, self.random_state)
+        train, val = inner_split(codes, groups, self.val_fraction, self.random_state)
         callbacks = [_Reporter(report, self.REPORT_EVERY)] if report is not None else []
         with tempfile.TemporaryDirectory(prefix="skinlesion-xgboost-") as pages:
             if isinstance(X, StoreRows):

@@ -173,7 +173,7 @@ class Summary:
 # ----------------------------------------------------------------------------------------- loading
 
 
-class _Images(Dataset):
+class DecodedImages(Dataset):
     """Decodes each image once and preprocesses it once per distinct preprocessing."""
 
     def __init__(self, files: list[Path], preprocesses: list[Preprocess]):
@@ -193,7 +193,7 @@ class _Images(Dataset):
             return i, "", None, f"unexpected error: {type(exc).__name__}: {exc}"
 
 
-def _collate(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dict[int, str]]:
+def collate_decoded(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dict[int, str]]:
     good = [item for item in items if item[2] is not None]
     tensors = [torch.stack([item[2][k] for item in good]) for k in range(len(good[0][2]))] if good else []
     return [i for i, *_ in good], [item[1] for item in good], tensors, {i: r for i, _, t, r in items if t is None}
@@ -421,10 +421,10 @@ def _embed(
         for b in backbones
     }
     loader = DataLoader(
-        _Images(files, preprocesses),
+        DecodedImages(files, preprocesses),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
-        collate_fn=_collate,
+        collate_fn=collate_decoded,
         pin_memory=device.type == "cuda",
         worker_init_fn=_yield_to_the_model if device.type == "cpu" else None,
     )
@@ -441,7 +441,7 @@ def _embed(
         mininterval=0.5 if sys.stderr.isatty() else 15.0,  # a log file gets a line every 15 s
     )
     try:
-        with torch.inference_mode(), _cuda_settings(device, cfg.precision):
+        with torch.inference_mode(), cuda_settings(device, cfg.precision):
             for positions, shas, tensors, failures in loader:
                 batch_rows = rows[positions]
                 pending.ids += [samples.image_id[r] for r in batch_rows]
@@ -483,7 +483,7 @@ def _yield_to_the_model(worker_id: int) -> None:
 
 
 @contextlib.contextmanager
-def _cuda_settings(device: torch.device, precision: str):
+def cuda_settings(device: torch.device, precision: str):
     """On a GPU: cuDNN picks its fastest convolution for the (fixed) batch shape, and `fp32` means
     fp32 -- torch lets cuDNN convolutions run in TF32 by default (10 bits of mantissa, about 1e-3
     relative). Restored afterwards: these are process-wide switches."""

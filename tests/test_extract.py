@@ -555,12 +555,12 @@ def test_cuda_settings_make_fp32_exact_and_are_restored():
     before = cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32
     cudnn.allow_tf32 = matmul.allow_tf32 = True
     try:
-        with run._cuda_settings(torch.device("cuda"), "fp32"):
+        with run.cuda_settings(torch.device("cuda"), "fp32"):
             assert cudnn.benchmark and not cudnn.allow_tf32 and not matmul.allow_tf32
         assert cudnn.allow_tf32 and matmul.allow_tf32 and cudnn.benchmark == before[0]
-        with run._cuda_settings(torch.device("cuda"), "bf16"):
+        with run.cuda_settings(torch.device("cuda"), "bf16"):
             assert cudnn.benchmark and cudnn.allow_tf32
-        with run._cuda_settings(torch.device("cpu"), "fp32"):
+        with run.cuda_settings(torch.device("cpu"), "fp32"):
             assert cudnn.allow_tf32 and cudnn.benchmark == before[0]
     finally:
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = before

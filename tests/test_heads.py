@@ -15,7 +15,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from classify.heads import HEADS, HeadError, LinearHead, MLPHead, XGBoostHead, _inner_split, get_head
+from classify.heads import HEADS, HeadError, LinearHead, MLPHead, XGBoostHead, inner_split, get_head
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -145,12 +145,12 @@ def test_linear_sample_weight_zero_equals_dropping_the_rows():
 def test_inner_validation_split_keeps_lesions_together():
     codes = np.tile([0, 1], 100)
     groups = np.repeat(np.arange(50), 4)  # 50 lesions of 4 images
-    train, val = _inner_split(codes, groups, 0.2, seed=0)
+    train, val = inner_split(codes, groups, 0.2, seed=0)
     assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == 200
     assert not set(groups[train]) & set(groups[val])
     assert 0.1 <= len(val) / 200 <= 0.3
     # without groups: a stratified split of the rows
-    train, val = _inner_split(codes, None, 0.2, seed=0)
+    train, val = inner_split(codes, None, 0.2, seed=0)
     assert len(val) == 40 and np.bincount(codes[val]).tolist() == [20, 20]
 
 
