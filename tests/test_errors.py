@@ -10,7 +10,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -214,7 +213,7 @@ def test_a_read_only_output_folder_is_one_line_and_status_1(tmp_path, store):
     out.mkdir()
     with read_only(out):
         done = _run("fit", "--features", store, "--head", "linear", "--out", out / "run", *FAST)
-    assert done.returncode == 1 and len(_lines(done.stderr.split("INFO")[-1])) >= 1
+    assert done.returncode == 1
     last = _lines(done.stderr)[-1]
     assert last.startswith("error: ") and str(out / "run") in last and "Traceback" not in done.stderr
     assert list(out.iterdir()) == []
@@ -295,7 +294,7 @@ def test_a_trial_of_a_killed_worker_is_marked_failed_on_the_next_start(tmp_path,
     assert trials[0].state == optuna.trial.TrialState.FAIL
     assert [t.state for t in trials[1:]] == [optuna.trial.TrialState.COMPLETE] * 2
     summary = json.loads((run / "study.json").read_text())
-    assert summary["best"]["number"] != 0 and socket.gethostname()
+    assert summary["best"]["number"] != 0
 
 
 def test_fit_with_no_trials_on_a_fresh_folder_leaves_nothing_behind(tmp_path, store, cli):
