@@ -51,9 +51,9 @@ from classify.fit import predictions_csv
 from classify.heads import Head, LinearHead, MLPHead
 from classify.inputs import InputSpec, embeddings, fit_views, proba_views
 from classify.metrics import balanced_offsets, default_positive, evaluate, macro_auc, shift_proba, threshold_of
-from classify.predict import run_split, weights_option
+from classify.predict import weights_option
 from classify.report import write_report
-from classify.runs import Run, load_run, save_run, save_split, write_json, write_text
+from classify.runs import Run, load_run, run_split, save_run, save_split, write_json, write_text
 from extract.backbones import Backbone, get_family, load_backbone
 from extract.images import ImageError, load_image
 from extract.manifest import Manifest, read_manifest

@@ -18,8 +18,8 @@ import numpy as np
 from classify.fit import predictions_csv
 from classify.inputs import MEMORY_BUDGET, StoreRows, inputs_matrix, parse_budget, proba_views, usable
 from classify.metrics import evaluate
-from classify.runs import Run, RunError, RunSplit, load_run, read_run_split, write_json, write_text
-from features.splits import TEST, UNUSED, lesions_in_test, read_split, small_test
+from classify.runs import Run, RunError, RunSplit, load_run, run_split, write_json, write_text
+from features.splits import TEST, lesions_in_test, small_test
 from features.store import FeatureStore, StoreError
 
 log = logging.getLogger("classify")
@@ -63,22 +63,6 @@ def parse_label_map(text: str) -> dict[str, str]:
     if any(len(p) != 2 for p in pairs):
         raise RunError(f"--label-map {text!r}: write it as store_label=run_label,...")
     return {a.strip(): b.strip() for a, b in pairs}
-
-
-def run_split(run: Run) -> RunSplit:
-    """The split the run used: its own record, or (runs made before runs kept it) the split stored in
-    the run's store."""
-    recorded = read_run_split(run.folder)
-    if recorded is not None:
-        return recorded
-    path = Path(run.card["store"])
-    stored = read_split(FeatureStore(path), run.card["split"]) if path.is_file() else None
-    if stored is None:
-        raise RunError(f"{run.folder}: the run's split {run.card['split']} is recorded neither in the run nor in "
-                       f"{path}; fit the run again")
-    store = FeatureStore(path)
-    keep = stored != UNUSED
-    return RunSplit(store.column("image_id")[keep], stored[keep], store.column("sha256")[keep])
 
 
 def seen_rows(split: RunSplit, ids: np.ndarray, sha256: np.ndarray) -> dict[str, np.ndarray]:

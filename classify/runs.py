@@ -21,7 +21,8 @@ import numpy as np
 
 from classify.heads import Head, get_head
 from classify.inputs import InputSpec, MetaEncoder
-from features.splits import TEST, UNUSED, split_digest
+from features.splits import TEST, UNUSED, read_split, split_digest
+from features.store import FeatureStore
 
 HEAD_FOLDER = "head"
 CARD = "run.json"
@@ -198,3 +199,19 @@ def read_run_split(folder: str | Path) -> RunSplit | None:
             return RunSplit(z["image_id"].astype(str), z["fold"].astype(np.int8), z["sha256"].astype(str))
     except (OSError, ValueError, KeyError) as exc:
         raise RunError(f"{path}: cannot be read ({exc}); restore it, or fit the run again") from None
+
+
+def run_split(run: Run) -> RunSplit:
+    """The split the run used: its own record, or (runs made before runs kept it) the split stored in
+    the run's store."""
+    recorded = read_run_split(run.folder)
+    if recorded is not None:
+        return recorded
+    path = Path(run.card["store"])
+    store = FeatureStore(path) if path.is_file() else None
+    stored = read_split(store, run.card["split"]) if store is not None else None
+    if stored is None:
+        raise RunError(f"{run.folder}: the run's split {run.card['split']} is recorded neither in the run nor in "
+                       f"{path}; fit the run again")
+    keep = stored != UNUSED
+    return RunSplit(store.column("image_id")[keep], stored[keep], store.column("sha256")[keep])
