@@ -134,15 +134,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     Path(args.out).write_text(
-        predictions_csv(np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True,
-                        failed=result.failed)
+        predictions_csv(
+            np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True, failed=result.failed
+        )
     )
     print(f"wrote {args.out}: {len(result.ids)} images classified, {len(result.failed)} could not be")
     for image_id, reason in result.failed.items():
         print(f"  failed: {image_id}: {reason}", file=sys.stderr)
     if not result.ids:
-        print("error: no image was classified (each input and its reason is listed above and in "
-              f"{args.out})", file=sys.stderr)
+        print(
+            f"error: no image was classified (each input and its reason is listed above and in {args.out})",
+            file=sys.stderr,
+        )
         return 1
     return 1 if args.strict and result.failed else 0
 
@@ -239,8 +242,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="cli.py", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, spec in COMMANDS.items():
-        sub = commands.add_parser(name, help=spec.help, description=spec.help, formatter_class=_Help,
-                                  epilog=f"example:\n  {spec.example}")
+        sub = commands.add_parser(
+            name, help=spec.help, description=spec.help, formatter_class=_Help, epilog=f"example:\n  {spec.example}"
+        )
         sub.set_defaults(func=spec.run)
         if name == command and spec.arguments is not None:
             spec.arguments(sub)
@@ -328,11 +332,19 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default=d.precision, choices=["auto", *ALL_PRECISIONS],
-                        help="int8: OpenVINO only, calibrated on the data set's first 300 images")  # fmt: skip
+    parser.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=["auto", *ALL_PRECISIONS],
+        help="int8: OpenVINO only, calibrated on the data set's first 300 images",
+    )
     parser.add_argument("--tta", default=d.tta, choices=list(VIEWS), help="test-time views: flip = 2, d8 = 8")
-    parser.add_argument("--runtime", default=d.runtime, choices=["auto", *RUNTIMES],
-                        help="auto: OpenVINO on CPUs where it is installed, else torch")  # fmt: skip
+    parser.add_argument(
+        "--runtime",
+        default=d.runtime,
+        choices=["auto", *RUNTIMES],
+        help="auto: OpenVINO on CPUs where it is installed, else torch",
+    )
     parser.add_argument(
         "--compile",
         default=d.compile,
@@ -344,11 +356,16 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--flush-rows", type=integer(1), default=d.flush_rows, help="rows per journal file (work lost to a crash)"
     )
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
-    parser.add_argument("--max-failed", type=number(0, 1), default=d.max_failed,
-                        help="exit with status 1 if more than this share of the images could not be used")
+    parser.add_argument(
+        "--max-failed",
+        type=number(0, 1),
+        default=d.max_failed,
+        help="exit with status 1 if more than this share of the images could not be used",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace embeddings made with other settings")
-    parser.add_argument("--wait", action="store_true",
-                        help="if another extract is writing --out, wait for it instead of refusing")
+    parser.add_argument(
+        "--wait", action="store_true", help="if another extract is writing --out, wait for it instead of refusing"
+    )
 
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -366,30 +383,50 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="backbone(s) of the store, comma-separated (concatenated); default: its only one",
     )
     parser.add_argument(
-        "--trials", type=integer(0), default=f.trials,
+        "--trials",
+        type=integer(0),
+        default=f.trials,
         help="trials this process adds to the study (0: only the report of what the study holds)",
     )
-    parser.add_argument("--no-report", dest="report", action="store_false",
-                        help="a worker of a shared study: add trials only (`--trials 0` reports)")
-    parser.add_argument("--heartbeat", type=integer(1), default=f.heartbeat,
-                        help="seconds between heartbeats in a database storage")
-    parser.add_argument("--timeout", type=number(0, open_low=True), default=f.timeout,
-                        help="stop starting trials after this many seconds (default: no limit)")
-    parser.add_argument("--n-jobs", type=integer(1, also=(-1,)), default=f.n_jobs,
-                        help="trials run in parallel threads (-1: one per core)")
+    parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="a worker of a shared study: add trials only (`--trials 0` reports)",
+    )
+    parser.add_argument(
+        "--heartbeat", type=integer(1), default=f.heartbeat, help="seconds between heartbeats in a database storage"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=number(0, open_low=True),
+        default=f.timeout,
+        help="stop starting trials after this many seconds (default: no limit)",
+    )
+    parser.add_argument(
+        "--n-jobs",
+        type=integer(1, also=(-1,)),
+        default=f.n_jobs,
+        help="trials run in parallel threads (-1: one per core)",
+    )
     parser.add_argument(
         "--storage", default=f.storage, help="Optuna storage URL (default: a journal file in the run folder)"
     )
     parser.add_argument(
         "--study", default=f.study, help="study name (resume it; default: derived from store, inputs, split, head)"
     )
-    parser.add_argument("--folds", type=integer(2), default=f.folds,
-                        help="grouped cross-validation folds of the study rows")
-    parser.add_argument("--test-fraction", type=FRACTION, default=f.test_fraction,
-                        help="share of lesions kept for the test, in (0, 1)")
-    parser.add_argument("--allow-small-test", action="store_true",
-                        help=f"fit even if the test part holds fewer than {MIN_TEST_LESIONS} lesions of a class "
-                             "(every figure is then marked)")
+    parser.add_argument(
+        "--folds", type=integer(2), default=f.folds, help="grouped cross-validation folds of the study rows"
+    )
+    parser.add_argument(
+        "--test-fraction", type=FRACTION, default=f.test_fraction, help="share of lesions kept for the test, in (0, 1)"
+    )
+    parser.add_argument(
+        "--allow-small-test",
+        action="store_true",
+        help=f"fit even if the test part holds fewer than {MIN_TEST_LESIONS} lesions of a class "
+        "(every figure is then marked)",
+    )
     parser.add_argument("--seed", type=int, default=f.seed, help="seeds the split, the sampler and the heads")
     parser.add_argument(
         "--views", default=f.views, choices=list(VIEW_MODES), help="mean of the test-time views, or all of them"
@@ -401,12 +438,19 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--positive", default=f.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
     )
     parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
-    parser.add_argument("--memory-budget", type=memory_budget, default=f.memory_budget,
-                        help="embeddings larger than this are streamed from the store in blocks (1GB, 800MB, "
-                             "or a share of this machine's memory: 50%%)")
-    parser.add_argument("--protocol", default=f.protocol, choices=list(PROTOCOLS),
-                        help="score trials by grouped K-fold cv or by fold 0 alone (holdout); auto: holdout "
-                             "when streamed")
+    parser.add_argument(
+        "--memory-budget",
+        type=memory_budget,
+        default=f.memory_budget,
+        help="embeddings larger than this are streamed from the store in blocks (1GB, 800MB, "
+        "or a share of this machine's memory: 50%%)",
+    )
+    parser.add_argument(
+        "--protocol",
+        default=f.protocol,
+        choices=list(PROTOCOLS),
+        help="score trials by grouped K-fold cv or by fold 0 alone (holdout); auto: holdout when streamed",
+    )
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -419,8 +463,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--label-map", default="", help="store_label=run_label,... when the stores name classes differently"
     )
-    parser.add_argument("--memory-budget", type=memory_budget, default=MEMORY_BUDGET,
-                        help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)")
+    parser.add_argument(
+        "--memory-budget",
+        type=memory_budget,
+        default=MEMORY_BUDGET,
+        help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)",
+    )
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
@@ -458,30 +506,54 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--features", default=t.features, help="store whose split to use (default: --init's store)")
     parser.add_argument("--out", required=True, help="run folder")
-    parser.add_argument("--unfreeze", type=_unfreeze, default=t.unfreeze,
-                        help="blocks trained, counted from the top, or 'all'")
+    parser.add_argument(
+        "--unfreeze", type=_unfreeze, default=t.unfreeze, help="blocks trained, counted from the top, or 'all'"
+    )
     parser.add_argument("--epochs", type=integer(1), default=t.epochs, help="most epochs of training")
-    parser.add_argument("--patience", type=integer(1), default=t.patience,
-                        help="epochs without a better validation AUC before stopping")
+    parser.add_argument(
+        "--patience", type=integer(1), default=t.patience, help="epochs without a better validation AUC before stopping"
+    )
     parser.add_argument("--batch-size", type=integer(1), default=t.batch_size, help="images per training step")
-    parser.add_argument("--lr", type=number(0, open_low=True), default=t.lr,
-                        help="head's rate (default: 3e-5 with --init, 1e-3 without)")
-    parser.add_argument("--backbone-lr", type=number(0), default=t.backbone_lr,
-                        help="learning rate of the unfrozen blocks")
-    parser.add_argument("--weight-decay", type=number(0), default=t.weight_decay,
-                        help="AdamW's decoupled weight decay (not on norms and biases)")
-    parser.add_argument("--warmup-epochs", type=number(0), default=t.warmup_epochs,
-                        help="epochs of linear warm-up before the cosine decay")
-    parser.add_argument("--ema", type=number(0, 1, open_high=True), default=t.ema,
-                        help="decay per step of the weights' moving average (0: off)")
+    parser.add_argument(
+        "--lr",
+        type=number(0, open_low=True),
+        default=t.lr,
+        help="head's rate (default: 3e-5 with --init, 1e-3 without)",
+    )
+    parser.add_argument(
+        "--backbone-lr", type=number(0), default=t.backbone_lr, help="learning rate of the unfrozen blocks"
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=number(0),
+        default=t.weight_decay,
+        help="AdamW's decoupled weight decay (not on norms and biases)",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=number(0),
+        default=t.warmup_epochs,
+        help="epochs of linear warm-up before the cosine decay",
+    )
+    parser.add_argument(
+        "--ema",
+        type=number(0, 1, open_high=True),
+        default=t.ema,
+        help="decay per step of the weights' moving average (0: off)",
+    )
     parser.add_argument("--mixup", type=number(0), default=t.mixup, help="mixup alpha (0: off)")
-    parser.add_argument("--label-smoothing", type=number(0, 1, open_high=True), default=t.label_smoothing,
-                        help="share of each target spread over the other classes")
+    parser.add_argument(
+        "--label-smoothing",
+        type=number(0, 1, open_high=True),
+        default=t.label_smoothing,
+        help="share of each target spread over the other classes",
+    )
     parser.add_argument(
         "--bn", default=t.bn, choices=["train", "frozen"], help="batch-norm statistics of unfrozen blocks"
     )
-    parser.add_argument("--test-fraction", type=FRACTION, default=t.test_fraction,
-                        help="split recipe without a store, in (0, 1)")
+    parser.add_argument(
+        "--test-fraction", type=FRACTION, default=t.test_fraction, help="split recipe without a store, in (0, 1)"
+    )
     parser.add_argument("--folds", type=integer(2), default=t.folds, help="split recipe without a store")
     parser.add_argument(
         "--allow-small-test",
@@ -491,13 +563,22 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=t.seed, help="seeds the split (without a store) and the training")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
     parser.add_argument("--device", default=t.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--precision", default=t.precision, choices=["auto", *PRECISIONS],
-                        help="autocast precision of training and of the final embedding")
-    parser.add_argument("--positive", default=t.positive,
-                        help="class for sensitivity at fixed specificity (default: mel/melanoma)")
+    parser.add_argument(
+        "--precision",
+        default=t.precision,
+        choices=["auto", *PRECISIONS],
+        help="autocast precision of training and of the final embedding",
+    )
+    parser.add_argument(
+        "--positive", default=t.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
+    )
     parser.add_argument("--tta", default=t.tta, choices=list(VIEWS), help="test-time views of the final embeddings")
-    parser.add_argument("--no-refit", dest="refit", action="store_false",
-                        help="keep the chosen epoch's model instead of training again on all study rows")  # fmt: skip
+    parser.add_argument(
+        "--no-refit",
+        dest="refit",
+        action="store_false",
+        help="keep the chosen epoch's model instead of training again on all study rows",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run folder's last checkpoint")
 
 
@@ -509,27 +590,43 @@ def _unfreeze(text: str) -> str:
 
 COMMANDS.update(
     {
-        "backbones": Command("list backbones, dims, input sizes, weight status", cmd_backbones, None,
-                             "python cli.py backbones"),
-        "extract": Command("embed a data set with frozen backbones into a feature store", cmd_extract,
-                           _extract_arguments,
-                           "python cli.py extract --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
-                           "--out demo/isic_cc0.h5"),
-        "fit": Command("tune a head on a feature store with Optuna, test it once, write a run folder with a report",
-                       cmd_fit, _fit_arguments,
-                       "python cli.py fit --features demo/isic_cc0.h5 --head linear --trials 10 --out demo/run-linear"),
-        "evaluate": Command("score a run on its test rows, or on another labelled store", cmd_evaluate,
-                            _evaluate_arguments,
-                            "python cli.py evaluate --run demo/run-linear --features other.h5 "
-                            "--label-map melanoma=mel,nevus=nv"),
-        "predict": Command("classify new images with a run", cmd_predict, _predict_arguments,
-                           "python cli.py predict --run demo/run-linear --images new_images/ --out predictions.csv"),
-        "finetune": Command("train the top blocks of a backbone with the head, from a fit run's head", cmd_finetune,
-                            _finetune_arguments,
-                            "python cli.py finetune --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
-                            "--init demo/run-linear --out demo/run-finetuned"),
+        "backbones": Command(
+            "list backbones, dims, input sizes, weight status", cmd_backbones, None, "python cli.py backbones"
+        ),
+        "extract": Command(
+            "embed a data set with frozen backbones into a feature store",
+            cmd_extract,
+            _extract_arguments,
+            "python cli.py extract --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
+            "--out demo/isic_cc0.h5",
+        ),
+        "fit": Command(
+            "tune a head on a feature store with Optuna, test it once, write a run folder with a report",
+            cmd_fit,
+            _fit_arguments,
+            "python cli.py fit --features demo/isic_cc0.h5 --head linear --trials 10 --out demo/run-linear",
+        ),
+        "evaluate": Command(
+            "score a run on its test rows, or on another labelled store",
+            cmd_evaluate,
+            _evaluate_arguments,
+            "python cli.py evaluate --run demo/run-linear --features other.h5 --label-map melanoma=mel,nevus=nv",
+        ),
+        "predict": Command(
+            "classify new images with a run",
+            cmd_predict,
+            _predict_arguments,
+            "python cli.py predict --run demo/run-linear --images new_images/ --out predictions.csv",
+        ),
+        "finetune": Command(
+            "train the top blocks of a backbone with the head, from a fit run's head",
+            cmd_finetune,
+            _finetune_arguments,
+            "python cli.py finetune --data samples/isic_cc0/labels.csv --backbone efficientnet_lite0 "
+            "--init demo/run-linear --out demo/run-finetuned",
+        ),
     }
-)  # fmt: skip
+)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -561,8 +658,10 @@ def environment_message(exc: OSError) -> str:
     be written, a file that cannot be read."""
     where = f"{exc.filename}: " if exc.filename else ""
     if exc.errno == errno.ENOSPC:
-        return (f"{where}the disk is full. Free some space and rerun the same command: finished work is kept "
-                "(extraction journals, study trials)")
+        return (
+            f"{where}the disk is full. Free some space and rerun the same command: finished work is kept "
+            "(extraction journals, study trials)"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{where}{exc.strerror or exc}: choose a folder you can write to (--out), or change its permissions"
     return f"{where}{exc.strerror or exc}"

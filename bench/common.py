@@ -15,8 +15,9 @@ def first_images(n: int, folder: Path) -> Path:
     """A manifest of the data set's first n images (past its 2000, the same files again under new
     ids, so that a benchmark can ask for more images than there are)."""
     rows = list(csv.DictReader(open(DATA / "labels.csv")))
-    picked = [dict(rows[i % len(rows)], image_id=f"{rows[i % len(rows)]['image_id']}_{i // len(rows)}")
-              for i in range(n)]  # fmt: skip
+    picked = [
+        dict(rows[i % len(rows)], image_id=f"{rows[i % len(rows)]['image_id']}_{i // len(rows)}") for i in range(n)
+    ]
     path = folder / f"first{n}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(picked[0]))

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after ROOT: bench/extract.py must not shadow the package
 from common import DATA, IN_MEMORY, first_images  # noqa: E402
+
 BACKBONES = "resnet50,vgg11,densenet121,inception_v3,efficientnet_lite0"
 
 
@@ -87,10 +88,14 @@ def naive(name: str, csv_path: Path) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     backbone = load_backbone(name, "none" if name != "efficientnet_lite0" else "default")
     p = backbone.preprocess
-    transform = transforms.Compose([
-        transforms.Resize(p.resize), transforms.CenterCrop(p.crop), transforms.ToTensor(),
-        transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
-    ])  # fmt: skip
+    transform = transforms.Compose(
+        [
+            transforms.Resize(p.resize),
+            transforms.CenterCrop(p.crop),
+            transforms.ToTensor(),
+            transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+        ]
+    )
     files = [DATA / row["path"] for row in csv.DictReader(open(csv_path))]
     model = backbone.module.eval()
     started = time.monotonic()
@@ -105,21 +110,35 @@ def naive(name: str, csv_path: Path) -> dict:
     return {"images_per_s": len(files) / (end - started), "steady_images_per_s": (len(files) - 32) / (end - first)}
 
 
-def tool(name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto",
-         runtime: str = "auto") -> dict:  # fmt: skip
+def tool(
+    name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto", runtime: str = "auto"
+) -> dict:
     """`cli.py extract` with its defaults (or the given options), timed from the call to the finished
     store."""
     from extract.run import ExtractConfig, extract
 
     started = time.monotonic()
-    summary = extract(ExtractConfig(data=str(csv_path), images=str(DATA), backbone=name, out=str(out),
-                                    weights="none" if name != "efficientnet_lite0" else "default",
-                                    precision=precision, compile=compile, runtime=runtime))  # fmt: skip
+    summary = extract(
+        ExtractConfig(
+            data=str(csv_path),
+            images=str(DATA),
+            backbone=name,
+            out=str(out),
+            weights="none" if name != "efficientnet_lite0" else "default",
+            precision=precision,
+            compile=compile,
+            runtime=runtime,
+        )
+    )
     seconds = time.monotonic() - started
     n = summary.embedded[name]
     config = json.loads(_attrs(out))
-    return {"images_per_s": n / seconds, "steady_images_per_s": summary.steady_images_per_s,
-            "precision": config["precision"], "runtime": config["runtime"]}  # fmt: skip
+    return {
+        "images_per_s": n / seconds,
+        "steady_images_per_s": summary.steady_images_per_s,
+        "precision": config["precision"],
+        "runtime": config["runtime"],
+    }
 
 
 def _attrs(store: Path) -> str:
@@ -185,11 +204,15 @@ def heads_table(work: Path, trials: int) -> None:
         if not stores[label].exists():
             tool("efficientnet_lite0", DATA / "labels.csv", stores[label], **options)
     others = [label for label in EMBEDDINGS if label != "fp32"]
-    print("\n| head | " + " | ".join(f"{label}: test BA / AUC" for label in EMBEDDINGS)
-          + "".join(f" | AUC, {label} - fp32" for label in others)
-          + f" | same parameters, mean of {SEEDS} seeds: "
-          + " | ".join(f"{label}: BA / AUC (sd)" for label in EMBEDDINGS)
-          + "".join(f" | AUC, {label} - fp32" for label in others) + " |")  # fmt: skip
+    print(
+        "\n| head | "
+        + " | ".join(f"{label}: test BA / AUC" for label in EMBEDDINGS)
+        + "".join(f" | AUC, {label} - fp32" for label in others)
+        + f" | same parameters, mean of {SEEDS} seeds: "
+        + " | ".join(f"{label}: BA / AUC (sd)" for label in EMBEDDINGS)
+        + "".join(f" | AUC, {label} - fp32" for label in others)
+        + " |"
+    )
     print("|" + " --- |" * (1 + 2 * (len(EMBEDDINGS) + len(others))))
     for head in ("linear", "mlp", "xgboost"):
         tuned, same = {}, {}
@@ -207,8 +230,9 @@ def heads_table(work: Path, trials: int) -> None:
             same[label]["sd"] = float(np.std([r["auc"] for r in runs]))
         cells = [f"{tuned[k]['balanced_accuracy']:.3f} / {tuned[k]['auc']:.3f}" for k in EMBEDDINGS]
         cells += [f"{tuned[k]['auc'] - tuned['fp32']['auc']:+.3f}" for k in others]
-        cells += [f"{same[k]['balanced_accuracy']:.3f} / {same[k]['auc']:.3f} ({same[k]['sd']:.3f})"
-                  for k in EMBEDDINGS]  # fmt: skip
+        cells += [
+            f"{same[k]['balanced_accuracy']:.3f} / {same[k]['auc']:.3f} ({same[k]['sd']:.3f})" for k in EMBEDDINGS
+        ]
         cells += [f"{same[k]['auc'] - same['fp32']['auc']:+.3f}" for k in others]
         print(f"| {head} | {' | '.join(cells)} |", flush=True)
 
@@ -265,13 +289,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(work / "cache", ignore_errors=True)
     ceiling = matmul_ceiling()
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
-          f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images")  # fmt: skip
-    print("\n| backbone | GFLOP/image | bf16 ceiling, GFLOP/s | naive loop, images/s | `cli.py extract` defaults,"
-          " first run: images/s (steady) | later runs | speed-up (later / naive) | share of the ceiling, later"
-          " runs (steady) | `--precision int8` (OpenVINO), first run | later runs | `--runtime torch`: eager |"
-          " torch compiled (cached) | its share (steady) |"
-          " peak memory: naive / defaults / torch compiled |")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {os.cpu_count()} cores; matrix product 4096^3: "
+        f"{ceiling['fp32']:.0f} GFLOP/s fp32, {ceiling['bf16']:.0f} GFLOP/s bf16; {args.images} images"
+    )
+    print(
+        "\n| backbone | GFLOP/image | bf16 ceiling, GFLOP/s | naive loop, images/s | `cli.py extract` defaults,"
+        " first run: images/s (steady) | later runs | speed-up (later / naive) | share of the ceiling, later"
+        " runs (steady) | `--precision int8` (OpenVINO), first run | later runs | `--runtime torch`: eager |"
+        " torch compiled (cached) | its share (steady) |"
+        " peak memory: naive / defaults / torch compiled |"
+    )
     print("|" + " --- |" * 14)
     csv_path = first_images(args.images, work)
     for name in filter(None, args.backbones.split(",")):  # --backbones '' runs only the heads table
@@ -290,12 +318,15 @@ def main() -> None:
             return f"{max(r['peak_rss_mb'], r['peak_rss_children_mb']):.0f}"
 
         later = m["later"]
-        print(f"| {name} | {gflop:.2f} | {limit:.0f} | {slow['images_per_s']:.1f} | {speed(m['first'])} | "
-              f"{speed(later)} ({later['runtime']}, {later['precision']}) | "
-              f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['int8-first'])} | "
-              f"{speed(m['int8'])} | {speed(m['eager'])} | "
-              f"{speed(m['compiled'])} | {share(m['compiled'])} | "
-              f"{slow['peak_rss_mb']:.0f} / {peak(later)} / {peak(m['compiled'])} MB |", flush=True)  # fmt: skip
+        print(
+            f"| {name} | {gflop:.2f} | {limit:.0f} | {slow['images_per_s']:.1f} | {speed(m['first'])} | "
+            f"{speed(later)} ({later['runtime']}, {later['precision']}) | "
+            f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['int8-first'])} | "
+            f"{speed(m['int8'])} | {speed(m['eager'])} | "
+            f"{speed(m['compiled'])} | {share(m['compiled'])} | "
+            f"{slow['peak_rss_mb']:.0f} / {peak(later)} / {peak(m['compiled'])} MB |",
+            flush=True,
+        )
     if args.heads:
         heads_table(work, args.trials)
 

@@ -78,8 +78,20 @@ def main() -> None:
         env = {**os.environ, "SKINLESION_CACHE": str(Path(workdir) / "cache")}
         for n in [64] + [int(s) for s in args.sizes.split(",")]:
             out = subprocess.run(
-                [sys.executable, __file__, "--one", str(n), "--workdir", workdir, "--precision", args.precision,
-                 "--runtime", args.runtime, "--compile", args.compile],
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    str(n),
+                    "--workdir",
+                    workdir,
+                    "--precision",
+                    args.precision,
+                    "--runtime",
+                    args.runtime,
+                    "--compile",
+                    args.compile,
+                ],
                 capture_output=True,
                 text=True,
                 check=True,

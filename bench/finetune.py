@@ -39,17 +39,26 @@ def main() -> None:
     parser.add_argument("--heads", default="linear,mlp,xgboost")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work", default=str(ROOT / "bench-work" / "finetune"))
-    parser.add_argument("--reuse-frozen", action="store_true",
-                        help="take the frozen rows from earlier runs in --work (same store and split) if present")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a finetune option for every fine-tuning row, e.g. --set epochs=12")  # fmt: skip
+    parser.add_argument(
+        "--reuse-frozen",
+        action="store_true",
+        help="take the frozen rows from earlier runs in --work (same store and split) if present",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a finetune option for every fine-tuning row, e.g. --set epochs=12",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     store = work / "ham-lite0.h5"
-    extract(ExtractConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
-                          out=str(store)))  # fmt: skip
+    extract(
+        ExtractConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0", out=str(store))
+    )
     rows = []
     for head in args.heads.split(","):
         run = work / f"frozen-{head}"
@@ -82,17 +91,26 @@ def main() -> None:
             shutil.rmtree(run, ignore_errors=True)
             started = time.monotonic()
             metrics = finetune(
-                FinetuneConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0",
-                               init=str(work / "frozen-linear"), out=str(run), unfreeze=unfreeze, seed=seed,
-                               **overrides)
-            )  # fmt: skip
+                FinetuneConfig(
+                    data=str(DATA / "labels.csv"),
+                    images=str(DATA),
+                    backbone="efficientnet_lite0",
+                    init=str(work / "frozen-linear"),
+                    out=str(run),
+                    unfreeze=unfreeze,
+                    seed=seed,
+                    **overrides,
+                )
+            )
             best = json.loads((run / "config.json").read_text())["best_epoch"]
-            rows.append((f"fine-tuned, --unfreeze {unfreeze}, seed {seed}", metrics["test"],
-                         time.monotonic() - started, best))  # fmt: skip
+            rows.append(
+                (f"fine-tuned, --unfreeze {unfreeze}, seed {seed}", metrics["test"], time.monotonic() - started, best)
+            )
             if frozen_best is not None:
                 m = metrics["test"]
-                gains.setdefault(unfreeze, []).append((m["auc"] - frozen_best["auc"],
-                                                       m["balanced_accuracy"] - frozen_best["balanced_accuracy"]))
+                gains.setdefault(unfreeze, []).append(
+                    (m["auc"] - frozen_best["auc"], m["balanced_accuracy"] - frozen_best["balanced_accuracy"])
+                )
     print()
     print("| pipeline | test balanced accuracy (95 % CI) | test AUC (95 % CI) | wall time | best epoch |")
     print("| --- | --- | --- | --- | --- |")
@@ -107,8 +125,10 @@ def main() -> None:
         print("| --- | --- | --- | --- |")
         for unfreeze, values in gains.items():
             auc, ba = np.array(values).T
-            print(f"| {unfreeze} | {len(values)} | {auc.mean():+.3f} ({auc.min():+.3f}, {auc.max():+.3f}) | "
-                  f"{ba.mean():+.3f} ({ba.min():+.3f}, {ba.max():+.3f}) |")
+            print(
+                f"| {unfreeze} | {len(values)} | {auc.mean():+.3f} ({auc.min():+.3f}, {auc.max():+.3f}) | "
+                f"{ba.mean():+.3f} ({ba.min():+.3f}, {ba.max():+.3f}) |"
+            )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ class Check:
             result = fn(*args, **kwargs)
         except Exception as exc:  # one failing part must not lose the others' figures
             result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-        print(f"[{time.monotonic() - self.started:6.1f} s] {label} ({time.monotonic() - started:.1f} s): "
-              f"{json.dumps(result, default=str)[:300]}", flush=True)  # fmt: skip
+        print(
+            f"[{time.monotonic() - self.started:6.1f} s] {label} ({time.monotonic() - started:.1f} s): "
+            f"{json.dumps(result, default=str)[:300]}",
+            flush=True,
+        )
         self.save()
         return result
 
@@ -98,8 +101,12 @@ def ceilings(device: str, n: int) -> dict:
     """TFLOP/s of an n^3 matrix product (median of 10 after 3 warm-ups), per precision."""
     out = {}
     matmul = torch.backends.cuda.matmul
-    for label, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True),
-                               ("bf16", torch.bfloat16, False), ("fp16", torch.float16, False)):  # fmt: skip
+    for label, dtype, tf32 in (
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+        ("fp16", torch.float16, False),
+    ):
         saved = matmul.allow_tf32
         matmul.allow_tf32 = tf32
         try:
@@ -134,8 +141,13 @@ def decode_loader(files: list[Path], n: int, workers: int, batch: int, device: s
     from torch.utils.data import DataLoader
 
     pre = load_backbone("resnet50", "none").preprocess
-    loader = DataLoader(DecodedImages([files[i % len(files)] for i in range(n)], [pre]), batch_size=batch,
-                        num_workers=workers, collate_fn=collate_decoded, pin_memory=device == "cuda")  # fmt: skip
+    loader = DataLoader(
+        DecodedImages([files[i % len(files)] for i in range(n)], [pre]),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=collate_decoded,
+        pin_memory=device == "cuda",
+    )
     started, first, seen = time.perf_counter(), None, 0
     for positions, _, tensors, _ in loader:
         tensors[0].to(device, non_blocking=True)
@@ -163,8 +175,11 @@ def decode_nvjpeg(files: list[Path], n: int) -> dict:
     batch = torch.stack([F.center_crop(F.resize(img, [256], antialias=True), [224, 224]) for img in images])
     torch.cuda.synchronize()
     end = time.perf_counter()
-    return {"decode_images_per_s": n / (decoded - started), "decode_resize_images_per_s": n / (end - started),
-            "shape": list(batch.shape)}  # fmt: skip
+    return {
+        "decode_images_per_s": n / (decoded - started),
+        "decode_resize_images_per_s": n / (end - started),
+        "shape": list(batch.shape),
+    }
 
 
 # ----------------------------------------------------------------------------------------- per backbone
@@ -176,9 +191,16 @@ def run_extract(name: str, weights: Path, rows: Path, out: Path, device: str, **
     summary = extract(cfg)
     seconds = time.monotonic() - started
     resolved = cfg.resolved()
-    return {"images_per_s": summary.embedded[name] / seconds, "steady_images_per_s": summary.steady_images_per_s,
-            "seconds": seconds, "precision": resolved.precision, "batch_size": resolved.batch_size,
-            "workers": resolved.workers, "compile": cfg.compile, "failed": len(summary.failed)}  # fmt: skip
+    return {
+        "images_per_s": summary.embedded[name] / seconds,
+        "steady_images_per_s": summary.steady_images_per_s,
+        "seconds": seconds,
+        "precision": resolved.precision,
+        "batch_size": resolved.batch_size,
+        "workers": resolved.workers,
+        "compile": cfg.compile,
+        "failed": len(summary.failed),
+    }
 
 
 def model_only(name: str, device: str, precision: str, batch: int, iters: int) -> dict:
@@ -208,16 +230,21 @@ def naive(name: str, device: str, files: list[Path], n: int) -> dict:
 
     backbone = load_backbone(name, "none")
     p = backbone.preprocess
-    transform = transforms.Compose([
-        transforms.Resize(p.resize), transforms.CenterCrop(p.crop), transforms.ToTensor(),
-        transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
-    ])  # fmt: skip
+    transform = transforms.Compose(
+        [
+            transforms.Resize(p.resize),
+            transforms.CenterCrop(p.crop),
+            transforms.ToTensor(),
+            transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
+        ]
+    )
     model = backbone.module.to(device).eval()
     started, first = time.monotonic(), None
     with torch.no_grad():
         for start in range(0, n, 32):
-            batch = torch.stack([transform(Image.open(files[i % len(files)]).convert("RGB"))
-                                 for i in range(start, min(n, start + 32))])  # fmt: skip
+            batch = torch.stack(
+                [transform(Image.open(files[i % len(files)]).convert("RGB")) for i in range(start, min(n, start + 32))]
+            )
             model(batch.to(device)).cpu()
             if first is None:
                 first = time.monotonic()
@@ -268,40 +295,66 @@ def _pair(result: dict | None) -> str:
 
 
 def tables() -> str:
-    lines = [f"{RESULTS['card']}; torch {RESULTS['torch']}, torchvision {RESULTS['torchvision']}; "
-             f"{RESULTS['cpus']} CPU cores; {RESULTS['images']} images from {RESULTS['image_folder']}", ""]  # fmt: skip
+    lines = [
+        f"{RESULTS['card']}; torch {RESULTS['torch']}, torchvision {RESULTS['torchvision']}; "
+        f"{RESULTS['cpus']} CPU cores; {RESULTS['images']} images from {RESULTS['image_folder']}",
+        "",
+    ]
     c = RESULTS.get("ceilings", {})
     if "error" not in c:
-        lines += ["| matrix product 8192^3, TFLOP/s | fp32 | tf32 | bf16 | fp16 |", "| --- | --- | --- | --- | --- |",
-                  "| measured | " + " | ".join(f"{c.get(k, 0):.0f}" for k in ("fp32", "tf32", "bf16", "fp16")) + " |",
-                  ""]  # fmt: skip
+        lines += [
+            "| matrix product 8192^3, TFLOP/s | fp32 | tf32 | bf16 | fp16 |",
+            "| --- | --- | --- | --- | --- |",
+            "| measured | " + " | ".join(f"{c.get(k, 0):.0f}" for k in ("fp32", "tf32", "bf16", "fp16")) + " |",
+            "",
+        ]
     d = RESULTS.get("decode", {})
-    lines += ["| decoding (resnet50's resize/crop), images/s | overall (steady) |", "| --- | --- |",
-              f"| one CPU core, PIL | {_fmt(d.get('one_core'))} |"]  # fmt: skip
+    lines += [
+        "| decoding (resnet50's resize/crop), images/s | overall (steady) |",
+        "| --- | --- |",
+        f"| one CPU core, PIL | {_fmt(d.get('one_core'))} |",
+    ]
     for key, value in d.items():
         if key.startswith("loader"):
             lines.append(f"| extract's DataLoader, {key.split('-')[1]} workers, no model | {_pair(value)} |")
-    lines += [f"| nvJPEG on the GPU (decode; decode + resize + crop) | {_fmt(d.get('nvjpeg'), 'decode_images_per_s')}; "
-              f"{_fmt(d.get('nvjpeg'), 'decode_resize_images_per_s')} |", ""]  # fmt: skip
-    lines += ["| backbone | GFLOP/image | naive loop, images/s (steady) | extract defaults (precision), images/s "
-              "(steady) | defaults / naive (steady) | extract fp32 | extract fp16 |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += [
+        f"| nvJPEG on the GPU (decode; decode + resize + crop) | {_fmt(d.get('nvjpeg'), 'decode_images_per_s')}; "
+        f"{_fmt(d.get('nvjpeg'), 'decode_resize_images_per_s')} |",
+        "",
+    ]
+    lines += [
+        "| backbone | GFLOP/image | naive loop, images/s (steady) | extract defaults (precision), images/s "
+        "(steady) | defaults / naive (steady) | extract fp32 | extract fp16 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, r in RESULTS["backbones"].items():
         ex, nv = r.get("extract", {}), r.get("naive", {})
-        ratio = (f"{ex['steady_images_per_s'] / nv['steady_images_per_s']:.1f}x"
-                 if "steady_images_per_s" in ex and "steady_images_per_s" in nv else "-")  # fmt: skip
-        lines.append(f"| {name} | {r.get('gflop', 0):.2f} | {_pair(nv)} | {_pair(ex)} ({ex.get('precision', '?')}) | "
-                     f"{ratio} | {_pair(r.get('extract_fp32'))} | {_pair(r.get('extract_fp16'))} |")  # fmt: skip
-    lines += ["", "| backbone, model alone, images/s | fp32 b64 | fp32 b256 | bf16 b64 | bf16 b256 | fp16 b64 |"
-              " fp16 b256 | best bf16 as % of the bf16 matmul ceiling |", "| --- " * 8 + "|"]  # fmt: skip
+        ratio = (
+            f"{ex['steady_images_per_s'] / nv['steady_images_per_s']:.1f}x"
+            if "steady_images_per_s" in ex and "steady_images_per_s" in nv
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {r.get('gflop', 0):.2f} | {_pair(nv)} | {_pair(ex)} ({ex.get('precision', '?')}) | "
+            f"{ratio} | {_pair(r.get('extract_fp32'))} | {_pair(r.get('extract_fp16'))} |"
+        )
+    lines += [
+        "",
+        "| backbone, model alone, images/s | fp32 b64 | fp32 b256 | bf16 b64 | bf16 b256 | fp16 b64 |"
+        " fp16 b256 | best bf16 as % of the bf16 matmul ceiling |",
+        "| --- " * 8 + "|",
+    ]
     for name, r in RESULTS["backbones"].items():
         m = r.get("model", {})
         cells = [_fmt(m.get(f"{p}-{b}")) for p in DTYPES for b in (64, 256)]
         best = max((m.get(f"bf16-{b}", {}).get("images_per_s", 0) for b in (64, 256)), default=0)
         share = best * r.get("gflop", 0) / 1e3 / c["bf16"] * 100 if c.get("bf16") else 0
         lines.append(f"| {name} | {' | '.join(cells)} | {share:.0f} % |")
-    lines += ["", "| backbone | relative error, GPU fp32 vs CPU fp32: mean (max) | GPU bf16 vs CPU fp32: mean (max) |",
-              "| --- | --- | --- |"]  # fmt: skip
+    lines += [
+        "",
+        "| backbone | relative error, GPU fp32 vs CPU fp32: mean (max) | GPU bf16 vs CPU fp32: mean (max) |",
+        "| --- | --- | --- |",
+    ]
     for name, r in RESULTS["backbones"].items():
         a = r.get("agreement", {})
         cells = [f"{a[k]['mean']:.1e} ({a[k]['max']:.1e})" if k in a else "-" for k in ("fp32", "bf16")]
@@ -337,10 +390,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     import torchvision
 
-    RESULTS.update(card=torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)",
-                   torch=torch.__version__, torchvision=torchvision.__version__, cpus=os.cpu_count(),
-                   python=platform.python_version(), images=args.images, image_folder=f"{folder} ({len(files)} files)",
-                   backbones={}, decode={}, extras={})  # fmt: skip
+    RESULTS.update(
+        card=torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU (dry run)",
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        images=args.images,
+        image_folder=f"{folder} ({len(files)} files)",
+        backbones={},
+        decode={},
+        extras={},
+    )
     print(json.dumps({k: v for k, v in RESULTS.items() if not isinstance(v, dict)}), flush=True)
     rows = manifest(files, args.images, work, "img")
     few = manifest(files, args.agree_images, work, "agree")
@@ -351,8 +412,9 @@ def main() -> None:
     if "decode" in parts:
         d["one_core"] = check.step("decode, one core", decode_one_core, files, 200)
         for workers in sorted({4, 8, max(0, (os.cpu_count() or 1) - 1)}):
-            d[f"loader-{workers}"] = check.step(f"loader {workers} workers", decode_loader, files, args.images,
-                                                workers, 64, args.device)  # fmt: skip
+            d[f"loader-{workers}"] = check.step(
+                f"loader {workers} workers", decode_loader, files, args.images, workers, 64, args.device
+            )
         if args.device == "cuda":
             d["nvjpeg"] = check.step("nvjpeg", decode_nvjpeg, files, 512)
     for name in args.backbones.split(","):
@@ -360,17 +422,29 @@ def main() -> None:
         weights = work / f"{name}.pt"  # one random init, the same weights on both devices
         torch.save(load_backbone(name, "none").module.state_dict(), weights)
         if "extract" in parts:
-            r["extract"] = check.step(f"{name} extract defaults", run_extract, name, weights, rows,
-                                      work / f"{name}.h5", args.device)  # fmt: skip
+            r["extract"] = check.step(
+                f"{name} extract defaults", run_extract, name, weights, rows, work / f"{name}.h5", args.device
+            )
             for p in ("fp32", "fp16"):
-                r[f"extract_{p}"] = check.step(f"{name} extract {p}", run_extract, name, weights, rows,
-                                               work / f"{name}-{p}.h5", args.device, precision=p)  # fmt: skip
+                r[f"extract_{p}"] = check.step(
+                    f"{name} extract {p}",
+                    run_extract,
+                    name,
+                    weights,
+                    rows,
+                    work / f"{name}-{p}.h5",
+                    args.device,
+                    precision=p,
+                )
         if "naive" in parts:
             r["naive"] = check.step(f"{name} naive", naive, name, args.device, files, args.naive_images)
         r["gflop"] = check.step(f"{name} GFLOP", gflop_per_image, name)
         if "model" in parts:
-            r["model"] = {f"{p}-{b}": check.step(f"{name} model {p} batch {b}", model_only, name, args.device, p, b,
-                                                 args.iters) for p in DTYPES for b in (64, 256)}  # fmt: skip
+            r["model"] = {
+                f"{p}-{b}": check.step(f"{name} model {p} batch {b}", model_only, name, args.device, p, b, args.iters)
+                for p in DTYPES
+                for b in (64, 256)
+            }
         if "agreement" in parts:
             r["agreement"] = check.step(f"{name} agreement", agreement, name, weights, few, work, args.device)
     name = "resnet50"
@@ -384,8 +458,16 @@ def main() -> None:
         if check.left() <= 0 or not weights.is_file():
             RESULTS["extras"][label] = {"skipped": "time budget spent"}
             continue
-        RESULTS["extras"][label] = check.step(f"{name} extract {label}", run_extract, name, weights, rows,
-                                              work / f"{name}-extra.h5", args.device, **options)  # fmt: skip
+        RESULTS["extras"][label] = check.step(
+            f"{name} extract {label}",
+            run_extract,
+            name,
+            weights,
+            rows,
+            work / f"{name}-extra.h5",
+            args.device,
+            **options,
+        )
     check.save()
     text = tables()
     (out / "gpu_check.md").write_text(text + "\n")

@@ -53,9 +53,13 @@ def extraction(work: Path, images: int, backbone: str) -> None:
     weights = "default" if backbone == "efficientnet_lite0" else "none"
     args = ["extract", "--data", str(manifest), "--images", str(DATA), "--backbone", backbone, "--weights", weights]
     timings = {}
-    for name, launcher in (("1 process", [sys.executable, str(ROOT / "cli.py")]),
-                           ("torchrun, 2 processes", [sys.executable, "-m", "torch.distributed.run",
-                                                      "--nproc-per-node", "2", str(ROOT / "cli.py")])):  # fmt: skip
+    for name, launcher in (
+        ("1 process", [sys.executable, str(ROOT / "cli.py")]),
+        (
+            "torchrun, 2 processes",
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(ROOT / "cli.py")],
+        ),
+    ):
         out = work / f"{name.split()[0].strip(',')}.h5"
         started = time.monotonic()
         subprocess.run([*launcher, *args, "--out", str(out)], check=True, capture_output=True)
@@ -77,24 +81,50 @@ def workers(work: Path, url: str, head: str, trials: int) -> None:
     from conftest import synthetic_store
 
     store = synthetic_store(work / "syn.h5", n=2000, dim=64)
-    print(f"\n| workers ({head} head, 2000 x 64 synthetic store, {trials} trials each) | trials | minutes |"
-          " trials per minute |\n| --- | --- | --- | --- |")  # fmt: skip
+    print(
+        f"\n| workers ({head} head, 2000 x 64 synthetic store, {trials} trials each) | trials | minutes |"
+        " trials per minute |\n| --- | --- | --- | --- |"
+    )
     for n in (1, 2, 4):
         name = f"skinlesion_bench_{uuid.uuid4().hex[:8]}"
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"CREATE DATABASE {name}")
         db = url.rsplit("/", 1)[0] + "/" + name
-        command = [sys.executable, str(ROOT / "cli.py"), "fit", "--features", str(store), "--head", head,
-                   "--storage", db, "--study", "bench", "--trials", str(trials), "--no-report"]  # fmt: skip
+        command = [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "fit",
+            "--features",
+            str(store),
+            "--head",
+            head,
+            "--storage",
+            db,
+            "--study",
+            "bench",
+            "--trials",
+            str(trials),
+            "--no-report",
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
         started = time.monotonic()
-        procs = [subprocess.Popen([*command, "--out", str(work / f"w{n}-{k}")], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL) for k in range(n)]  # fmt: skip
+        procs = [
+            subprocess.Popen(
+                [*command, "--out", str(work / f"w{n}-{k}")],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for k in range(n)
+        ]
         for p in procs:
             p.wait()
         minutes = (time.monotonic() - started) / 60
-        done = len(optuna.load_study(study_name="bench", storage=db).get_trials(
-            states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)))  # fmt: skip
+        done = len(
+            optuna.load_study(study_name="bench", storage=db).get_trials(
+                states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            )
+        )
         print(f"| {n} | {done} | {minutes:.2f} | {done / minutes:.1f} |", flush=True)
         with psycopg.connect(url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
@@ -145,8 +175,15 @@ def synthetic_store(path: Path, rows: int, dim: int, seed: int = 0, structure: s
         group=[f"lesion{g:07d}" for g in group_of],
         sha256=[""] * rows,
     )
-    attrs = {"fingerprint": f"synthetic-{structure}-{rows}x{dim}-seed{seed}", "identity": "{}", "weights": "none",
-             "weights_sha256": "", "precision": "fp16", "views": "none", "dim": dim}  # fmt: skip
+    attrs = {
+        "fingerprint": f"synthetic-{structure}-{rows}x{dim}-seed{seed}",
+        "identity": "{}",
+        "weights": "none",
+        "weights_sha256": "",
+        "precision": "fp16",
+        "views": "none",
+        "dim": dim,
+    }
 
     def blocks():
         for start in range(0, rows, SYNTHETIC_BLOCK):
@@ -168,12 +205,38 @@ def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None
     """`fit --head xgboost --trials 2` on a store larger than the budget: wall time, peak RSS."""
     if not store.is_file():  # in a process of its own: a child forked from a big parent inherits its peak
         started = time.monotonic()
-        subprocess.run([sys.executable, __file__, "--synthetic-store", str(store), "--rows", str(rows), "--dim",
-                        str(dim), "--structure", structure], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--synthetic-store",
+                str(store),
+                "--rows",
+                str(rows),
+                "--dim",
+                str(dim),
+                "--structure",
+                structure,
+            ],
+            check=True,
+        )
         print(f"wrote it in {time.monotonic() - started:.0f} s")
     out = store.with_name(store.stem + "-xgboost-run")
-    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--features", str(store), "--head", "xgboost",
-               "--trials", "2", "--memory-budget", budget, "--out", str(out)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        "--features",
+        str(store),
+        "--head",
+        "xgboost",
+        "--trials",
+        "2",
+        "--memory-budget",
+        budget,
+        "--out",
+        str(out),
+    ]
     log = out.with_suffix(".log")
     started = time.monotonic()
     with open(log, "w") as handle:
@@ -183,10 +246,14 @@ def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None
     if status != 0:
         raise SystemExit(f"fit failed (status {status}); see {log}")
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"\n| fit --head xgboost --trials 2, {store.name}, --memory-budget {budget} "
-          "| wall time | peak resident memory | test AUC |\n| --- | --- | --- | --- |")  # fmt: skip
-    print(f"| {store.stat().st_size / 2**30:.2f} GiB store | {seconds / 60:.1f} min | "
-          f"{usage.ru_maxrss / 2**20:.2f} GiB | {metrics['test']['auc']:.3f} |")
+    print(
+        f"\n| fit --head xgboost --trials 2, {store.name}, --memory-budget {budget} "
+        "| wall time | peak resident memory | test AUC |\n| --- | --- | --- | --- |"
+    )
+    print(
+        f"| {store.stat().st_size / 2**30:.2f} GiB store | {seconds / 60:.1f} min | "
+        f"{usage.ru_maxrss / 2**20:.2f} GiB | {metrics['test']['auc']:.3f} |"
+    )
     print(f"command: {' '.join(command[1:])}\nlog: {log}")
 
 
@@ -209,8 +276,10 @@ def main() -> None:
         started = time.monotonic()
         synthetic_store(args.synthetic_store, args.rows, args.dim, structure=args.structure)
         size = args.synthetic_store.stat().st_size / 2**30
-        print(f"wrote {args.synthetic_store}: {args.rows} x {args.dim} float16 ({args.structure}), {size:.2f} GiB, "
-              f"{time.monotonic() - started:.0f} s")  # fmt: skip
+        print(
+            f"wrote {args.synthetic_store}: {args.rows} x {args.dim} float16 ({args.structure}), {size:.2f} GiB, "
+            f"{time.monotonic() - started:.0f} s"
+        )
         return
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     parts = set(args.parts.split(","))
@@ -222,8 +291,13 @@ def main() -> None:
     elif "workers" in parts:
         print("\nno PostgreSQL (--storage or SKINLESION_TEST_POSTGRES; `source .ci/postgres.sh`): workers skipped")
     if "large" in parts:
-        large(args.large_store or work / f"synthetic-{args.structure}.h5", args.rows, args.dim, args.budget,
-              args.structure)
+        large(
+            args.large_store or work / f"synthetic-{args.structure}.h5",
+            args.rows,
+            args.dim,
+            args.budget,
+            args.structure,
+        )
 
 
 if __name__ == "__main__":

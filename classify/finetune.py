@@ -338,8 +338,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise FinetuneError(f"labels {', '.join(unknown)} are not classes of --init ({', '.join(classes)})")
     warning = small_test(lesions_in_test(labels, np.array(manifest.group, dtype=object), split))
     if warning and not cfg.allow_small_test:
-        raise FinetuneError(f"{warning}. Raise --test-fraction or use more data, or pass --allow-small-test to go on "
-                            "with every figure marked")
+        raise FinetuneError(
+            f"{warning}. Raise --test-fraction or use more data, or pass --allow-small-test to go on "
+            "with every figure marked"
+        )
     train_rows = np.flatnonzero((split >= 0) & (split != VALIDATION_FOLD))
     val_rows = np.flatnonzero(split == VALIDATION_FOLD)
     if not len(train_rows) or not len(val_rows):
@@ -371,16 +373,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
             changed = sorted(k for k in options if state["options"].get(k) != options[k])
             raise FinetuneError(f"--resume: the checkpoint was made with other options ({', '.join(changed)})")
         if "auc" not in state["best"]:
-            raise FinetuneError(f"--resume: {checkpoint_path} was written by an older version that chose epochs "
-                                "by balanced accuracy; start again with another --out")  # fmt: skip
+            raise FinetuneError(
+                f"--resume: {checkpoint_path} was written by an older version that chose epochs "
+                "by balanced accuracy; start again with another --out"
+            )
         t.load(state)
         history, best, waited = state["history"], state["best"], state["waited"]
         failed.update(state["failed"])
         start_epoch = state["epoch"] + 1
         log.info("resuming %s after epoch %d", run_dir, state["epoch"])
     else:
-        score, auc, _ = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes,
-                                  cfg.batch_size)  # fmt: skip
+        score, auc, _ = _validate(
+            scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size
+        )
         history.append({"epoch": 0, "loss": None, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": None})
         best = {"epoch": 0, "auc": _comparable(auc)}
         _save(scored.state_dict(), run_dir / BEST)
@@ -390,8 +395,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if waited >= cfg.patience:
             break
         loss, speed = _epoch(t, cfg, epoch, manifest, codes, workers, device, autocast, scaler, failed)
-        score, auc, _ = _validate(scored, val_x, val_codes, backbone.preprocess, device, autocast, classes,
-                                  cfg.batch_size)  # fmt: skip
+        score, auc, _ = _validate(
+            scored, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size
+        )
         history.append(
             {"epoch": epoch, "loss": loss, "val_balanced_accuracy": score, "val_auc": auc, "images_per_s": speed}
         )
@@ -403,30 +409,78 @@ def finetune(cfg: FinetuneConfig) -> dict:
         log.info(
             "epoch %d/%d: loss %.4f, %.1f images/s, validation AUC %.4f (best %.4f at epoch %d), balanced accuracy "
             "%.4f at the argmax",
-            epoch, cfg.epochs, loss, speed, auc, best["auc"], best["epoch"], score,
-        )  # fmt: skip
-        _save({"epoch": epoch, **t.state(), "history": history, "best": best, "waited": waited, "failed": failed,
-               "options": options}, checkpoint_path)  # fmt: skip
+            epoch,
+            cfg.epochs,
+            loss,
+            speed,
+            auc,
+            best["auc"],
+            best["epoch"],
+            score,
+        )
+        _save(
+            {
+                "epoch": epoch,
+                **t.state(),
+                "history": history,
+                "best": best,
+                "waited": waited,
+                "failed": failed,
+                "options": options,
+            },
+            checkpoint_path,
+        )
 
     model.load_state_dict(torch.load(run_dir / BEST, map_location=device, weights_only=True))
     # The decision rule is set after the epoch is chosen, on the same validation rows: class offsets of
     # the logits that maximise balanced accuracy there (for two classes, the positive-class threshold).
-    _, _, val_proba = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes,
-                                cfg.batch_size)  # fmt: skip
+    _, _, val_proba = _validate(model, val_x, val_codes, backbone.preprocess, device, autocast, classes, cfg.batch_size)
     offsets = balanced_offsets(val_codes, val_proba)
     kept = np.array([r for r in val_rows if manifest.image_id[r] not in failed], dtype=np.int64)
     validation = (kept, shift_proba(val_proba, offsets))
     refit = None
     if cfg.refit and best["epoch"] > 0:
         del t, model, ema, scored  # the first stage's weights: the refit starts afresh
-        model, refit = _refit(cfg, weights, init, manifest, np.flatnonzero(split >= 0), codes, len(classes),
-                              best["epoch"], options, device, autocast, scaler, workers, failed, run_dir)  # fmt: skip
+        model, refit = _refit(
+            cfg,
+            weights,
+            init,
+            manifest,
+            np.flatnonzero(split >= 0),
+            codes,
+            len(classes),
+            best["epoch"],
+            options,
+            device,
+            autocast,
+            scaler,
+            workers,
+            failed,
+            run_dir,
+        )
     shift_logits(model.head, offsets)
     decision = {"offsets": [float(v) for v in offsets], "classes": classes}
     if len(classes) == 2:
         decision["threshold"] = {classes[1]: threshold_of(offsets)}
-    metrics = _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision,
-                      history, best, failed, started, refit, validation, decision)  # fmt: skip
+    metrics = _finish(
+        cfg,
+        run_dir,
+        manifest,
+        model,
+        backbone,
+        classes,
+        init,
+        split,
+        split_spec,
+        precision,
+        history,
+        best,
+        failed,
+        started,
+        refit,
+        validation,
+        decision,
+    )
     return metrics
 
 
@@ -462,8 +516,11 @@ class _Training:
         return self.ema.module if self.ema is not None else self.model
 
     def state(self) -> dict:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}  # fmt: skip
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
         return {**state, **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load(self, state: dict) -> None:
@@ -474,8 +531,16 @@ class _Training:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _training(cfg: FinetuneConfig, weights: str, head: Head | None, manifest: Manifest, rows: np.ndarray,
-              codes: np.ndarray, n_classes: int, device: torch.device) -> _Training:  # fmt: skip
+def _training(
+    cfg: FinetuneConfig,
+    weights: str,
+    head: Head | None,
+    manifest: Manifest,
+    rows: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    device: torch.device,
+) -> _Training:
     """A stage's fresh start: the backbone with its top blocks unfrozen, the head (`head`, or a fresh one
     standardised on the rows' embeddings), class weights of `rows`, AdamW, the schedule, the average."""
     backbone = load_backbone(cfg.backbone, weights)
@@ -493,8 +558,18 @@ def _training(cfg: FinetuneConfig, weights: str, head: Head | None, manifest: Ma
     return _Training(backbone, model, frozen, optimizer, scheduler, _ema(model, cfg.ema), class_weight, rows)
 
 
-def _epoch(t: _Training, cfg: FinetuneConfig, epoch: int, manifest: Manifest, codes: np.ndarray, workers: int,
-           device: torch.device, autocast, scaler, failed: dict[str, str]) -> tuple[float, float]:  # fmt: skip
+def _epoch(
+    t: _Training,
+    cfg: FinetuneConfig,
+    epoch: int,
+    manifest: Manifest,
+    codes: np.ndarray,
+    workers: int,
+    device: torch.device,
+    autocast,
+    scaler,
+    failed: dict[str, str],
+) -> tuple[float, float]:
     """One epoch of a stage, its randomness seeded from (seed, epoch); returns the loss and images/s."""
     torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and augmentation of this epoch
     loader = DataLoader(
@@ -508,14 +583,43 @@ def _epoch(t: _Training, cfg: FinetuneConfig, epoch: int, manifest: Manifest, co
         drop_last=False,
     )
     return _train_epoch(
-        t.model, t.frozen, cfg, t.ema, loader, t.rows, codes, t.class_weight, t.optimizer, t.scheduler, autocast,
-        scaler, t.backbone.preprocess, device, failed, manifest, epoch,
-    )  # fmt: skip
+        t.model,
+        t.frozen,
+        cfg,
+        t.ema,
+        loader,
+        t.rows,
+        codes,
+        t.class_weight,
+        t.optimizer,
+        t.scheduler,
+        autocast,
+        scaler,
+        t.backbone.preprocess,
+        device,
+        failed,
+        manifest,
+        epoch,
+    )
 
 
-def _refit(cfg: FinetuneConfig, weights: str, init: Run | None, manifest: Manifest, rows: np.ndarray,
-           codes: np.ndarray, n_classes: int, epochs: int, options: dict, device: torch.device, autocast, scaler,
-           workers: int, failed: dict[str, str], run_dir: Path) -> tuple[nn.Module, dict]:  # fmt: skip
+def _refit(
+    cfg: FinetuneConfig,
+    weights: str,
+    init: Run | None,
+    manifest: Manifest,
+    rows: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    epochs: int,
+    options: dict,
+    device: torch.device,
+    autocast,
+    scaler,
+    workers: int,
+    failed: dict[str, str],
+    run_dir: Path,
+) -> tuple[nn.Module, dict]:
     """The second stage: the first stage's training from the start on `rows` (every study row) for the
     `epochs` that validation chose, from --init's head as `fit` made it (on all study rows), or a fresh
     one. Resumable from its own checkpoint. Returns the model to keep (the average when there is one)
@@ -661,8 +765,25 @@ def _ema(model: Model, decay: float) -> torch.optim.swa_utils.AveragedModel | No
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=multi_avg, use_buffers=True)
 
 
-def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, optimizer, scheduler, autocast, scaler,
-                 preprocess, device, failed, manifest, epoch) -> tuple[float, float]:  # fmt: skip
+def _train_epoch(
+    model,
+    frozen,
+    cfg,
+    ema,
+    loader,
+    rows,
+    codes,
+    class_weight,
+    optimizer,
+    scheduler,
+    autocast,
+    scaler,
+    preprocess,
+    device,
+    failed,
+    manifest,
+    epoch,
+) -> tuple[float, float]:
     model.train()
     for module in frozen:  # frozen blocks keep their batch-norm statistics
         module.eval()
@@ -671,9 +792,14 @@ def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, opt
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.eval()
     total, seen, started = 0.0, 0, time.monotonic()
-    progress = tqdm(total=len(rows), unit="img", desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr,
-                    dynamic_ncols=True,
-                    mininterval=0.5 if sys.stderr.isatty() else 30.0)  # fmt: skip
+    progress = tqdm(
+        total=len(rows),
+        unit="img",
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
     for positions, batch, failures in loader:
         for p, reason in failures.items():
             failed[manifest.image_id[rows[p]]] = reason
@@ -683,9 +809,7 @@ def _train_epoch(model, frozen, cfg, ema, loader, rows, codes, class_weight, opt
         x, y, y_other, share = _mix(x, torch.as_tensor(codes[rows[positions]], device=device), cfg.mixup)
         with autocast:
             logits = model(x).float()
-        loss = share * nn.functional.cross_entropy(
-            logits, y, weight=class_weight, label_smoothing=cfg.label_smoothing
-        )
+        loss = share * nn.functional.cross_entropy(logits, y, weight=class_weight, label_smoothing=cfg.label_smoothing)
         if share < 1:
             loss = loss + (1 - share) * nn.functional.cross_entropy(
                 logits, y_other, weight=class_weight, label_smoothing=cfg.label_smoothing
@@ -728,9 +852,25 @@ def _validate(model, x, codes, preprocess, device, autocast, classes, batch_size
 # ----------------------------------------------------------------------------------------- results
 
 
-def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split_spec, precision, history, best,
-            failed, started, refit: dict | None, validation: tuple[np.ndarray, np.ndarray], decision: dict
-            ) -> dict:  # fmt: skip
+def _finish(
+    cfg,
+    run_dir,
+    manifest,
+    model,
+    backbone,
+    classes,
+    init,
+    split,
+    split_spec,
+    precision,
+    history,
+    best,
+    failed,
+    started,
+    refit: dict | None,
+    validation: tuple[np.ndarray, np.ndarray],
+    decision: dict,
+) -> dict:
     """Save the fine-tuned backbone and head, embed the data set with them (the run's store), score the
     test rows from that store; report the chosen epoch's validation predictions (made before any refit,
     with the decision rule set on them), and write the run folder as `fit` does."""
@@ -741,11 +881,18 @@ def _finish(cfg, run_dir, manifest, model, backbone, classes, init, split, split
     if store_path.exists():
         store_path.unlink()  # a rerun after a crash in this step starts the store afresh
     summary = extract(
-        ExtractConfig(backbone=backbone.name, weights=str(run_dir / BACKBONE_FILE), out=str(store_path),
-                      precision=precision, tta=cfg.tta, batch_size=cfg.batch_size, workers=cfg.workers,
-                      device=cfg.device),
+        ExtractConfig(
+            backbone=backbone.name,
+            weights=str(run_dir / BACKBONE_FILE),
+            out=str(store_path),
+            precision=precision,
+            tta=cfg.tta,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            device=cfg.device,
+        ),
         manifest=manifest,
-    )  # fmt: skip
+    )
     failed.update(summary.failed)
     store = FeatureStore(store_path)
     ids = np.array(store.samples().image_id, dtype=object)

@@ -189,8 +189,10 @@ def _check_parts(store: FeatureStore, data: Data, folds: int, dropped: dict[str,
         empty = [part for part, rows in parts.items() if not np.any(rows & (data.y == c))]
         if empty:
             why = f" after leaving out {', '.join(f'{n} {r}' for r, n in dropped.items())}" if dropped else ""
-            raise FitError(f"{store.path}: class {c!r} has no rows in {', '.join(empty)}{why}; embed the missing "
-                           "images, or use fewer --folds")
+            raise FitError(
+                f"{store.path}: class {c!r} has no rows in {', '.join(empty)}{why}; embed the missing "
+                "images, or use fewer --folds"
+            )
 
 
 def _finished(study: optuna.Study, since: int = 0) -> int:
@@ -229,8 +231,10 @@ def fit(cfg: FitConfig) -> dict:
     _check_parts(store, data, cfg.folds, dropped)
     warning = small_test(lesions_in_test(data.y, data.groups, data.folds))
     if warning and not cfg.allow_small_test:
-        raise FitError(f"{store.path}: {warning}. Raise --test-fraction (now {cfg.test_fraction:g}) or use more "
-                       "data, or pass --allow-small-test to fit anyway with every figure marked")
+        raise FitError(
+            f"{store.path}: {warning}. Raise --test-fraction (now {cfg.test_fraction:g}) or use more "
+            "data, or pass --allow-small-test to fit anyway with every figure marked"
+        )
     streamed = isinstance(data.x, StoreRows)
     if streamed and not head_cls.streams:
         raise FitError(
@@ -250,8 +254,12 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.trials == 0 and cfg.storage is None and not (run / JOURNAL).is_file():
         raise FitError(f"--trials 0: {run} holds no study to report on; add trials first (--trials N)")
     if dropped:
-        log.warning("%s: %d labelled rows are left out of the split (%s)", store.path, sum(dropped.values()),
-                    ", ".join(f"{n} {reason}" for reason, n in dropped.items()))
+        log.warning(
+            "%s: %d labelled rows are left out of the split (%s)",
+            store.path,
+            sum(dropped.values()),
+            ", ".join(f"{n} {reason}" for reason, n in dropped.items()),
+        )
     if warning:
         log.warning("%s (--allow-small-test: every figure of this run is marked)", warning)
     log.info(
@@ -288,8 +296,9 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.trials > 0:
         before = len(study.get_trials(deepcopy=False))
         try:
-            study.optimize(objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs,
-                           callbacks=[progress()])
+            study.optimize(
+                objective, n_trials=cfg.trials, timeout=cfg.timeout, n_jobs=cfg.n_jobs, callbacks=[progress()]
+            )
         except KeyboardInterrupt:
             fail_interrupted(study, first=before)
             raise KeyboardInterrupt(
@@ -299,8 +308,12 @@ def fit(cfg: FitConfig) -> dict:
             ) from None
     fail_stale(study)
     if not cfg.report:
-        log.info("study %s: %d trials; when every worker is done, `fit --trials 0` with the same --storage, "
-                 "--study and inputs refits the best and writes the report", name, len(study.trials))  # fmt: skip
+        log.info(
+            "study %s: %d trials; when every worker is done, `fit --trials 0` with the same --storage, "
+            "--study and inputs refits the best and writes the report",
+            name,
+            len(study.trials),
+        )
         return {}
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
@@ -309,17 +322,21 @@ def fit(cfg: FitConfig) -> dict:
     params = {**head_cls.search_space(optuna.trial.FixedTrial(best.params)), **fixed}
     run.mkdir(parents=True, exist_ok=True)
     with FileLock(str(run / ".final.lock")):  # several workers may finish at once: one writes at a time
-        resolved = {"protocol": protocol, "memory_budget_bytes": budget, "streamed": streamed,
-                    "left_out": dropped, "warning": warning}
-        metrics = _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name,
-                         resolved)  # fmt: skip
+        resolved = {
+            "protocol": protocol,
+            "memory_budget_bytes": budget,
+            "streamed": streamed,
+            "left_out": dropped,
+            "warning": warning,
+        }
+        metrics = _final(
+            cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved
+        )
     log.info("fit took %.0f s", time.monotonic() - started)
     return metrics
 
 
-def _final(
-    cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved
-) -> dict:
+def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved) -> dict:
     """Out-of-fold predictions of the best parameters, the refit on all study rows, the test score,
     and every file of the run folder. With the holdout protocol: the best trial's own model (fitted on
     folds 1..K-1; fitted again only where it is not on this machine), its predictions of fold 0, and

@@ -190,8 +190,10 @@ class StoreRows:
         return replace(self, rows=self.rows[key], meta=self.meta[key])
 
     def __array__(self, *args, **kwargs):
-        raise TypeError(f"{self.store.path}: {len(self)} rows are streamed from disk (larger than the memory "
-                        "budget); this step would load them all")  # fmt: skip
+        raise TypeError(
+            f"{self.store.path}: {len(self)} rows are streamed from disk (larger than the memory "
+            "budget); this step would load them all"
+        )
 
     def blocks(self) -> Iterator[np.ndarray]:
         """The rows in order, as float32 blocks of about `block_rows` rows."""
@@ -229,9 +231,11 @@ def inputs_matrix(
     if needed <= budget:
         return with_meta(embeddings(store, spec), meta)[rows]
     if spec.views != "mean":
-        raise StoreError(f"{store.path}: --views all needs every view in memory ({needed / 2**30:.1f} GiB with "
-                         f"working copies, budget {budget / 2**30:.1f} GiB); use --views mean or a larger "
-                         "--memory-budget")  # fmt: skip
+        raise StoreError(
+            f"{store.path}: --views all needs every view in memory ({needed / 2**30:.1f} GiB with "
+            f"working copies, budget {budget / 2**30:.1f} GiB); use --views mean or a larger "
+            "--memory-budget"
+        )
     block_rows = max(256, budget // (BLOCK_SHARE * 4 * (dim + meta.shape[1])))
     return StoreRows(store, spec.backbones, np.flatnonzero(rows), meta[rows], int(block_rows))
 

@@ -200,8 +200,9 @@ def balanced_offsets(codes: np.ndarray, proba: np.ndarray, rounds: int = 3) -> n
             margins = np.unique(others - logp[:, j])  # offset at which each row flips to or from class j
             if len(margins) > MAX_CANDIDATES:  # large validation sets: quantiles of them
                 margins = np.unique(np.quantile(margins, np.linspace(0, 1, MAX_CANDIDATES)))
-            candidates = np.concatenate([[offsets[j]], (margins[:-1] + margins[1:]) / 2, margins[:1] - 1e-6,
-                                         margins[-1:] + 1e-6])  # fmt: skip
+            candidates = np.concatenate(
+                [[offsets[j]], (margins[:-1] + margins[1:]) / 2, margins[:1] - 1e-6, margins[-1:] + 1e-6]
+            )
             results = []
             for c in candidates:
                 trial = offsets.copy()

@@ -72,8 +72,10 @@ def seen_rows(split: RunSplit, ids: np.ndarray, sha256: np.ndarray) -> dict[str,
     by_id = np.isin(ids, split.image_id[seen])
     hashes = [h for h in split.sha256[seen] if h]
     by_file = np.isin(sha256, hashes) & (sha256 != "") & ~by_id
-    return {"trained or tuned on (same image id)": by_id,
-            "the same file as an image trained or tuned on (same SHA-256)": by_file}
+    return {
+        "trained or tuned on (same image id)": by_id,
+        "the same file as an image trained or tuned on (same SHA-256)": by_file,
+    }
 
 
 def evaluate_run(
@@ -100,8 +102,12 @@ def evaluate_run(
             excluded[reason] = int(np.sum(rows & mask))
             rows &= ~mask
     if excluded:
-        log.warning("%s: %d images left out, as the run has seen them: %s", store.path, sum(excluded.values()),
-                    "; ".join(f"{n} {reason}" for reason, n in excluded.items()))
+        log.warning(
+            "%s: %d images left out, as the run has seen them: %s",
+            store.path,
+            sum(excluded.values()),
+            "; ".join(f"{n} {reason}" for reason, n in excluded.items()),
+        )
     unknown = sorted(set(labels[rows]) - set(run.classes))
     if unknown:
         raise RunError(
@@ -109,8 +115,14 @@ def evaluate_run(
             f"map them with --label-map store_label=run_label,..."
         )
     if not rows.any():
-        why = (f": all {sum(excluded.values())} labelled images were trained or tuned on by the run (same id or "
-               "same file), so none is unseen") if excluded else ""
+        why = (
+            (
+                f": all {sum(excluded.values())} labelled images were trained or tuned on by the run (same id or "
+                "same file), so none is unseen"
+            )
+            if excluded
+            else ""
+        )
         raise RunError(f"{store.path}: no labelled rows to evaluate on{why}")
     proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(memory_budget)))
     groups = store.column("group")[rows]
@@ -126,9 +138,7 @@ def evaluate_run(
         folder / "metrics.json",
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
-    write_text(
-        folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes)
-    )
+    write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes))
     return metrics
 
 

@@ -135,9 +135,15 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
     for c in sorted(set(counts["study"]) | set(counts["test"])):
         lines.append(f"| {c} | {counts['study'].get(c, 0)} | {counts['test'].get(c, 0)} |")
     dropped = metrics.get("left_out") or {}
-    lines += ["", "Labelled rows left out of the split: " + (
-        f"{sum(dropped.values())} ({', '.join(f'{n} {reason}' for reason, n in dropped.items())})." if dropped
-        else "none.")]
+    lines += [
+        "",
+        "Labelled rows left out of the split: "
+        + (
+            f"{sum(dropped.values())} ({', '.join(f'{n} {reason}' for reason, n in dropped.items())})."
+            if dropped
+            else "none."
+        ),
+    ]
     lines += [""] + (_training_section(config, history) if finetune else _study_section(config, history))
     history_plot = "training_history.png" if finetune else "optimisation_history.png"
     lines += [
@@ -198,12 +204,16 @@ def _decision_sentence(decision: dict | None) -> str:
     if not decision:
         return ""
     if "threshold" in decision:
-        (positive, threshold), = decision["threshold"].items()
-        return (f"Decision: `{positive}` when its probability exceeds {threshold:.3f} (set on the validation rows "
-                "for the best balanced accuracy, after the epoch was chosen; folded into the head).")
+        ((positive, threshold),) = decision["threshold"].items()
+        return (
+            f"Decision: `{positive}` when its probability exceeds {threshold:.3f} (set on the validation rows "
+            "for the best balanced accuracy, after the epoch was chosen; folded into the head)."
+        )
     offsets = ", ".join(f"{c} {b:+.2f}" for c, b in zip(decision["classes"], decision["offsets"]))
-    return (f"Decision: argmax of the log-probabilities plus {offsets} (set on the validation rows for the best "
-            "balanced accuracy, after the epoch was chosen; folded into the head).")
+    return (
+        f"Decision: argmax of the log-probabilities plus {offsets} (set on the validation rows for the best "
+        "balanced accuracy, after the epoch was chosen; folded into the head)."
+    )
 
 
 def _confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:

@@ -29,8 +29,17 @@ CARD = "run.json"
 SPLIT_FILE = "split.npz"
 """The split the run was fitted and tested with: every row it used, its fold (TEST for test rows) and
 the SHA-256 of its image file, so that `evaluate` can tell which images the run has seen."""
-CARD_KEYS: dict[str, type] = {"format": str, "head": str, "params": dict, "classes": list, "files": dict,
-                              "inputs": dict, "meta_encoder": dict, "extraction": dict, "split": str}
+CARD_KEYS: dict[str, type] = {
+    "format": str,
+    "head": str,
+    "params": dict,
+    "classes": list,
+    "files": dict,
+    "inputs": dict,
+    "meta_encoder": dict,
+    "extraction": dict,
+    "split": str,
+}
 """What a card must hold, and of which JSON type, before anything else of it is trusted."""
 FORMAT = "skin-lesion-run"
 FORMAT_VERSION = 1
@@ -114,19 +123,24 @@ def read_card(folder: Path) -> dict:
     try:
         card = json.loads(card_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{card_path}: not valid JSON ({exc}); the card was damaged or edited: restore it, or "
-                       "fit the run again") from None
+        raise RunError(
+            f"{card_path}: not valid JSON ({exc}); the card was damaged or edited: restore it, or fit the run again"
+        ) from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         format_ = card.get("format") if isinstance(card, dict) else None
         raise RunError(f"{card_path}: not a run card (format {format_!r})")
     for key, kind in CARD_KEYS.items():
         if not isinstance(card.get(key), kind):
-            raise RunError(f"{card_path}: {key!r} is missing or not a JSON {kind.__name__}; the card was edited or "
-                           "damaged: restore it, or fit the run again")
+            raise RunError(
+                f"{card_path}: {key!r} is missing or not a JSON {kind.__name__}; the card was edited or "
+                "damaged: restore it, or fit the run again"
+            )
     for name in card["files"]:
         if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
-            raise RunError(f"{card_path}: lists {name!r} as a head file; a run's files are plain names inside its "
-                           f"{HEAD_FOLDER}/ folder")
+            raise RunError(
+                f"{card_path}: lists {name!r} as a head file; a run's files are plain names inside its "
+                f"{HEAD_FOLDER}/ folder"
+            )
     return card
 
 
@@ -150,8 +164,9 @@ def load_run(folder: str | Path) -> Run:
         inputs, encoder = InputSpec.from_dict(card["inputs"]), MetaEncoder(card["meta_encoder"])
     except Exception as exc:  # a head file that is not the data it should be (e.g. a pickle with code)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RunError(f"{head_dir}: the {card['head']} head cannot be read as data ({reason[:200]}); "
-                       "the run is refused") from None
+        raise RunError(
+            f"{head_dir}: the {card['head']} head cannot be read as data ({reason[:200]}); the run is refused"
+        ) from None
     return Run(folder, card, head, inputs, encoder)
 
 
@@ -181,8 +196,9 @@ def save_split(folder: Path, ids, folds: np.ndarray, sha256) -> str:
     tmp = folder / f".{SPLIT_FILE}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, image_id=ids[keep], fold=folds[keep],
-                                sha256=np.asarray(sha256, dtype="S64")[keep])
+            np.savez_compressed(
+                handle, image_id=ids[keep], fold=folds[keep], sha256=np.asarray(sha256, dtype="S64")[keep]
+            )
         os.replace(tmp, folder / SPLIT_FILE)
     finally:
         tmp.unlink(missing_ok=True)
@@ -211,7 +227,9 @@ def run_split(run: Run) -> RunSplit:
     store = FeatureStore(path) if path.is_file() else None
     stored = read_split(store, run.card["split"]) if store is not None else None
     if stored is None:
-        raise RunError(f"{run.folder}: the run's split {run.card['split']} is recorded neither in the run nor in "
-                       f"{path}; fit the run again")
+        raise RunError(
+            f"{run.folder}: the run's split {run.card['split']} is recorded neither in the run nor in "
+            f"{path}; fit the run again"
+        )
     keep = stored != UNUSED
     return RunSplit(store.column("image_id")[keep], stored[keep], store.column("sha256")[keep])

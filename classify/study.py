@@ -100,8 +100,7 @@ def fail_dead_local(study: optuna.Study) -> list[int]:
             continue
         study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         marked.append(trial.number)
-        log.warning("trial %d was left running by process %s, which no longer exists: marked failed",
-                    trial.number, pid)
+        log.warning("trial %d was left running by process %s, which no longer exists: marked failed", trial.number, pid)
     return marked
 
 

@@ -64,16 +64,25 @@ SUFFIX = {"torch": ".pt2", "openvino": ".ov"}
 """How each runtime's cached model is named: an AOTInductor package file, an OpenVINO IR folder."""
 
 
-def package_path(name: str, identity: dict, precision: str, shape: tuple[int, ...], device: torch.device,
-                 runtime: str = "torch") -> Path:  # fmt: skip
+def package_path(
+    name: str, identity: dict, precision: str, shape: tuple[int, ...], device: torch.device, runtime: str = "torch"
+) -> Path:
     """Where the compiled model for these inputs is (or will be) cached."""
     versions = {"torch": torch.__version__}
     if runtime == "openvino":
         import openvino
 
         versions["openvino"] = openvino.__version__
-    key = {"format": FORMAT, **versions, "hardware": hardware(device), "device": device.type, "runtime": runtime,
-           "precision": precision, "shape": list(shape), **identity}  # fmt: skip
+    key = {
+        "format": FORMAT,
+        **versions,
+        "hardware": hardware(device),
+        "device": device.type,
+        "runtime": runtime,
+        "precision": precision,
+        "shape": list(shape),
+        **identity,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
     return cache_dir() / f"{safe}-{precision}-{digest}{SUFFIX[runtime]}"
@@ -146,8 +155,11 @@ def integrity_problem(entry: Path) -> str | None:
         recorded = json.loads(marker.read_text())
     except (OSError, ValueError) as exc:
         return f"its marker {marker.name} cannot be read ({exc})"
-    if not isinstance(recorded, dict) or recorded.get("format") != MARKER_FORMAT \
-            or not isinstance(recorded.get("sha256"), str):
+    if (
+        not isinstance(recorded, dict)
+        or recorded.get("format") != MARKER_FORMAT
+        or not isinstance(recorded.get("sha256"), str)
+    ):
         return f"its marker {marker.name} is not a marker of format {MARKER_FORMAT}"
     if entry.is_symlink():
         return "it is a symbolic link, which the cache never writes"
@@ -212,13 +224,18 @@ def load_or_compile(module: nn.Module, example: torch.Tensor, path: Path) -> Cal
             log.warning("%s: not loading this compiled package: %s; compiling it again", path, problem)
             remove(path)
         else:
-            log.warning("%s: not loading this file: %s. It is left as it is, and the model is compiled without "
-                        "being cached; move the file away to let the cache use its name", path, problem)
+            log.warning(
+                "%s: not loading this file: %s. It is left as it is, and the model is compiled without "
+                "being cached; move the file away to let the cache use its name",
+                path,
+                problem,
+            )
             cache = False
     started = time.monotonic()
     if cache:
-        log.info("compiling %s ahead of time (once on this machine; later runs load it from %s)", path.stem,
-                 path.parent)
+        log.info(
+            "compiling %s ahead of time (once on this machine; later runs load it from %s)", path.stem, path.parent
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.pt2")  # aoti wants the .pt2 suffix
     try:
@@ -236,8 +253,7 @@ def load_or_compile(module: nn.Module, example: torch.Tensor, path: Path) -> Cal
     return runner
 
 
-def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path,
-                    transform: Callable | None = None):  # fmt: skip
+def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path, transform: Callable | None = None):
     """The cached OpenVINO model (IR) at `path`, or `module` converted on `example` (then passed
     through `transform`, e.g. quantisation), saved there and returned. Converting traces the model:
     6 s for resnet50 on this project's CPU, against 0.01-0.1 s to read the IR.
@@ -261,14 +277,19 @@ def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path,
                 log.warning("%s: cannot read this OpenVINO model (%s); converting it again", path, exc)
                 remove(path)
         else:
-            log.warning("%s: not reading this: it has no marker %s beside it, so skinlesion did not write it. "
-                        "It is left as it is, and the model is converted without being cached; move it away to "
-                        "let the cache use its name", path, marker_path(path).name)
+            log.warning(
+                "%s: not reading this: it has no marker %s beside it, so skinlesion did not write it. "
+                "It is left as it is, and the model is converted without being cached; move it away to "
+                "let the cache use its name",
+                path,
+                marker_path(path).name,
+            )
             cache = False
     started = time.monotonic()
     if cache:
-        log.info("converting %s for OpenVINO (once on this machine; later runs read it from %s)", path.stem,
-                 path.parent)
+        log.info(
+            "converting %s for OpenVINO (once on this machine; later runs read it from %s)", path.stem, path.parent
+        )
     model = ov.convert_model(module, example_input=example, input=[tuple(example.shape)])
     if transform is not None:
         model = transform(model)
@@ -319,8 +340,12 @@ def evict(folder: Path, keep: Path, limit: int = CACHE_LIMIT_BYTES) -> list[Path
             foreign.append(item)
     entries = [entry for _, entry in sorted(entries, key=lambda pair: pair[0])]
     if foreign:
-        log.info("%s: %d items not written by this cache are left as they are: %s", folder, len(foreign),
-                 ", ".join(sorted(p.name for p in foreign)[:5]) + (" ..." if len(foreign) > 5 else ""))
+        log.info(
+            "%s: %d items not written by this cache are left as they are: %s",
+            folder,
+            len(foreign),
+            ", ".join(sorted(p.name for p in foreign)[:5]) + (" ..." if len(foreign) > 5 else ""),
+        )
     sizes = {p: _size(p) for p in entries}
     total = (_size(keep) if cached(keep) else 0) + sum(sizes.values())
     removed = []

@@ -50,9 +50,15 @@ class Manifest(Samples):
     def take(self, rows) -> "Manifest":
         """Only these rows, in this order (a shard of the data set), with the same origin."""
         pick = lambda values: [values[r] for r in rows]  # noqa: E731
-        return replace(self, image_id=pick(self.image_id), path=pick(self.path), label=pick(self.label),
-                       group=pick(self.group), sha256=pick(self.sha256),
-                       meta={c: pick(v) for c, v in self.meta.items()})  # fmt: skip
+        return replace(
+            self,
+            image_id=pick(self.image_id),
+            path=pick(self.path),
+            label=pick(self.label),
+            group=pick(self.group),
+            sha256=pick(self.sha256),
+            meta={c: pick(v) for c, v in self.meta.items()},
+        )
 
     def check(self) -> "Manifest":
         if not self.image_id:
@@ -99,8 +105,13 @@ def read_folder(folder: Path, images: Path | None) -> Manifest:
         files += [(here / name, label) for name in sorted(filenames) if _is_image(name)]
         skipped.update(os.path.splitext(name)[1].lower() or name for name in filenames if not _is_image(name))
     if skipped:
-        log.warning("%s: %d files skipped, not in a format read here (%s; read: %s)", folder, sum(skipped.values()),
-                    ", ".join(f"{k} {n}" for k, n in skipped.most_common(5)), ", ".join(IMAGE_SUFFIXES))
+        log.warning(
+            "%s: %d files skipped, not in a format read here (%s; read: %s)",
+            folder,
+            sum(skipped.values()),
+            ", ".join(f"{k} {n}" for k, n in skipped.most_common(5)),
+            ", ".join(IMAGE_SUFFIXES),
+        )
     relative = [_relative(path, folder) for path, _ in files]
     stems = [path.stem for path, _ in files]
     unique = len(set(stems)) == len(stems)  # same file name in two class folders: ids keep the folder

@@ -228,8 +228,9 @@ def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
     }
 
 
-def resolve_calibration(cfg: ExtractConfig, manifest: Manifest, whole: Manifest | None = None
-                        ) -> tuple[ExtractConfig, Calibration]:  # fmt: skip
+def resolve_calibration(
+    cfg: ExtractConfig, manifest: Manifest, whole: Manifest | None = None
+) -> tuple[ExtractConfig, Calibration]:
     """--precision int8: the calibration images, the first CALIBRATION_IMAGES of the whole data set
     (`whole` if the caller has it, else --data when given: a torchrun rank's manifest is only its
     shard), and the config with their digest. The digest covers the files' bytes, so the same data
@@ -522,8 +523,7 @@ class _Throughput:
         return (n1 - n0) / max(t1 - t0, 1e-9)
 
 
-def _forward(backbone: Backbone, forward: Forward, batch: torch.Tensor, tta: str, device: torch.device
-             ) -> np.ndarray:  # fmt: skip
+def _forward(backbone: Backbone, forward: Forward, batch: torch.Tensor, tta: str, device: torch.device) -> np.ndarray:
     """(B, 3, H, W) uint8 to (B, V, dim) float32 embeddings of every test-time view."""
     x = apply_views(batch.to(device, non_blocking=True), tta)  # views commute with the normalisation
     emb = forward(x).float()

@@ -75,13 +75,22 @@ class TorchForward:
     load warns and falls back to eager (the same runtime and precision: the same embeddings to within
     float rounding)."""
 
-    def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
-                 device: torch.device, calibration: "Calibration | None" = None):  # fmt: skip
+    def __init__(
+        self,
+        backbone: Backbone,
+        precision: str,
+        compile: str,
+        images: int,
+        rows: int,
+        device: torch.device,
+        calibration: "Calibration | None" = None,
+    ):
         self.name, self.rows = backbone.name, rows
         self.eager = PixelModel(backbone, precision)
         crop = backbone.preprocess.crop
-        self.package = compiled.package_path(backbone.name, backbone.identity(), precision, (rows, 3, crop, crop),
-                                             device)  # fmt: skip
+        self.package = compiled.package_path(
+            backbone.name, backbone.identity(), precision, (rows, 3, crop, crop), device
+        )
         self.compile = compiles(compile, device.type, images, compiled.cached(self.package))
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -94,8 +103,12 @@ class TorchForward:
                 self.compiled = compiled.load_or_compile(self.eager, x, self.package)
             return self.compiled(x)[:n]
         except Exception as exc:  # inductor needs a C++ compiler and supported ops; eager always works
-            log.warning("--compile: compiling %s failed (%s: %s); running it uncompiled",
-                        self.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")  # fmt: skip
+            log.warning(
+                "--compile: compiling %s failed (%s: %s); running it uncompiled",
+                self.name,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
+            )
             self.compile = False
             return self.eager(x[:n])
 
@@ -124,16 +137,25 @@ class OpenVINOForward:
     int8: the model quantised by NNCF's post-training quantisation on the calibration images, and
     cached under their digest."""
 
-    def __init__(self, backbone: Backbone, precision: str, compile: str, images: int, rows: int,
-                 device: torch.device, calibration: Calibration = Calibration()):  # fmt: skip
+    def __init__(
+        self,
+        backbone: Backbone,
+        precision: str,
+        compile: str,
+        images: int,
+        rows: int,
+        device: torch.device,
+        calibration: Calibration = Calibration(),
+    ):
         self.backbone, self.precision, self.rows, self.calibration = backbone, precision, rows, calibration
         crop = backbone.preprocess.crop
         identity = backbone.identity()
         if precision == "int8":
             identity["calibration"] = calibration.digest
         # one cached model for every batch size: it is reshaped to this run's batch when read
-        self.path = compiled.package_path(backbone.name, identity, "int8" if precision == "int8" else "fp32",
-                                          (3, crop, crop), device, "openvino")  # fmt: skip
+        self.path = compiled.package_path(
+            backbone.name, identity, "int8" if precision == "int8" else "fp32", (3, crop, crop), device, "openvino"
+        )
         if precision == "int8" and not calibration.files and not compiled.cached(self.path):
             raise RuntimeUnavailable(
                 f"{backbone.name}: the int8 model calibrated as {calibration.digest!r} is not in this machine's "
@@ -149,8 +171,10 @@ class OpenVINOForward:
         model = compiled.load_or_convert(PixelModel(self.backbone, "fp32").eval(), example, self.path, quantize)
         model.reshape(list(example.shape))
         # as many threads as torch was given (torchrun ranks on one CPU share its cores)
-        hint = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
-                "INFERENCE_NUM_THREADS": torch.get_num_threads()}  # fmt: skip
+        hint = {
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[self.precision],
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        }
         return ov.Core().compile_model(model, "CPU", hint).create_infer_request()
 
     def _quantize(self, model):

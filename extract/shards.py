@@ -94,8 +94,13 @@ def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Sum
         if len(shard):
             path.parent.mkdir(parents=True, exist_ok=True)
             part = extract(dataclasses.replace(cfg, out=str(path), device=device), manifest.take(shard))
-            log.info("rank %d/%d: %d images in its shard, %d embedded by this run", rank, world, len(shard),
-                     max(part.embedded.values(), default=0))  # fmt: skip
+            log.info(
+                "rank %d/%d: %d images in its shard, %d embedded by this run",
+                rank,
+                world,
+                len(shard),
+                max(part.embedded.values(), default=0),
+            )
         dist.barrier()
         summary = None
         if rank == 0:

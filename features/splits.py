@@ -138,8 +138,10 @@ def left_out(store: FeatureStore) -> dict[str, int]:
     if not unusable.any():
         return {}
     failed = np.isin(store.column("image_id"), list(store.failed()))
-    reasons = {"image could not be read": int(np.sum(unusable & failed)),
-               "not embedded": int(np.sum(unusable & ~failed))}
+    reasons = {
+        "image could not be read": int(np.sum(unusable & failed)),
+        "not embedded": int(np.sum(unusable & ~failed)),
+    }
     return {reason: n for reason, n in reasons.items() if n}
 
 
@@ -184,5 +186,7 @@ def small_test(lesions: dict[str, int]) -> str:
     if not short:
         return ""
     listed = ", ".join(f"{n} of {c!r}" for c, n in short.items())
-    return (f"the test part holds only {listed} lesions (fewer than {MIN_TEST_LESIONS} per class): "
-            "its figures are too uncertain to mean much")
+    return (
+        f"the test part holds only {listed} lesions (fewer than {MIN_TEST_LESIONS} per class): "
+        "its figures are too uncertain to mean much"
+    )

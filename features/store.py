@@ -377,8 +377,10 @@ def journal_store(store: Path, journal: Journal, block: int = 4096) -> dict[str,
         copied = {name: 0 for name in groups}
         journal.write(Chunk(failed=failed))
         for start in range(0, len(samples), block):
-            rows = np.array([r for r in range(start, min(start + block, len(samples)))
-                             if samples.image_id[r] not in failed], dtype=np.int64)  # fmt: skip
+            rows = np.array(
+                [r for r in range(start, min(start + block, len(samples))) if samples.image_id[r] not in failed],
+                dtype=np.int64,
+            )
             if not len(rows):
                 continue
             chunk = Chunk(ids=[samples.image_id[r] for r in rows], sha256=[samples.sha256[r] for r in rows])
@@ -387,8 +389,11 @@ def journal_store(store: Path, journal: Journal, block: int = 4096) -> dict[str,
                 if len(mine):
                     span = slice(mine[0], mine[-1] + 1)  # one contiguous read, then the rows of it
                     views = group["views"][span][mine - mine[0]] if "views" in group else None
-                    chunk.embeddings[name] = ([samples.image_id[r] for r in mine], group["data"][span][mine - mine[0]],
-                                              views)  # fmt: skip
+                    chunk.embeddings[name] = (
+                        [samples.image_id[r] for r in mine],
+                        group["data"][span][mine - mine[0]],
+                        views,
+                    )
                     copied[name] += len(mine)
             journal.write(chunk)
     return copied
@@ -461,8 +466,12 @@ def _check_space(store: Path, tmp: Path, samples: Samples, layouts: list[Backbon
     needed = int(1.1 * (old + max(embeddings, journalled)) + (1 << 20) + 200 * rows)
     free = shutil.disk_usage(store.parent).free
     if free < needed:
-        raise OSError(errno.ENOSPC, f"No space left on device: assembling the store needs about "
-                      f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free", str(tmp))
+        raise OSError(
+            errno.ENOSPC,
+            f"No space left on device: assembling the store needs about "
+            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+            str(tmp),
+        )
 
 
 def _copy_previous(store: Path, f: h5py.File, layouts: list[BackboneLayout]) -> dict[str, str]:
@@ -512,15 +521,11 @@ def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout]) -> 
             group = root.create_group(name)
             dtype = np.dtype(layout.dtype)
             rows = max(1, min(n, CHUNK_BYTES // (dtype.itemsize * layout.dim * layout.views)))
-            group.create_dataset(
-                "data", (n, layout.dim), dtype, maxshape=(None, layout.dim), chunks=(rows, layout.dim)
-            )
+            group.create_dataset("data", (n, layout.dim), dtype, maxshape=(None, layout.dim), chunks=(rows, layout.dim))
             group.create_dataset("done", (n,), bool, maxshape=(None,), chunks=(max(1, min(n, 65536)),))
             if layout.views > 1:
                 shape = (n, layout.views, layout.dim)
-                group.create_dataset(
-                    "views", shape, dtype, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:]
-                )
+                group.create_dataset("views", shape, dtype, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:])
         root[name].attrs.update(layout.attrs)
     return {name: root[name] for name in wanted}
 

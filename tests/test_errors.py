@@ -30,8 +30,13 @@ def _lines(text: str) -> list[str]:
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -227,8 +232,25 @@ def test_a_full_disk_is_one_line_keeps_finished_work_and_leaves_no_temporary_fil
     for k in range(24):
         save(images / ("mel" if k % 2 else "nv") / f"i{k:02d}.png", lesion(k, (48, 36)))
     with small_disk(tmp_path / "disk", "96k") as disk:
-        command = ("extract", "--data", images, "--backbone", TINY, "--weights", "none", "--out", disk / "f.h5",
-                   "--precision", "fp32", "--workers", "0", "--runtime", "torch", "--flush-rows", "4")
+        command = (
+            "extract",
+            "--data",
+            images,
+            "--backbone",
+            TINY,
+            "--weights",
+            "none",
+            "--out",
+            disk / "f.h5",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--runtime",
+            "torch",
+            "--flush-rows",
+            "4",
+        )
         done = _run(*command)
         assert done.returncode == 1, done.stderr
         last = _lines(done.stderr)[-1]
@@ -245,8 +267,21 @@ def test_a_full_disk_is_one_line_keeps_finished_work_and_leaves_no_temporary_fil
 
 def test_sigint_during_fit_is_one_line_and_the_rerun_finishes_the_study(tmp_path, store):
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "cli.py"), "fit", "--features", str(store), "--head", "linear",
-               "--out", str(run), "--folds", "3", "--study", "s"]
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        "--features",
+        str(store),
+        "--head",
+        "linear",
+        "--out",
+        str(run),
+        "--folds",
+        "3",
+        "--study",
+        "s",
+    ]
     proc = subprocess.Popen([*command, "--trials", "500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
@@ -308,8 +343,9 @@ def test_a_test_part_too_small_is_refused_or_marked_everywhere(tmp_path, cli):
     code, _, err = cli("fit", "--features", small, "--head", "linear", "--out", tmp_path / "r", *FAST)
     assert code == 2 and "--allow-small-test" in err and "6 of 'mel'" in err and len(_lines(err)) == 1
     assert not (tmp_path / "r").exists()
-    code, out, err = cli("fit", "--features", small, "--head", "linear", "--out", tmp_path / "r", *FAST,
-                         "--allow-small-test")
+    code, out, err = cli(
+        "fit", "--features", small, "--head", "linear", "--out", tmp_path / "r", *FAST, "--allow-small-test"
+    )
     assert code == 0, err
     assert _lines(out)[0].startswith("WARNING: the test part holds only 6 of 'mel', 6 of 'nv' lesions")
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -336,8 +372,9 @@ def test_splits_are_made_over_usable_rows_only(tmp_path, cli):
         f["embeddings/fake/done"][...] = done
         del f["failed"]
         f.create_dataset("failed/image_id", data=np.array(sorted(failed), dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("failed/reason", data=np.array(["missing file"] * len(failed), dtype=object),
-                         dtype=h5py.string_dtype())
+        f.create_dataset(
+            "failed/reason", data=np.array(["missing file"] * len(failed), dtype=object), dtype=h5py.string_dtype()
+        )
     run = tmp_path / "run"
     code, _, err = cli("fit", "--features", partial, "--head", "linear", "--out", run, *FAST)
     assert code == 0, err
@@ -372,8 +409,23 @@ def test_a_mostly_failed_extraction_says_so_last_and_is_status_1(tmp_path):
         save(tmp_path / "images" / f"ISIC_{k}.png", lesion(k, (48, 36)))
     rows = "".join(f"ISIC_{k},{('mel', 'nv')[k % 2]}\n" for k in range(10))  # 5 mel, 5 nv
     (tmp_path / "meta.csv").write_text("image_id,dx\n" + rows)
-    command = ("extract", "--data", tmp_path / "meta.csv", "--images", tmp_path / "images", "--backbone", TINY,
-               "--weights", "none", "--precision", "fp32", "--workers", "0", "--runtime", "torch")
+    command = (
+        "extract",
+        "--data",
+        tmp_path / "meta.csv",
+        "--images",
+        tmp_path / "images",
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--runtime",
+        "torch",
+    )
     done = _run(*command, "--out", tmp_path / "a.h5")
     assert done.returncode == 1, done.stderr
     out = _lines(done.stdout)

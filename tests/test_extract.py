@@ -33,8 +33,13 @@ DIM = 400  # TINY's embedding size
 def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> run.Summary:
     """Extract in this process; fp32 so that results are comparable bit for bit between runs."""
     return extract(
-        ExtractConfig(data=str(data), backbone=backbone, weights="none", out=str(out),
-                      **{"precision": "fp32", "workers": 0, **cfg})  # fmt: skip
+        ExtractConfig(
+            data=str(data),
+            backbone=backbone,
+            weights="none",
+            out=str(out),
+            **{"precision": "fp32", "workers": 0, **cfg},
+        )
     )
 
 
@@ -396,8 +401,9 @@ def test_compile_caches_one_package_that_later_runs_load(tmp_path, monkeypatch, 
     assert len(shapes) == 4 and len(list(compiled_cache.glob("*.pt2"))) == 1
 
 
-def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(tmp_path, monkeypatch, caplog,
-                                                                             compiled_cache):  # fmt: skip
+def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(
+    tmp_path, monkeypatch, caplog, compiled_cache
+):
     """A package that does not load is deleted and compiled again; a compiler that fails warns and
     leaves the eager module doing the work, with the same embeddings."""
     manifest = _csv_set(tmp_path, 5)
@@ -417,8 +423,12 @@ def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(tmp_
         _extract(manifest, tmp_path / "fallback.h5", batch_size=4, runtime="torch")  # cached, so it tries to load
     assert "cannot load this compiled package" in caplog.text and "no C++ compiler" in caplog.text
     assert "running it uncompiled" in caplog.text and not bad.exists()
-    np.testing.assert_allclose(FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
-                               FeatureStore(tmp_path / "eager.h5").embeddings(TINY), rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        FeatureStore(tmp_path / "fallback.h5").embeddings(TINY),
+        FeatureStore(tmp_path / "eager.h5").embeddings(TINY),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_cache_keeps_the_most_recently_used_packages_within_its_limit(tmp_path):
@@ -471,8 +481,9 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
 
     monkeypatch.setattr(openvino, "convert_model", no_conversion)
     _extract(manifest, tmp_path / "again.h5", batch_size=4, runtime="openvino")
-    np.testing.assert_array_equal(FeatureStore(tmp_path / "again.h5").embeddings(TINY),
-                                  FeatureStore(ov_store).embeddings(TINY))  # fmt: skip
+    np.testing.assert_array_equal(
+        FeatureStore(tmp_path / "again.h5").embeddings(TINY), FeatureStore(ov_store).embeddings(TINY)
+    )
     with pytest.raises(StoreError, match="runtime: 'openvino' -> 'torch'"):
         _extract(manifest, ov_store, batch_size=4, runtime="torch")  # never mixed in one store
 
@@ -489,7 +500,8 @@ def test_int8_is_calibrated_on_the_data_set_and_predict_reuses_that_model(tmp_pa
     _extract(other, tmp_path / "other.h5", batch_size=4, precision="int8")
     int8, fp32 = (FeatureStore(tmp_path / f"{name}.h5") for name in ("int8", "fp32"))
     cosine = np.sum(int8.embeddings(TINY) * fp32.embeddings(TINY), axis=1) / (
-        np.linalg.norm(int8.embeddings(TINY), axis=1) * np.linalg.norm(fp32.embeddings(TINY), axis=1))  # fmt: skip
+        np.linalg.norm(int8.embeddings(TINY), axis=1) * np.linalg.norm(fp32.embeddings(TINY), axis=1)
+    )
     assert cosine.min() > 0.98, cosine  # quantised, not garbage
     attrs, other_attrs = int8.backbone_attrs(TINY), FeatureStore(tmp_path / "other.h5").backbone_attrs(TINY)
     assert attrs["precision"] == "int8" and attrs["runtime"] == "openvino" and len(attrs["calibration"]) == 16
@@ -582,8 +594,7 @@ def test_steady_rate_ignores_the_prefetched_start():
 def test_cpu_decoding_workers_yield_to_the_model(tmp_path):
     """On a CPU the loader's workers start at the lowest priority (they preempted the model's threads);
     run in a child process, since niceness cannot be lowered again."""
-    code = ("import os, extract.run as r; before = os.nice(0); r._yield_to_the_model(0); "
-            "print(before, os.nice(0))")  # fmt: skip
+    code = "import os, extract.run as r; before = os.nice(0); r._yield_to_the_model(0); print(before, os.nice(0))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     before, after = map(int, done.stdout.split())
     assert after == 19 or (before >= 19 and after == before)

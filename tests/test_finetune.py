@@ -52,17 +52,65 @@ def frozen(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("frozen")
     manifest = _image_set(root / "data")
     store = root / "frozen.h5"
-    assert entry.main(["extract", "--data", str(manifest), "--backbone", TINY, "--weights", "none",
-                       "--out", str(store), "--precision", "fp32", "--workers", "0"]) == 0  # fmt: skip
+    assert (
+        entry.main(
+            [
+                "extract",
+                "--data",
+                str(manifest),
+                "--backbone",
+                TINY,
+                "--weights",
+                "none",
+                "--out",
+                str(store),
+                "--precision",
+                "fp32",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     run = root / "linear"
-    assert entry.main(["fit", "--features", str(store), "--head", "linear", "--out", str(run), "--folds", "2",
-                       "--trials", "2", "--test-fraction", "0.34", "--allow-small-test"]) == 0
+    assert (
+        entry.main(
+            [
+                "fit",
+                "--features",
+                str(store),
+                "--head",
+                "linear",
+                "--out",
+                str(run),
+                "--folds",
+                "2",
+                "--trials",
+                "2",
+                "--test-fraction",
+                "0.34",
+                "--allow-small-test",
+            ]
+        )
+        == 0
+    )
     return {"manifest": manifest, "store": store, "run": run, "root": root}
 
 
 def _finetune(cli, frozen, out, *extra):
-    return cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", frozen["run"], "--out", out,
-               *FAST, *extra)  # fmt: skip
+    return cli(
+        "finetune",
+        "--data",
+        frozen["manifest"],
+        "--backbone",
+        TINY,
+        "--init",
+        frozen["run"],
+        "--out",
+        out,
+        *FAST,
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("bn", ["train", "frozen"])
@@ -72,12 +120,14 @@ def test_only_the_unfrozen_blocks_change(tmp_path, cli, frozen, bn):
     assert code == 0, err
     before = load_backbone(TINY, "none").module
     state = torch.load(out / ft.CHECKPOINT, weights_only=True)["model"]  # the first stage's last epoch
-    _same_blocks_but_the_last(before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")},
-                              bn)  # fmt: skip
+    _same_blocks_but_the_last(
+        before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}, bn
+    )
     if (out / ft.REFIT_CHECKPOINT).exists():  # and the refit's, if validation chose an epoch after 0
         state = torch.load(out / ft.REFIT_CHECKPOINT, weights_only=True)["model"]
-        _same_blocks_but_the_last(before, {k[len("backbone.") :]: v for k, v in state.items()
-                                           if k.startswith("backbone.")}, bn)  # fmt: skip
+        _same_blocks_but_the_last(
+            before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}, bn
+        )
 
 
 def _same_blocks_but_the_last(before, state: dict, bn: str) -> None:
@@ -125,8 +175,16 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     assert config["chosen_by"] == "validation AUC" and config["best_epoch"] == int(np.argmax(aucs))
     threshold = config["decision"]["threshold"]["nv"]
     assert 0 < threshold < 1 and load_run(out).card["decision"] == config["decision"]
-    for name in ("report.md", "metrics.json", "test_predictions.csv", "run.json", "config.json",
-                 "plots/training_history.png", "backbone.pt", "embeddings.h5"):  # fmt: skip
+    for name in (
+        "report.md",
+        "metrics.json",
+        "test_predictions.csv",
+        "run.json",
+        "config.json",
+        "plots/training_history.png",
+        "backbone.pt",
+        "embeddings.h5",
+    ):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test", "validation"} <= set(metrics) and "auc" in metrics["test"]
@@ -146,33 +204,86 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     # extract --weights RUN/backbone.pt re-embeds with the fine-tuned backbone (the run's store holds the
     # mean of the d8 views, finetune's default)
     assert FeatureStore(out / "embeddings.h5").views(TINY) == 8
-    code, _, err = cli("extract", "--data", frozen["manifest"], "--backbone", TINY, "--weights", out / "backbone.pt",
-                       "--out", tmp_path / "again.h5", "--precision", "fp32", "--workers", "0",
-                       "--tta", "d8")  # fmt: skip
+    code, _, err = cli(
+        "extract",
+        "--data",
+        frozen["manifest"],
+        "--backbone",
+        TINY,
+        "--weights",
+        out / "backbone.pt",
+        "--out",
+        tmp_path / "again.h5",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--tta",
+        "d8",
+    )
     assert code == 0, err
-    np.testing.assert_allclose(FeatureStore(tmp_path / "again.h5").embeddings(TINY),
-                               FeatureStore(out / "embeddings.h5").embeddings(TINY), atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        FeatureStore(tmp_path / "again.h5").embeddings(TINY),
+        FeatureStore(out / "embeddings.h5").embeddings(TINY),
+        atol=1e-5,
+    )
 
 
 def test_a_fresh_head_starts_from_chance(tmp_path, cli, frozen):
-    code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--weights", "none",
-                       "--features", frozen["store"], "--test-fraction", "0.34", "--folds", "2", "--allow-small-test",
-                       "--out", tmp_path / "fresh", *FAST)  # fmt: skip
+    code, _, err = cli(
+        "finetune",
+        "--data",
+        frozen["manifest"],
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--features",
+        frozen["store"],
+        "--test-fraction",
+        "0.34",
+        "--folds",
+        "2",
+        "--allow-small-test",
+        "--out",
+        tmp_path / "fresh",
+        *FAST,
+    )
     assert code == 0, err
     history = json.loads((tmp_path / "fresh" / "history.json").read_text())
     assert history[0]["val_balanced_accuracy"] == 0.5  # zero weights: one class for everything
 
 
 def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path, frozen):
-    command = [sys.executable, str(ROOT / "cli.py"), "finetune", "--data", str(frozen["manifest"]), "--backbone", TINY,
-               "--init", str(frozen["run"]), "--epochs", "4", "--batch-size", "4", "--workers", "0",
-               "--precision", "fp32", "--patience", "10", "--allow-small-test"]
+    command = [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "finetune",
+        "--data",
+        str(frozen["manifest"]),
+        "--backbone",
+        TINY,
+        "--init",
+        str(frozen["run"]),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--patience",
+        "10",
+        "--allow-small-test",
+    ]
     whole = tmp_path / "whole"
     done = subprocess.run([*command, "--out", str(whole)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([*command, "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [*command, "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (killed / ft.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -205,10 +316,28 @@ def test_refusals_and_faults(tmp_path, cli, frozen, monkeypatch):
     code, _, err = _finetune(cli, frozen, tmp_path / "x", "--unfreeze", "99")
     assert code == 2 and "blocks" in err
     xgb_run = tmp_path / "xgb"
-    assert cli("fit", "--features", frozen["store"], "--head", "xgboost", "--out", xgb_run, "--folds", "2",
-               "--trials", "1", "--test-fraction", "0.34", "--allow-small-test")[0] == 0
-    code, _, err = cli("finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", xgb_run,
-                       "--out", tmp_path / "y", *FAST)  # fmt: skip
+    assert (
+        cli(
+            "fit",
+            "--features",
+            frozen["store"],
+            "--head",
+            "xgboost",
+            "--out",
+            xgb_run,
+            "--folds",
+            "2",
+            "--trials",
+            "1",
+            "--test-fraction",
+            "0.34",
+            "--allow-small-test",
+        )[0]
+        == 0
+    )
+    code, _, err = cli(
+        "finetune", "--data", frozen["manifest"], "--backbone", TINY, "--init", xgb_run, "--out", tmp_path / "y", *FAST
+    )
     assert code == 2 and "linear or mlp" in err
 
     calls = []
@@ -231,8 +360,18 @@ def test_an_unreadable_training_image_is_listed_not_fatal(tmp_path, cli, frozen)
     data = tmp_path / "data"
     shutil.copytree(frozen["root"] / "data", data)
     (data / "img" / "g02_1.png").write_bytes(b"")  # a training row of the stored split
-    code, _, err = cli("finetune", "--data", data / "labels.csv", "--backbone", TINY, "--init", frozen["run"],
-                       "--out", tmp_path / "ft", *FAST)  # fmt: skip
+    code, _, err = cli(
+        "finetune",
+        "--data",
+        data / "labels.csv",
+        "--backbone",
+        TINY,
+        "--init",
+        frozen["run"],
+        "--out",
+        tmp_path / "ft",
+        *FAST,
+    )
     assert code == 0, err
     failed = (tmp_path / "ft" / "failed.csv").read_text()
     assert "g02_1" in failed and "empty file" in failed
@@ -240,9 +379,22 @@ def test_an_unreadable_training_image_is_listed_not_fatal(tmp_path, cli, frozen)
 
 def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypatch):
     """The moving average is what is validated and kept, and it survives an interruption."""
-    base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=3, patience=10,
-                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4,
-                label_smoothing=0.1, allow_small_test=True)
+    base = dict(
+        data=str(frozen["manifest"]),
+        backbone=TINY,
+        init=str(frozen["run"]),
+        epochs=3,
+        patience=10,
+        batch_size=8,
+        workers=0,
+        precision="fp32",
+        lr=1e-2,
+        backbone_lr=1e-2,
+        ema=0.9,
+        mixup=0.4,
+        label_smoothing=0.1,
+        allow_small_test=True,
+    )
     ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
     reference = json.loads((tmp_path / "whole" / "history.json").read_text())
     state = torch.load(tmp_path / "whole" / ft.CHECKPOINT, weights_only=True)
@@ -271,9 +423,21 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
 
 def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, monkeypatch):
     """Validation picks the epochs; the final model is the same training run again on all study rows."""
-    base = dict(data=str(frozen["manifest"]), backbone=TINY, init=str(frozen["run"]), epochs=2, patience=10,
-                batch_size=8, workers=0, precision="fp32", lr=1e-2, backbone_lr=1e-2, ema=0.9, mixup=0.4,
-                allow_small_test=True)
+    base = dict(
+        data=str(frozen["manifest"]),
+        backbone=TINY,
+        init=str(frozen["run"]),
+        epochs=2,
+        patience=10,
+        batch_size=8,
+        workers=0,
+        precision="fp32",
+        lr=1e-2,
+        backbone_lr=1e-2,
+        ema=0.9,
+        mixup=0.4,
+        allow_small_test=True,
+    )
     validate, calls = ft._validate, []
 
     def rising(*args):  # every epoch's AUC beats the last, so validation chooses epoch 2

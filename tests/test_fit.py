@@ -379,11 +379,14 @@ def test_evaluate_never_scores_images_the_run_has_seen(tmp_path, store, cli):
     source = FeatureStore(store)
     samples, split = source.samples(), read_run_split(run)
     study = np.isin(samples.image_id, split.image_id[split.seen])
-    renamed = Samples(image_id=[f"re{i}" for i, s in zip(samples.image_id, study) if s],
-                      path=[p for p, s in zip(samples.path, study) if s],
-                      label=[v for v, s in zip(samples.label, study) if s],
-                      group=[g for g, s in zip(samples.group, study) if s],
-                      sha256=[h for h, s in zip(samples.sha256, study) if s], meta={})
+    renamed = Samples(
+        image_id=[f"re{i}" for i, s in zip(samples.image_id, study) if s],
+        path=[p for p, s in zip(samples.path, study) if s],
+        label=[v for v, s in zip(samples.label, study) if s],
+        group=[g for g, s in zip(samples.group, study) if s],
+        sha256=[h for h, s in zip(samples.sha256, study) if s],
+        meta={},
+    )
     attrs = source.backbone_attrs("fake")
     write_arrays(tmp_path / "renamed.h5", renamed, {"fake": (source.embeddings("fake")[study], attrs)})
     code, _, err = cli("evaluate", "--run", run, "--features", tmp_path / "renamed.h5")

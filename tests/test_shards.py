@@ -22,9 +22,24 @@ COMMON = ["--backbone", TINY, "--weights", "none", "--precision", "fp32", "--bat
 
 
 def _torchrun(manifest: Path, out: Path, **popen) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "0",
-            "--master-port", str(29500 + os.getpid() % 1000), str(ROOT / "cli.py"), "extract",
-            "--data", str(manifest), "--out", str(out), *COMMON]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "0",
+        "--master-port",
+        str(29500 + os.getpid() % 1000),
+        str(ROOT / "cli.py"),
+        "extract",
+        "--data",
+        str(manifest),
+        "--out",
+        str(out),
+        *COMMON,
+    ]
 
 
 def _env() -> dict:
@@ -32,8 +47,23 @@ def _env() -> dict:
 
 
 def _single(manifest: Path, out: Path) -> FeatureStore:
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "extract", "--data", str(manifest), "--out", str(out),
-                           *COMMON, "--workers", "0"], capture_output=True, text=True, env=_env())  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "cli.py"),
+            "extract",
+            "--data",
+            str(manifest),
+            "--out",
+            str(out),
+            *COMMON,
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert done.returncode == 0, done.stderr
     return FeatureStore(out)
 
@@ -71,8 +101,13 @@ def test_two_processes_make_the_single_process_store(tmp_path):
 def test_a_killed_rank_is_resumed_by_rerunning_the_command(tmp_path):
     manifest = _csv_set(tmp_path, 24)
     out = tmp_path / "dist.h5"
-    proc = subprocess.Popen(_torchrun(manifest, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _torchrun(manifest, out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+        start_new_session=True,
+    )
     journal = out.with_name("dist.h5.shards") / "rank-1-of-2.h5.partial"
     deadline = time.monotonic() + 120
     victim = None

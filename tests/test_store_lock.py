@@ -50,14 +50,40 @@ def _images(root: Path, n: int) -> Path:
 
 def _command(data: Path, out: Path) -> list[str]:
     return [
-        sys.executable, str(ROOT / "cli.py"), "extract", "--data", str(data), "--backbone", TINY, "--weights", "none",
-        "--out", str(out), "--precision", "fp32", "--workers", "0", "--runtime", "torch", "--compile", "off",
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "extract",
+        "--data",
+        str(data),
+        "--backbone",
+        TINY,
+        "--weights",
+        "none",
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+        "--runtime",
+        "torch",
+        "--compile",
+        "off",
     ]
 
 
 def _config(data: Path, out: Path, **options) -> ExtractConfig:
-    return ExtractConfig(data=str(data), backbone=TINY, weights="none", out=str(out), precision="fp32", workers=0,
-                         runtime="torch", compile="off", **options)
+    return ExtractConfig(
+        data=str(data),
+        backbone=TINY,
+        weights="none",
+        out=str(out),
+        precision="fp32",
+        workers=0,
+        runtime="torch",
+        compile="off",
+        **options,
+    )
 
 
 def _by_id(path: Path) -> dict[str, np.ndarray]:
@@ -123,8 +149,9 @@ def test_a_second_extract_on_the_same_store_is_refused_at_once(tmp_path):
 def test_wait_queues_behind_the_holder_and_writes_the_store(tmp_path):
     data = _images(tmp_path / "data", 12)
     out = tmp_path / "features.h5"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         waiting = threading.Event()

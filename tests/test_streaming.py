@@ -35,9 +35,13 @@ def _two_backbone_store(path: Path, n: int = 500) -> tuple[Path, np.ndarray, np.
     rng = np.random.default_rng(1)
     a = rng.normal(size=(n, 8)).astype(np.float16)
     b = rng.normal(size=(n, 5)).astype(np.float32)
-    samples = Samples(image_id=[f"i{k}" for k in range(n)], path=[f"i{k}.jpg" for k in range(n)],
-                      label=["mel" if k % 3 else "nv" for k in range(n)], group=[f"g{k // 2}" for k in range(n)],
-                      sha256=[""] * n)  # fmt: skip
+    samples = Samples(
+        image_id=[f"i{k}" for k in range(n)],
+        path=[f"i{k}.jpg" for k in range(n)],
+        label=["mel" if k % 3 else "nv" for k in range(n)],
+        group=[f"g{k // 2}" for k in range(n)],
+        sha256=[""] * n,
+    )
     attrs = lambda name: {"fingerprint": name, "identity": "{}", "weights": "none"}  # noqa: E731
     write_arrays(path, samples, {"a": (a, attrs("a")), "b": (b, attrs("b"))})
     return path, a, b
@@ -149,15 +153,26 @@ def test_evaluate_block_by_block_matches_in_memory(tmp_path, store):
     rows = [line.split(",") for line in (run / "evaluations" / "test" / "predictions.csv").read_text().splitlines()]
     expected = [line.split(",") for line in whole_csv.splitlines()]
     assert [r[0] for r in rows] == [r[0] for r in expected]
-    np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], float),
-                               np.array([r[1:] for r in expected[1:]], float), atol=2e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.array([r[1:] for r in rows[1:]], float), np.array([r[1:] for r in expected[1:]], float), atol=2e-6
+    )
 
 
 @pytest.mark.parametrize("structure", ["factors", "isotropic"])
 def test_bench_writes_a_synthetic_store_in_the_real_format(tmp_path, structure):
     out = tmp_path / "syn.h5"
-    command = [sys.executable, str(ROOT / "bench" / "scale.py"), "--synthetic-store", str(out), "--rows", "3000",
-               "--dim", "96", "--structure", structure]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "scale.py"),
+        "--synthetic-store",
+        str(out),
+        "--rows",
+        "3000",
+        "--dim",
+        "96",
+        "--structure",
+        structure,
+    ]
     subprocess.run(command, check=True, capture_output=True)
     store = FeatureStore(out)
     assert len(store) == 3000 and store.backbones == ["synthetic"] and store.dim("synthetic") == 96

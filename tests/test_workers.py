@@ -38,17 +38,39 @@ def database() -> str:
 
 
 def _fit(store, out, url, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "fit", "--features", str(store), "--head", "mlp",
-            "--out", str(out), "--storage", url, "--study", "shared", "--folds", "3", "--heartbeat", "1",
-            *map(str, extra)]  # fmt: skip
+    return [
+        sys.executable,
+        str(ROOT / "cli.py"),
+        "fit",
+        "--features",
+        str(store),
+        "--head",
+        "mlp",
+        "--out",
+        str(out),
+        "--storage",
+        url,
+        "--study",
+        "shared",
+        "--folds",
+        "3",
+        "--heartbeat",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def test_four_workers_one_killed_mid_trial(tmp_path, database):
     store = synthetic_store(tmp_path / "syn.h5", n=400, dim=32)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [
-        subprocess.Popen(_fit(store, tmp_path / f"w{k}", database, "--trials", 3, "--no-report"), env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            _fit(store, tmp_path / f"w{k}", database, "--trials", 3, "--no-report"),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for k in range(4)
     ]
     victim = workers[0]
@@ -61,8 +83,11 @@ def test_four_workers_one_killed_mid_trial(tmp_path, database):
         except KeyError:  # not created yet
             time.sleep(0.1)
             continue
-        mine = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-                if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]  # fmt: skip
+        mine = [
+            t
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")
+        ]
         if mine:
             os.kill(victim.pid, signal.SIGKILL)
             killed_trial, killed_at = mine[0].number, time.monotonic()
@@ -73,8 +98,9 @@ def test_four_workers_one_killed_mid_trial(tmp_path, database):
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err
     time.sleep(max(0.0, killed_at + 2.5 - time.monotonic()))  # its heartbeat is stale after 2 x 1 s
-    final = subprocess.run(_fit(store, tmp_path / "final", database, "--trials", 0), capture_output=True, text=True,
-                           env=env)  # fmt: skip
+    final = subprocess.run(
+        _fit(store, tmp_path / "final", database, "--trials", 0), capture_output=True, text=True, env=env
+    )
     assert final.returncode == 0, final.stderr
     trials = optuna.load_study(study_name="shared", storage=storage).get_trials(deepcopy=False)
     assert not [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
