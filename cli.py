@@ -129,8 +129,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from classify.fit import predictions_csv
     from classify.predict import predict
+    from classify.runs import predictions_csv
 
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     Path(args.out).write_text(
@@ -297,7 +297,7 @@ def number(low: float, high: float | None = None, *, open_low: bool = False, ope
 
 def memory_budget(text: str) -> str:
     """--memory-budget: checked here (1GB, 800MB, 50%), passed on as written (the config records it)."""
-    from classify.inputs import parse_budget
+    from features.rows import parse_budget
 
     try:
         ok = parse_budget(text) > 0
@@ -454,7 +454,7 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    from classify.inputs import MEMORY_BUDGET
+    from features.rows import MEMORY_BUDGET
 
     parser.add_argument("--run", required=True, help="run folder from `fit` or `finetune`")
     parser.add_argument(

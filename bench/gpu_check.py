@@ -41,9 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from extract.backbones import load_backbone  # noqa: E402
+from extract.dataset import EachPreprocess, ImageDataset, collate_images  # noqa: E402
 from extract.images import load_image  # noqa: E402
 from extract.runtimes import PixelModel  # noqa: E402
-from extract.run import DecodedImages, ExtractConfig, collate_decoded, cuda_settings, extract  # noqa: E402
+from extract.run import ExtractConfig, cuda_settings, extract  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 BACKBONES = "resnet50,efficientnet_lite0,densenet121,inception_v3,vgg11"
@@ -142,10 +143,10 @@ def decode_loader(files: list[Path], n: int, workers: int, batch: int, device: s
 
     pre = load_backbone("resnet50", "none").preprocess
     loader = DataLoader(
-        DecodedImages([files[i % len(files)] for i in range(n)], [pre]),
+        ImageDataset([files[i % len(files)] for i in range(n)], EachPreprocess([pre])),
         batch_size=batch,
         num_workers=workers,
-        collate_fn=collate_decoded,
+        collate_fn=collate_images,
         pin_memory=device == "cuda",
     )
     started, first, seen = time.perf_counter(), None, 0

@@ -47,13 +47,21 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from classify.fit import predictions_csv
 from classify.heads import Head, LinearHead, MLPHead
-from classify.inputs import InputSpec, embeddings, fit_views, proba_views
+from classify.inputs import InputSpec, fit_views, proba_views
 from classify.metrics import balanced_offsets, default_positive, evaluate, macro_auc, shift_proba, threshold_of
-from classify.predict import weights_option
 from classify.report import write_report
-from classify.runs import Run, load_run, run_split, save_run, save_split, write_json, write_text
+from classify.runs import (
+    Run,
+    load_run,
+    predictions_csv,
+    run_split,
+    save_run,
+    save_split,
+    weights_option,
+    write_json,
+    write_text,
+)
 from extract.backbones import Backbone, get_family, load_backbone
 from extract.images import ImageError, load_image
 from extract.manifest import Manifest, read_manifest
@@ -70,6 +78,7 @@ from features.splits import (
     split_counts,
     split_for,
 )
+from features.rows import read_embeddings
 from features.store import FeatureStore
 
 log = logging.getLogger("classify")
@@ -673,7 +682,7 @@ def _refit_without_validation(init: Run, manifest: Manifest, train_rows: np.ndar
     samples = store.samples()
     row_of = {image_id: row for row, image_id in enumerate(samples.image_id)}
     rows = np.array([row_of[manifest.image_id[r]] for r in train_rows if manifest.image_id[r] in row_of])
-    x = embeddings(store, init.inputs)[rows]
+    x = read_embeddings(store, init.inputs.backbones, all_views=init.inputs.all_views)[rows]
     y = np.array(samples.label, dtype=object)[rows]
     groups = np.array(samples.group, dtype=object)[rows]
     head = clone(init.head)

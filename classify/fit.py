@@ -10,10 +10,8 @@ own model, fitted on the other folds (docs/evaluation.md says why).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -28,21 +26,10 @@ import optuna
 from filelock import FileLock
 
 from classify.heads import HEADS, get_head
-from classify.inputs import (
-    MEMORY_BUDGET,
-    InputSpec,
-    MetaEncoder,
-    StoreRows,
-    fit_views,
-    inputs_matrix,
-    parse_budget,
-    proba_views,
-    store_meta,
-    usable,
-)
+from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, store_meta
 from classify.metrics import default_positive, evaluate
 from classify.report import write_report
-from classify.runs import jsonable, save_run, save_split, write_json, write_text
+from classify.runs import jsonable, predictions_csv, save_run, save_split, write_json, write_text
 from classify.study import (
     JOURNAL,
     Objective,
@@ -56,6 +43,7 @@ from classify.study import (
     storage_for,
 )
 from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, small_test, split_counts, split_for
+from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
 from features.store import FeatureStore, StoreError
 
 log = logging.getLogger("classify")
@@ -145,10 +133,10 @@ def _backbones(store: FeatureStore, value: str) -> tuple[str, ...]:
 def load_data(store: FeatureStore, spec: InputSpec, split: np.ndarray, budget: int) -> Data:
     """The rows a fit uses (labelled, in the split, embedded by every backbone): labels in memory, the
     embeddings too unless they exceed `budget` bytes (then streamed: `StoreRows`)."""
-    keep = usable(store, spec) & (split != UNUSED)
+    keep = embedded_rows(store, spec.backbones) & (split != UNUSED)
     meta = store_meta(store, spec.meta)
     encoder = MetaEncoder.fit({c: v[keep & (split >= 0)] for c, v in meta.items()})
-    x = inputs_matrix(store, spec, keep, encoder.transform(meta, len(split)), budget)
+    x = load_inputs(store, spec.backbones, keep, encoder.transform(meta, len(split)), budget, all_views=spec.all_views)
     columns = [store.column(name)[keep] for name in ("label", "group", "image_id", "sha256")]
     return Data(x, *columns, split[keep], encoder)
 
@@ -225,7 +213,7 @@ def fit(cfg: FitConfig) -> dict:
     split = split_for(store, split_spec)
     data = load_data(store, spec, split, budget)
     dropped = left_out(store)
-    not_embedded = int(np.sum((split != UNUSED) & ~usable(store, spec)))
+    not_embedded = int(np.sum((split != UNUSED) & ~embedded_rows(store, spec.backbones)))
     if not_embedded:
         dropped[f"not embedded by {', '.join(spec.backbones)}"] = not_embedded
     _check_parts(store, data, cfg.folds, dropped)
@@ -425,25 +413,3 @@ def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndar
     for j, c in enumerate(have):
         out[:, classes.index(c)] = proba[:, j]
     return out
-
-
-def predictions_csv(
-    ids: np.ndarray,
-    proba: np.ndarray,
-    classes: list[str],
-    predicted: bool = False,
-    failed: dict[str, str] | None = None,
-) -> str:
-    """ISIC-style: `image` then one probability column per class (and `predicted` if asked); with
-    `failed`, an `error` column, blank for classified images, and a row with its reason for each image
-    that could not be classified."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    errors = failed is not None
-    writer.writerow(["image", *classes] + (["predicted"] if predicted else []) + (["error"] if errors else []))
-    for image_id, row in zip(ids, proba):
-        cells = [str(image_id), *(f"{p:.6f}" for p in row)]
-        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []) + ([""] if errors else []))
-    for image_id, reason in (failed or {}).items():
-        writer.writerow([image_id, *([""] * len(classes))] + ([""] if predicted else []) + [reason])
-    return buffer.getvalue()

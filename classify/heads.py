@@ -36,7 +36,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
 from sklearn.utils.class_weight import compute_sample_weight
 
-from classify.inputs import StoreRows
+from features.rows import StoreRows
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,6 @@ preprocessing, precision, views) against the ones the run was trained on before 
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -15,12 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.fit import predictions_csv
-from classify.inputs import MEMORY_BUDGET, StoreRows, inputs_matrix, parse_budget, proba_views, usable
+from classify.inputs import proba_views
 from classify.metrics import evaluate
-from classify.runs import Run, RunError, RunSplit, load_run, run_split, write_json, write_text
+from classify.runs import (
+    Run,
+    RunError,
+    RunSplit,
+    load_run,
+    predictions_csv,
+    run_split,
+    weights_option,
+    write_json,
+    write_text,
+)
 from features.splits import TEST, lesions_in_test, small_test
-from features.store import FeatureStore, StoreError
+from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
+from features.store import FeatureStore, StoreError, describe_mismatch
 
 log = logging.getLogger("classify")
 
@@ -35,11 +44,10 @@ def check_fingerprints(run: Run, store: FeatureStore) -> None:
             )
         attrs = store.backbone_attrs(backbone)
         if attrs["fingerprint"] != expected["fingerprint"]:
-            old, new = json.loads(expected["identity"]), json.loads(attrs.get("identity", "{}"))
-            differ = [f"{k}: run {old.get(k)!r}, store {new.get(k)!r}" for k in sorted(old) if old.get(k) != new.get(k)]
+            differ = describe_mismatch(expected["identity"], attrs.get("identity"), names=("run", "store"))
             raise RunError(
                 f"{store.path}: its {backbone} embeddings were made with other settings than the run's "
-                f"({'; '.join(differ)}); they are not comparable"
+                f"({differ}); they are not comparable"
             )
 
 
@@ -54,7 +62,8 @@ def _meta(store: FeatureStore, run: Run) -> dict[str, np.ndarray]:
 
 def _inputs(store: FeatureStore, run: Run, rows: np.ndarray, budget: int) -> np.ndarray | StoreRows:
     """The run's inputs for `rows` (a mask), in memory or streamed as the budget allows."""
-    return inputs_matrix(store, run.inputs, rows, run.encoder.transform(_meta(store, run), len(store)), budget)
+    meta = run.encoder.transform(_meta(store, run), len(store))
+    return load_inputs(store, run.inputs.backbones, rows, meta, budget, all_views=run.inputs.all_views)
 
 
 def parse_label_map(text: str) -> dict[str, str]:
@@ -88,7 +97,7 @@ def evaluate_run(
     own = features is None
     store = FeatureStore(features or run.card["store"])
     check_fingerprints(run, store)
-    rows = usable(store, run.inputs)
+    rows = embedded_rows(store, run.inputs.backbones)
     mapping = parse_label_map(label_map)
     labels = np.array([mapping.get(v, v) for v in store.column("label")], dtype=object)
     rows &= labels != ""
@@ -151,22 +160,6 @@ class Prediction:
     """Inputs that could not be classified (image id, or a folder with no images) and why."""
 
 
-def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
-    """How to ask `extract` for the weights the run's store was made with. A weights file that has
-    moved with its run folder (a fine-tuned backbone.pt) is found there; the fingerprint check after
-    extraction proves it is the same file."""
-    from extract.backbones import get_family  # torch: only `predict` embeds images (heads.py says why)
-
-    if recorded["weights"] == "none":
-        return "none"
-    if recorded["weights"] == get_family(backbone).default_weights:
-        return "default"
-    for candidate in (Path(recorded["weights"]), Path(run_folder) / Path(recorded["weights"]).name):
-        if candidate.is_file():
-            return str(candidate)
-    raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
-
-
 def predict(
     run_dir: str | Path,
     paths: list[str],
@@ -205,7 +198,7 @@ def predict(
             )
         store = FeatureStore(store_path)
         check_fingerprints(run, store)
-        rows = usable(store, run.inputs)
+        rows = embedded_rows(store, run.inputs.backbones)
         ids = [i for i, ok in zip(store.column("image_id"), rows) if ok]
         proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(MEMORY_BUDGET))) if ids else None
         failed.update(store.failed())

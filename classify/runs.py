@@ -10,7 +10,9 @@ cannot run code here, and a tampered one is refused.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -233,3 +235,41 @@ def run_split(run: Run) -> RunSplit:
         )
     keep = stored != UNUSED
     return RunSplit(store.column("image_id")[keep], stored[keep], store.column("sha256")[keep])
+
+
+def predictions_csv(
+    ids: np.ndarray,
+    proba: np.ndarray,
+    classes: list[str],
+    predicted: bool = False,
+    failed: dict[str, str] | None = None,
+) -> str:
+    """ISIC-style: `image` then one probability column per class (and `predicted` if asked); with
+    `failed`, an `error` column, blank for classified images, and a row with its reason for each image
+    that could not be classified."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    errors = failed is not None
+    writer.writerow(["image", *classes] + (["predicted"] if predicted else []) + (["error"] if errors else []))
+    for image_id, row in zip(ids, proba):
+        cells = [str(image_id), *(f"{p:.6f}" for p in row)]
+        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []) + ([""] if errors else []))
+    for image_id, reason in (failed or {}).items():
+        writer.writerow([image_id, *([""] * len(classes))] + ([""] if predicted else []) + [reason])
+    return buffer.getvalue()
+
+
+def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
+    """How to ask `extract` for the weights the run's store was made with. A weights file that has
+    moved with its run folder (a fine-tuned backbone.pt) is found there; the fingerprint check after
+    extraction proves it is the same file."""
+    from extract.backbones import get_family  # torch: only `predict` embeds images (heads.py says why)
+
+    if recorded["weights"] == "none":
+        return "none"
+    if recorded["weights"] == get_family(backbone).default_weights:
+        return "default"
+    for candidate in (Path(recorded["weights"]), Path(run_folder) / Path(recorded["weights"]).name):
+        if candidate.is_file():
+            return str(candidate)
+    raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from extract.backbones import Backbone, load_backbone
-from extract.images import ImageError, file_sha256, load_image
+from extract.dataset import EachPreprocess, ImageDataset, collate_images
+from extract.images import file_sha256
 from extract.manifest import Manifest, read_manifest
-from extract.preprocess import VIEWS, Preprocess, apply_views
+from extract.preprocess import VIEWS, apply_views
 from extract.runtimes import (  # noqa: F401  (PRECISIONS, COMPILE_FROM, compiles: used through this module)
     ALL_PRECISIONS,
     CALIBRATION_IMAGES,
@@ -171,32 +172,6 @@ class Summary:
 
 
 # ----------------------------------------------------------------------------------------- loading
-
-
-class DecodedImages(Dataset):
-    """Decodes each image once and preprocesses it once per distinct preprocessing."""
-
-    def __init__(self, files: list[Path], preprocesses: list[Preprocess]):
-        self.files = files
-        self.preprocesses = preprocesses
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[int, str, list[torch.Tensor] | None, str]:
-        try:
-            img, sha256 = load_image(self.files[i])
-            return i, sha256, [p.to_uint8(img) for p in self.preprocesses], ""
-        except ImageError as exc:
-            return i, "", None, str(exc)
-        except Exception as exc:  # one odd file must never stop a long run
-            return i, "", None, f"unexpected error: {type(exc).__name__}: {exc}"
-
-
-def collate_decoded(items: list) -> tuple[list[int], list[str], list[torch.Tensor], dict[int, str]]:
-    good = [item for item in items if item[2] is not None]
-    tensors = [torch.stack([item[2][k] for item in good]) for k in range(len(good[0][2]))] if good else []
-    return [i for i, *_ in good], [item[1] for item in good], tensors, {i: r for i, _, t, r in items if t is None}
 
 
 # ----------------------------------------------------------------------------------------- planning
@@ -422,10 +397,10 @@ def _embed(
         for b in backbones
     }
     loader = DataLoader(
-        DecodedImages(files, preprocesses),
+        ImageDataset(files, EachPreprocess(preprocesses)),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
-        collate_fn=collate_decoded,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         worker_init_fn=_yield_to_the_model if device.type == "cpu" else None,
     )

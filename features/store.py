@@ -60,6 +60,19 @@ def fingerprint(identity: dict) -> str:
 # ----------------------------------------------------------------------------------------- reading
 
 
+def describe_mismatch(old: dict | str, new: dict | str, *, names: tuple[str, str] = ("old", "new")) -> str:
+    """The settings in which two backbone identities (dicts, or their JSON as stored) differ, one
+    `key: old value vs new value` each: the one wording of every "made with other settings" error."""
+    old = json.loads(old or "{}") if isinstance(old, str) else old
+    new = json.loads(new or "{}") if isinstance(new, str) else new
+    differ = [
+        f"{k}: {names[0]} {old.get(k)!r}, {names[1]} {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    return "; ".join(differ) or "the fingerprints differ"
+
+
 @dataclass
 class Samples:
     """The /samples table in memory, as strings; rows are in store order."""

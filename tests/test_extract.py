@@ -20,7 +20,7 @@ from conftest import ROOT, TINY
 from imagefiles import lesion, mixed_folder, save
 
 import extract.run as run
-from extract import compiled
+from extract import compiled, dataset
 from extract.backbones import load_backbone
 from extract.runtimes import RuntimeUnavailable
 from extract.run import ConfigError, ExtractConfig, extract
@@ -139,8 +139,8 @@ def test_store_layout_follows_format_1(tmp_path):
 def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
     manifest = _csv_set(tmp_path, 6)
     calls = []
-    original = run.load_image
-    monkeypatch.setattr(run, "load_image", lambda path: calls.append(path) or original(path))
+    original = dataset.load_image
+    monkeypatch.setattr(dataset, "load_image", lambda path: calls.append(path) or original(path))
     both = f"{TINY},efficientnet_lite0"
     summary = _extract(manifest, tmp_path / "both.h5", backbone=both)
     assert len(calls) == 6

@@ -17,7 +17,7 @@ from conftest import ROOT, synthetic_store
 from classify.runs import read_run_split
 from classify.fit import FitConfig, FitError, fit
 from classify.heads import HEADS, MLPHead, XGBoostHead
-from classify.inputs import InputSpec, StoreRows, inputs_matrix, machine_memory, parse_budget
+from features.rows import StoreRows, load_inputs, machine_memory, parse_budget
 from classify.metrics import macro_auc
 from classify.predict import evaluate_run
 from features.store import FeatureStore, Samples, write_arrays
@@ -64,11 +64,11 @@ def test_float16_store_is_read_as_float32_in_blocks(tmp_path):
 
 def test_store_rows_are_the_in_memory_matrix_read_lazily(tmp_path):
     path, a, b = _two_backbone_store(tmp_path / "two.h5")
-    store, spec = FeatureStore(path), InputSpec(("a", "b"))
+    store, backbones = FeatureStore(path), ("a", "b")
     keep = np.arange(len(a)) % 4 != 0
     meta = np.random.default_rng(2).normal(size=(len(a), 3)).astype(np.float32)
-    dense = inputs_matrix(store, spec, keep, meta, budget=2**30)
-    lazy = inputs_matrix(store, spec, keep, meta, budget=10_000)
+    dense = load_inputs(store, backbones, keep, meta, budget=2**30)
+    lazy = load_inputs(store, backbones, keep, meta, budget=10_000)
     assert isinstance(dense, np.ndarray) and isinstance(lazy, StoreRows)
     assert lazy.shape == dense.shape == (keep.sum(), 8 + 5 + 3)
     np.testing.assert_allclose(np.concatenate(list(lazy.blocks())), dense)
@@ -87,7 +87,7 @@ def test_views_all_cannot_be_streamed(tmp_path):
     path = synthetic_store(tmp_path / "v.h5", n=200, dim=8, views=3)
     store = FeatureStore(path)
     with pytest.raises(Exception, match="--views all needs every view in memory"):
-        inputs_matrix(store, InputSpec(("fake",), views="all"), np.ones(200, bool), np.zeros((200, 0)), 1000)
+        load_inputs(store, ("fake",), np.ones(200, bool), np.zeros((200, 0)), 1000, all_views=True)
 
 
 def test_memory_budget_parsing():
@@ -124,7 +124,7 @@ def test_streamed_and_in_memory_heads_agree(store):
     x = FeatureStore(store).embeddings("fake")
     y = FeatureStore(store).column("label")
     groups = FeatureStore(store).column("group")
-    lazy = inputs_matrix(FeatureStore(store), InputSpec(("fake",)), np.ones(len(x), bool), np.zeros((len(x), 0)), 4096)
+    lazy = load_inputs(FeatureStore(store), ("fake",), np.ones(len(x), bool), np.zeros((len(x), 0)), 4096)
     assert isinstance(lazy, StoreRows) and lazy.block_rows < len(x) // 2  # several blocks
     train, test = np.arange(len(x)) % 5 != 0, np.arange(len(x)) % 5 == 0
     for head_cls in (XGBoostHead, MLPHead):
