@@ -1,4 +1,4 @@
-"""python cli.py <command> ...: the toolkit's one entry point. It parses arguments and calls the packages.
+"""skinlesion <command> (or python cli.py <command>): the one entry point; it parses arguments, calls the packages.
 
 Commands: `backbones` (what can embed images), `extract` (images to a feature store), `fit` (a tuned
 head and its report), `evaluate` (a run on its test rows or another store), `predict` (new images),
@@ -13,13 +13,9 @@ import importlib.util
 import logging
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, NoReturn
-
-if TYPE_CHECKING:
-    from extract.run import Summary
+from typing import Callable, NoReturn
 
 
 def _use_project_venv() -> None:
@@ -39,7 +35,6 @@ if __name__ == "__main__":
 import numpy as np
 
 from features.splits import MIN_TEST_LESIONS
-from features.store import FeatureStore
 
 # Each command imports its own modules (in its cmd_ function and its arguments' function), so that
 # `fit` and `evaluate` of linear and XGBoost heads start without torch: 0.5 GB resident less, which is
@@ -92,7 +87,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     summary = extract_sharded(cfg) if distributed() else extract(cfg)
     if summary is None:  # a torchrun rank other than 0: rank 0 reports the store
         return 0
-    print(describe(summary))
+    print(summary.describe())
     share = len(summary.failed) / max(summary.images, 1)
     if share > cfg.max_failed:
         return 1
@@ -161,47 +156,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(summary: "Summary", max_failures: int = 20) -> str:
-    """What an extraction wrote: rows, usable labelled rows, each backbone's provenance, this run's work,
-    failures; when most of the data set failed, the last line says so."""
-    store = FeatureStore(summary.store)
-    samples = store.samples()
-    embedded = np.zeros(len(samples), dtype=bool)
-    for name in store.backbones:
-        embedded |= store.done(name)
-    labels = Counter(label for label, ok in zip(samples.label, embedded) if label and ok)
-    lines = [
-        f"wrote {summary.store}: {len(samples)} rows, {sum(labels.values())} labelled and usable "
-        f"({', '.join(f'{k} {v}' for k, v in labels.most_common()) or 'no labels'}), "
-        f"{len(set(samples.group))} groups, {len(store.failed())} failed"
-    ]
-    for name in store.backbones:
-        a = store.backbone_attrs(name)
-        random = "  RANDOM INIT (--weights none)" if a.get("random_init") else ""
-        lines.append(
-            f"  {name}: {a['dim']}-d, {int(store.done(name).sum())}/{len(samples)} rows done, "
-            f"weights {a['weights']}, {a['input_size']} px, {a['precision']}, views {a['views']}, "
-            f"fingerprint {a['fingerprint']}{random}"
-        )
-    work = ", ".join(f"{n} {k}" for n, k in summary.embedded.items())
-    speed = summary.steady_images_per_s
-    steady = f" ({speed:.1f} images/s after the first batch)" if speed else ""
-    lines.append(f"this run: embedded {work} in {summary.seconds:.1f} s{steady}")
-    if summary.failed:
-        lines.append(f"{len(summary.failed)} images of this data set could not be used (kept under /failed):")
-        lines += [f"  {i}: {reason}" for i, reason in list(summary.failed.items())[:max_failures]]
-        if len(summary.failed) > max_failures:
-            lines.append(f"  ... and {len(summary.failed) - max_failures} more")
-    share = len(summary.failed) / max(summary.images, 1)
-    if share > 0.5:
-        reason, n = Counter(summary.failed.values()).most_common(1)[0]
-        lines.append(
-            f"WARNING: {share:.1%} of the images could not be used ({len(summary.failed)} of {summary.images}; "
-            f"most often: {reason}): check that --images is the folder that holds them"
-        )
-    return "\n".join(lines)
-
-
 @dataclass(frozen=True)
 class Command:
     """One command of the command line: its help, what runs it, its options, and one example."""
@@ -236,10 +190,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None, prog: str = "cli.py") -> argparse.ArgumentParser:
     """Every command, with the options of `command` only (or of none: the top-level help needs none),
     so that each command imports just its own modules."""
-    parser = _Parser(prog="cli.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog=prog, description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, spec in COMMANDS.items():
         sub = commands.add_parser(
@@ -316,8 +270,8 @@ FRACTION = number(0, 1, open_low=True, open_high=True)
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     from extract.preprocess import VIEWS
-    from extract.run import COMPILE_FROM, ExtractConfig
-    from extract.runtimes import ALL_PRECISIONS, RUNTIMES
+    from extract.run import ExtractConfig
+    from extract.runtimes import ALL_PRECISIONS, COMPILE_FROM, RUNTIMES
 
     d = ExtractConfig()
     parser.add_argument(
@@ -493,7 +447,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     from extract.preprocess import VIEWS
-    from extract.run import PRECISIONS
+    from extract.runtimes import PRECISIONS
     from classify.finetune import FinetuneConfig
 
     t = FinetuneConfig()
@@ -667,12 +621,12 @@ def environment_message(exc: OSError) -> str:
     return f"{where}{exc.strerror or exc}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "cli.py") -> int:
     """Exit status: 0 done; 1 a fault of the machine (full disk, unwritable folder) or, where asked
     (--strict, --max-failed), images that could not be used; 2 bad input or options; 130 interrupted.
     Every error is one line on stderr."""
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
+    args = build_parser(argv[0] if argv else None, prog).parse_args(argv)
     handler = _StderrHandler()
     handler.setFormatter(_Format())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
@@ -703,10 +657,16 @@ _ABANDON = False
 that failed mid-write (HDF5 on a full disk) can crash while freeing its objects, after the message."""
 
 
-if __name__ == "__main__":
-    status = main()
+def entry(prog: str = "skinlesion") -> NoReturn:
+    """The console script `skinlesion` (pyproject.toml), and `python cli.py`: run the command, then exit
+    with its status."""
+    status = main(prog=prog)
     if _ABANDON:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    entry(prog="cli.py")

@@ -25,11 +25,11 @@ import numpy as np
 import optuna
 from filelock import FileLock
 
-from classify.heads import HEADS, get_head
+from classify.heads import HEADS, Head, get_head
 from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, store_meta
 from classify.metrics import default_positive, evaluate
-from classify.report import write_report
-from classify.runs import jsonable, predictions_csv, save_run, save_split, write_json, write_text
+from classify.report import study_parts
+from classify.runs import RunRecord, extraction_record, jsonable, write_run
 from classify.study import (
     JOURNAL,
     Objective,
@@ -276,9 +276,9 @@ def fit(cfg: FitConfig) -> dict:
         data.y[data.study],
         data.groups[data.study],
         data.folds[data.study],
-        cfg.seed,
-        fixed,
-        protocol,
+        seed=cfg.seed,
+        fixed=fixed,
+        protocol=protocol,
         keep=run / "trials",
     )
     if cfg.trials > 0:
@@ -317,43 +317,54 @@ def fit(cfg: FitConfig) -> dict:
             "left_out": dropped,
             "warning": warning,
         }
-        metrics = _final(
-            cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved
+        settled = Settled(
+            spec=spec,
+            split_spec=split_spec,
+            head_cls=head_cls,
+            params=params,
+            classes=classes,
+            positive=positive,
+            study=study,
+            name=name,
+            resolved=resolved,
         )
+        metrics = _final(cfg, store, data, settled)
     log.info("fit took %.0f s", time.monotonic() - started)
     return metrics
 
 
-def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, positive, study, name, resolved) -> dict:
-    """Out-of-fold predictions of the best parameters, the refit on all study rows, the test score,
-    and every file of the run folder. With the holdout protocol: the best trial's own model (fitted on
-    folds 1..K-1; fitted again only where it is not on this machine), its predictions of fold 0, and
-    that same model on the test rows."""
+@dataclass(kw_only=True)
+class Settled:
+    """What a fit has settled when the study is done: its inputs and split, and the study's best."""
+
+    spec: InputSpec
+    split_spec: SplitSpec
+    head_cls: type[Head]
+    params: dict
+    """The best trial's parameters, with the fixed ones."""
+    classes: list[str]
+    positive: str | None
+    study: optuna.Study
+    name: str
+    """The study's name."""
+    resolved: dict
+    """What the options resolved to: protocol, memory budget, streaming, rows left out, the warning."""
+
+
+def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) -> dict:
+    """The final model and its figures, and every file of the run folder (through `write_run`)."""
+    run, classes = Path(cfg.out), settled.classes
     majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
-    x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
-    if resolved["protocol"] == "holdout":
-        scored = folds == 0
-        kept = kept_trial(study.best_trial, head_cls, params, cfg.seed)  # the same fit, already made
-        if kept is None:
-            head = head_cls(**params, random_state=cfg.seed)
-            fit_views(head, x[~scored], y[~scored], g[~scored])
-            kept = head, proba_views(head, x[scored])
-        head = kept[0]
-        cv_proba = _aligned(kept[1], head.classes_, classes)
-    else:
-        scored = np.ones(len(y), dtype=bool)
-        cv_proba = np.zeros((len(y), len(classes)))
-        for k in range(cfg.folds):
-            head = head_cls(**params, random_state=cfg.seed)
-            fit_views(head, x[folds != k], y[folds != k], g[folds != k])
-            cv_proba[folds == k] = _aligned(proba_views(head, x[folds == k]), head.classes_, classes)
-        head = head_cls(**params, random_state=cfg.seed)
-        fit_views(head, x, y, g)
+    head, scored, cv_proba = _final_model(cfg, data, settled)
     test_proba = _aligned(proba_views(head, data.x[data.test]), head.classes_, classes)
+    y, g = data.y[data.study], data.groups[data.study]
+    study, resolved = settled.study, settled.resolved
     metrics = {
-        "test": evaluate(data.y[data.test], test_proba, classes, data.groups[data.test], positive, majority, cfg.seed),
+        "test": evaluate(
+            data.y[data.test], test_proba, classes, data.groups[data.test], settled.positive, majority, seed=cfg.seed
+        ),
         "cv": {
-            **evaluate(y[scored], cv_proba, classes, g[scored], positive, majority, cfg.seed),
+            **evaluate(y[scored], cv_proba, classes, g[scored], settled.positive, majority, seed=cfg.seed),
             "study_best_value": study.best_value,
             "folds": cfg.folds,
             "protocol": resolved["protocol"],
@@ -362,49 +373,79 @@ def _final(cfg, run, store, spec, split_spec, data, head_cls, params, classes, p
     if resolved["warning"]:
         metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
     metrics["left_out"] = resolved["left_out"]
-    keys = ("weights", "weights_sha256", "precision", "views", "runtime", "calibration", "fingerprint", "identity")
-    extraction = {b: {k: store.backbone_attrs(b).get(k) for k in keys} for b in spec.backbones}
-    card = {
-        "store": str(store.path.resolve()),
-        "split": split_spec.name,
-        "split_digest": save_split(run, data.ids, data.folds, data.sha256),
-        "inputs": spec.as_dict(),
-        "meta_encoder": data.encoder.columns,
-        "extraction": extraction,
-        "positive": positive,
-        "majority": majority,
-        "study": name,
-    }
-    save_run(run, head, card)
     config = {
         **dataclasses.asdict(cfg),
         "storage": _redact(cfg.storage) or str(run / "study.journal"),
-        "backbone": ",".join(spec.backbones),
-        "study": name,
-        "positive": positive,
-        "split": split_spec.name,
-        "params": params,
+        "backbone": ",".join(settled.spec.backbones),
+        "study": settled.name,
+        "positive": settled.positive,
+        "split": settled.split_spec.name,
+        "params": settled.params,
         **resolved,
         "torch_version": metadata.version("torch"),
         "optuna_version": optuna.__version__,
     }
-    write_json(run / "config.json", config)
     trials = history(study)
     best = study.best_trial
-    write_json(
-        run / "study.json",
-        {
-            "name": name,
-            "best": {"number": best.number, "value": best.value, "params": best.params, **best.user_attrs},
-            "trials": trials,
-        },
+    write_run(
+        run,
+        RunRecord(
+            head=head,
+            store=store.path,
+            split=settled.split_spec.name,
+            ids=data.ids,
+            folds=data.folds,
+            sha256=data.sha256,
+            inputs=settled.spec,
+            meta_encoder=data.encoder.columns,
+            extraction=extraction_record(store, settled.spec.backbones),
+            positive=settled.positive,
+            majority=majority,
+            config=config,
+            metrics=metrics,
+            predictions={
+                "test": (data.ids[data.test], test_proba),
+                "cv": (data.ids[data.study][scored], cv_proba),
+            },
+            test_labels=data.y[data.test],
+            counts=split_counts(data.folds, data.y),
+            report=study_parts(metrics, config, trials),
+            card_extra={"study": settled.name},
+            extra_files={
+                "study.json": {
+                    "name": settled.name,
+                    "best": {"number": best.number, "value": best.value, "params": best.params, **best.user_attrs},
+                    "trials": trials,
+                }
+            },
+        ),
     )
-    write_json(run / "metrics.json", metrics)
-    write_text(run / "test_predictions.csv", predictions_csv(data.ids[data.test], test_proba, classes))
-    write_text(run / "cv_predictions.csv", predictions_csv(data.ids[data.study][scored], cv_proba, classes))
-    counts = split_counts(data.folds, data.y)
-    write_report(run, metrics, config, trials, counts, test_labels=data.y[data.test], test_proba=test_proba)
     return jsonable(metrics)
+
+
+def _final_model(cfg: FitConfig, data: Data, settled: Settled) -> tuple[Head, np.ndarray, np.ndarray]:
+    """The final head, which study rows it was scored on and their predictions (columns: the classes).
+    With cv: the out-of-fold predictions of the best parameters and the refit on all study rows. With
+    the holdout protocol: the best trial's own model (fitted on folds 1..K-1; fitted again only where
+    it is not on this machine) and its predictions of fold 0."""
+    head_cls, params, classes = settled.head_cls, settled.params, settled.classes
+    x, y, g, folds = data.x[data.study], data.y[data.study], data.groups[data.study], data.folds[data.study]
+    if settled.resolved["protocol"] == "holdout":
+        scored = folds == 0
+        kept = kept_trial(settled.study.best_trial, head_cls, params, cfg.seed)  # the same fit, already made
+        if kept is None:
+            head = head_cls(**params, random_state=cfg.seed)
+            fit_views(head, x[~scored], y[~scored], g[~scored])
+            kept = head, proba_views(head, x[scored])
+        return kept[0], scored, _aligned(kept[1], kept[0].classes_, classes)
+    cv_proba = np.zeros((len(y), len(classes)))
+    for k in range(cfg.folds):
+        head = head_cls(**params, random_state=cfg.seed)
+        fit_views(head, x[folds != k], y[folds != k], g[folds != k])
+        cv_proba[folds == k] = _aligned(proba_views(head, x[folds == k]), head.classes_, classes)
+    head = head_cls(**params, random_state=cfg.seed)
+    fit_views(head, x, y, g)
+    return head, np.ones(len(y), dtype=bool), cv_proba
 
 
 def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndarray:

@@ -16,14 +16,25 @@ seconds of start-up) that linear and XGBoost fits do without, which matters for 
 
 Saved heads hold data, not programs: arrays in `.npz` (no pickle), tensors loaded with
 `weights_only`, XGBoost's own UBJSON; the run folder records each file's SHA-256 (classify/runs.py).
+
+Parameters are checked when `fit` starts (scikit-learn's rule: `__init__` and `set_params` only
+store), each against the values it allows (`PARAMS`), so that a bad value fails as one `HeadError`
+naming the parameter and its range rather than deep inside torch or XGBoost. Inputs are checked with
+scikit-learn's `validate_data` (shape, finite values, as many labels as rows, the same number of
+columns at predict as at fit); streamed rows are checked for their width and length only, since
+reading them for anything else would cost a pass over the store.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import math
+import numbers
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator
 
@@ -35,45 +46,157 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import GroupShuffleSplit, StratifiedShuffleSplit
 from sklearn.utils.class_weight import compute_sample_weight
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_consistent_length, check_is_fitted, column_or_1d, validate_data
 
 from features.rows import StoreRows
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = [
+    "HEADS",
+    "Allowed",
+    "Head",
+    "HeadError",
+    "LinearHead",
+    "MLPHead",
+    "Report",
+    "XGBoostHead",
+    "get_head",
+    "inner_split",
+    "integer",
+    "number",
+    "register",
+]
+
 Report = Callable[[int, float], None]
 """report(step, value): an intermediate, higher-is-better score during fit."""
 
 
 class HeadError(ValueError):
-    """An unknown head, or a head file that cannot be used."""
+    """An unknown head, a head parameter outside its allowed values, bad training inputs, or a head file
+    that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The values one head parameter may take: `test(value)` says whether a value is one of them, `text`
+    says which in words (it ends the error message)."""
+
+    test: Callable[[object], bool]
+    text: str
+
+
+def number(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Allowed:
+    """A real number in a range; the ends are included unless `low_open` / `high_open`."""
+
+    def test(value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            return False
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        return above and below
+
+    if high == math.inf:
+        return Allowed(test, f"a number {'>' if low_open else '>='} {low:g}")
+    return Allowed(test, f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+
+def integer(low: int, high: int | None = None) -> Allowed:
+    """An integer of at least `low` (and at most `high`)."""
+
+    def test(value: object) -> bool:
+        return (
+            isinstance(value, numbers.Integral)
+            and not isinstance(value, bool)
+            and low <= value <= (math.inf if high is None else high)
+        )
+
+    return Allowed(test, f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]")
+
+
+def _class_weight(value: object) -> bool:
+    if value is None or (isinstance(value, str) and value == "balanced"):
+        return True
+    return isinstance(value, dict) and all(number(0).test(w) for w in value.values())
+
+
+CLASS_WEIGHT = Allowed(_class_weight, '"balanced", None, or a dict of class label -> weight >= 0')
+DEVICE = Allowed(
+    lambda value: isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None,
+    "auto, cpu, cuda or cuda:N",
+)
+SEED = integer(0, 2**32 - 1)
+"""Seeds go to numpy's splitters, whose seeds are 32-bit."""
+FRACTION = number(0, 1, low_open=True, high_open=True)
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    """Shared behaviour: labels <-> indices, balanced weights, predict, saving."""
+    """Shared behaviour: parameter and input checks, labels <-> indices, balanced weights, predict, saving."""
 
     name: ClassVar[str]
     streams: ClassVar[bool] = True
     """Whether `fit` learns from streamed rows (`StoreRows`) block by block."""
+    PARAMS: ClassVar[dict[str, Allowed]]
+    """Every parameter of `__init__` and the values it allows."""
+    FITTED: ClassVar[tuple[str, ...]]
+    """Attributes that exist once the head is fitted (or loaded)."""
+    DTYPE: ClassVar[type] = np.float32
+    """The dtype the head computes in: inputs are converted to it once, when they are checked."""
 
-    def _encode(self, y: np.ndarray) -> np.ndarray:
-        self.classes_, codes = np.unique(np.asarray(y), return_inverse=True)
-        if len(self.classes_) < 2:
-            raise HeadError(f"{self.name}: need at least two classes, got {list(self.classes_)}")
-        return codes
+    def check_params(self) -> None:
+        """Raise `HeadError` naming the first parameter whose value is not allowed, and what is."""
+        for key, value in self.get_params(deep=False).items():
+            allowed = self.PARAMS[key]
+            if not allowed.test(value):
+                raise HeadError(f"{self.name} head: {key}={value!r} is not allowed; {key} must be {allowed.text}")
 
-    def _weights(self, codes: np.ndarray, sample_weight: np.ndarray | None) -> np.ndarray:
-        weights = np.ones(len(codes)) if self.class_weight is None else compute_sample_weight(self.class_weight, codes)
-        return weights * (1.0 if sample_weight is None else np.asarray(sample_weight, dtype=float))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, columns in `classes_` order; streamed rows block by block."""
+    def _prepare(
+        self, X: np.ndarray | StoreRows, y: np.ndarray, groups: np.ndarray | None, sample_weight: np.ndarray | None
+    ) -> tuple[np.ndarray | StoreRows, np.ndarray, np.ndarray]:
+        """Check the parameters and the inputs, learn `classes_` and `n_features_in_`; return X (as
+        `DTYPE` where in memory), the class codes of y and the weight of each row."""
+        self.check_params()
         if isinstance(X, StoreRows):
+            y = column_or_1d(y, warn=True)
+            check_consistent_length(X, y)
+            self.n_features_in_ = X.shape[1]
+        else:
+            X, y = validate_data(self, X, y, dtype=self.DTYPE)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise HeadError(
+                f"{self.name}: y has one class ({self.classes_[0]!r}); a classifier needs at least two classes"
+            )
+        if groups is not None and len(groups) != len(codes):
+            raise HeadError(f"{self.name}: {len(groups)} groups for {len(codes)} rows; one group a row")
+        weights = np.ones(len(codes)) if self.class_weight is None else compute_sample_weight(self.class_weight, y)
+        if sample_weight is not None:
+            sample_weight = np.asarray(sample_weight, dtype=np.float64)
+            if sample_weight.shape != codes.shape:
+                raise HeadError(f"{self.name}: sample_weight of shape {sample_weight.shape} for {len(codes)} rows")
+            if not np.all(np.isfinite(sample_weight) & (sample_weight >= 0)):
+                raise HeadError(f"{self.name}: sample_weight must be finite and >= 0")
+            if not np.any(sample_weight):
+                raise HeadError(f"{self.name}: every sample_weight is zero; at least one row must weigh more")
+            weights = weights * sample_weight
+        return X, codes, weights
+
+    def predict(self, X: np.ndarray | StoreRows) -> np.ndarray:
+        proba = self.predict_proba(X)  # first: it says "not fitted" before `classes_` is looked up
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def predict_proba(self, X: np.ndarray | StoreRows) -> np.ndarray:
+        """Class probabilities, columns in `classes_` order; streamed rows block by block."""
+        check_is_fitted(self, self.FITTED)
+        if isinstance(X, StoreRows):
+            expected = getattr(self, "n_features_in_", X.shape[1])
+            if X.shape[1] != expected:
+                raise HeadError(f"X has {X.shape[1]} features, but {type(self).__name__} is expecting {expected}")
             return np.concatenate([self._proba(block) for block in X.blocks()])
-        return self._proba(X)
+        return self._proba(validate_data(self, X, reset=False, dtype=self.DTYPE))
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -92,7 +215,9 @@ class Head(ClassifierMixin, BaseEstimator):
         raise NotImplementedError
 
 
-def inner_split(codes: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int):
+def inner_split(
+    codes: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Train/validation rows for early stopping: lesion-grouped when groups are known."""
     if groups is not None and len(np.unique(groups)) >= 5:
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
@@ -126,9 +251,18 @@ class LinearHead(Head):
     name = "linear"
     streams = False  # lbfgs needs every row in memory at once
 
+    DTYPE = np.float64
+    FITTED = ("coef_", "intercept_", "mean_", "scale_")
+    PARAMS = {"C": number(0, low_open=True), "class_weight": CLASS_WEIGHT, "max_iter": integer(1), "random_state": SEED}
+
     def __init__(
-        self, C: float = 0.01, class_weight: str | None = "balanced", max_iter: int = 2000, random_state: int = 0
-    ):
+        self,
+        *,
+        C: float = 0.01,
+        class_weight: str | dict | None = "balanced",
+        max_iter: int = 2000,
+        random_state: int = 0,
+    ) -> None:
         self.C = C
         self.class_weight = class_weight
         self.max_iter = max_iter
@@ -138,18 +272,25 @@ class LinearHead(Head):
     def search_space(cls, trial: optuna.Trial) -> dict:
         return {"C": trial.suggest_float("C", 1e-4, 10.0, log=True)}
 
-    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "LinearHead":
-        codes = self._encode(y)
-        X = np.asarray(X, dtype=np.float64)
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+        report: Report | None = None,
+    ) -> "LinearHead":
+        X, codes, weights = self._prepare(X, y, groups, sample_weight)
         self.mean_ = X.mean(axis=0)
         self.scale_ = X.std(axis=0)
         self.scale_[self.scale_ == 0] = 1.0
         model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
-        model.fit((X - self.mean_) / self.scale_, codes, sample_weight=self._weights(codes, sample_weight))
-        self.coef_, self.intercept_ = model.coef_, model.intercept_
+        model.fit((X - self.mean_) / self.scale_, codes, sample_weight=weights)
+        self.coef_, self.intercept_, self.n_iter_ = model.coef_, model.intercept_, model.n_iter_
         return self  # one convex solve: nothing to report before it ends
 
-    def _proba(self, X) -> np.ndarray:
+    def _proba(self, X: np.ndarray) -> np.ndarray:
         z = ((np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
         if z.shape[1] == 1:  # binary: one logit for the second class
             p = 1.0 / (1.0 + np.exp(-z[:, 0]))
@@ -167,7 +308,7 @@ class LinearHead(Head):
         head = cls(**params)
         with np.load(folder / "head.npz", allow_pickle=False) as z:
             head.mean_, head.scale_, head.coef_, head.intercept_ = z["mean"], z["scale"], z["coef"], z["intercept"]
-        head.classes_ = np.array(classes, dtype=object)
+        head.classes_, head.n_features_in_ = np.array(classes, dtype=object), len(head.mean_)
         return head
 
 
@@ -208,9 +349,27 @@ class MLPHead(Head):
     the balanced accuracy of an inner (lesion-grouped) validation split; the best epoch is kept."""
 
     name = "mlp"
+    FITTED = ("model_", "mean_", "scale_")
+    PARAMS = {
+        "hidden": Allowed(
+            lambda value: isinstance(value, (tuple, list)) and all(integer(1).test(w) for w in value),
+            "a tuple of hidden layer widths, each an integer >= 1",
+        ),
+        "dropout": number(0, 1, high_open=True),
+        "weight_decay": number(0),
+        "lr": number(0, low_open=True),
+        "epochs": integer(1),
+        "patience": integer(1),
+        "batch_size": integer(1),
+        "val_fraction": FRACTION,
+        "class_weight": CLASS_WEIGHT,
+        "device": DEVICE,
+        "random_state": SEED,
+    }
 
     def __init__(
         self,
+        *,
         hidden: tuple[int, ...] = (512,),
         dropout: float = 0.3,
         weight_decay: float = 1e-3,
@@ -219,10 +378,10 @@ class MLPHead(Head):
         patience: int = 10,
         batch_size: int = 128,
         val_fraction: float = 0.15,
-        class_weight: str | None = "balanced",
+        class_weight: str | dict | None = "balanced",
         device: str = "auto",
         random_state: int = 0,
-    ):
+    ) -> None:
         self.hidden = hidden
         self.dropout = dropout
         self.weight_decay = weight_decay
@@ -246,12 +405,19 @@ class MLPHead(Head):
             "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         }
 
-    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "MLPHead":
+    def fit(
+        self,
+        X: np.ndarray | StoreRows,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+        report: Report | None = None,
+    ) -> "MLPHead":
         import torch
 
-        codes = self._encode(y)
+        X, codes, weights = self._prepare(X, y, groups, sample_weight)
         train, val = inner_split(codes, groups, self.val_fraction, self.random_state)
-        weights = self._weights(codes, sample_weight)
         device = _device(self.device)
         generator = torch.Generator().manual_seed(self.random_state)
         torch.manual_seed(self.random_state)
@@ -261,7 +427,6 @@ class MLPHead(Head):
             self.scale_ = scale + 1e-6
             rows: _InMemory | _Streamed = _Streamed(X, codes, weights, self, device)
         else:
-            X = np.asarray(X, dtype=np.float32)
             self.mean_ = X.mean(axis=0)
             self.scale_ = X.std(axis=0) + 1e-6
             rows = _InMemory((X - self.mean_) / self.scale_, codes, weights, self.batch_size, device)
@@ -294,7 +459,7 @@ class MLPHead(Head):
         self.best_epoch_, self.best_val_score_ = epoch - waited, best
         return self
 
-    def _proba(self, X) -> np.ndarray:
+    def _proba(self, X: np.ndarray) -> np.ndarray:
         import torch
 
         x = torch.from_numpy((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_)
@@ -319,14 +484,16 @@ class MLPHead(Head):
         head.model_ = _mlp(len(head.mean_), head.hidden, head.dropout, len(classes))
         head.model_.load_state_dict({k[len("model.") :]: v for k, v in state.items()})
         head.model_.eval()
-        head.classes_ = np.array(classes, dtype=object)
+        head.classes_, head.n_features_in_ = np.array(classes, dtype=object), len(head.mean_)
         return head
 
 
 class _InMemory:
     """The MLP's rows as tensors on the device: shuffled mini-batches, predictions in one go."""
 
-    def __init__(self, x: np.ndarray, codes: np.ndarray, weights: np.ndarray, batch_size: int, device):
+    def __init__(
+        self, x: np.ndarray, codes: np.ndarray, weights: np.ndarray, batch_size: int, device: "torch.device"
+    ) -> None:
         import torch
 
         self.xs = torch.from_numpy(x).to(device)
@@ -342,7 +509,7 @@ class _InMemory:
             batch = order[start : start + self.batch_size]
             yield self.xs[batch], self.ys[batch], self.ws[batch]
 
-    def predicted(self, model, rows: np.ndarray) -> np.ndarray:
+    def predicted(self, model: "torch.nn.Module", rows: np.ndarray) -> np.ndarray:
         import torch
 
         return model(self.xs[torch.from_numpy(rows).to(self.device)]).argmax(1).cpu().numpy()
@@ -352,7 +519,9 @@ class _Streamed:
     """The MLP's rows read from disk: each epoch visits blocks of `block_rows` rows in a random order and
     shuffles the rows within a block (the usual streaming shuffle), so one or two blocks are in memory."""
 
-    def __init__(self, x: StoreRows, codes: np.ndarray, weights: np.ndarray, head: "MLPHead", device):
+    def __init__(
+        self, x: StoreRows, codes: np.ndarray, weights: np.ndarray, head: "MLPHead", device: "torch.device"
+    ) -> None:
         self.x, self.codes, self.weights, self.head, self.device = x, codes, weights, head, device
 
     def _tensor(self, block: np.ndarray) -> "torch.Tensor":
@@ -375,7 +544,7 @@ class _Streamed:
                 batch = order[start : start + size]
                 yield xs[batch], ys[batch], ws[batch]
 
-    def predicted(self, model, rows: np.ndarray) -> np.ndarray:
+    def predicted(self, model: "torch.nn.Module", rows: np.ndarray) -> np.ndarray:
         return np.concatenate([model(self._tensor(b)).argmax(1).cpu().numpy() for b in self.x[rows].blocks()])
 
 
@@ -388,9 +557,27 @@ class XGBoostHead(Head):
     (lesion-grouped) validation split; on the GPU when there is one."""
 
     name = "xgboost"
+    FITTED = ("booster_", "best_iteration_")
+    PARAMS = {
+        "n_estimators": integer(1),
+        "max_depth": integer(1),
+        "learning_rate": number(0, 1, low_open=True),
+        "subsample": number(0, 1, low_open=True),
+        "colsample_bytree": number(0, 1, low_open=True),
+        "min_child_weight": number(0),
+        "reg_lambda": number(0),
+        "max_bin": integer(2),
+        "early_stopping_rounds": integer(1),
+        "val_fraction": FRACTION,
+        "class_weight": CLASS_WEIGHT,
+        "device": DEVICE,
+        "n_jobs": integer(0),
+        "random_state": SEED,
+    }
 
     def __init__(
         self,
+        *,
         n_estimators: int = 1000,
         max_depth: int = 4,
         learning_rate: float = 0.1,
@@ -401,11 +588,11 @@ class XGBoostHead(Head):
         max_bin: int = 64,
         early_stopping_rounds: int = 30,
         val_fraction: float = 0.15,
-        class_weight: str | None = "balanced",
+        class_weight: str | dict | None = "balanced",
         device: str = "auto",
         n_jobs: int = 0,
         random_state: int = 0,
-    ):
+    ) -> None:
         self.n_estimators = n_estimators
         self.max_depth = max_depth
         self.learning_rate = learning_rate
@@ -455,16 +642,22 @@ class XGBoostHead(Head):
             "nthread": self.n_jobs or os.cpu_count() or 1,
         }
 
-    def fit(self, X, y, *, groups=None, sample_weight=None, report: Report | None = None) -> "XGBoostHead":
-        codes = self._encode(y)
-        weights = self._weights(codes, sample_weight)
+    def fit(
+        self,
+        X: np.ndarray | StoreRows,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+        report: Report | None = None,
+    ) -> "XGBoostHead":
+        X, codes, weights = self._prepare(X, y, groups, sample_weight)
         train, val = inner_split(codes, groups, self.val_fraction, self.random_state)
         callbacks = [_Reporter(report, self.REPORT_EVERY)] if report is not None else []
         with tempfile.TemporaryDirectory(prefix="skinlesion-xgboost-") as pages:
             if isinstance(X, StoreRows):
-                dtrain, dval = self._pages(X, codes, weights, np.sort(train), np.sort(val), pages)
+                dtrain, dval = self._pages(X, codes, weights, np.sort(train), np.sort(val), folder=pages)
             else:
-                X = np.asarray(X, dtype=np.float32)
                 dtrain = xgb.QuantileDMatrix(X[train], codes[train], weight=weights[train], max_bin=self.max_bin)
                 dval = xgb.QuantileDMatrix(X[val], codes[val], weight=weights[val], ref=dtrain, max_bin=self.max_bin)
             self.booster_ = xgb.train(
@@ -477,14 +670,19 @@ class XGBoostHead(Head):
                 verbose_eval=False,
             )
             del dtrain, dval
-            gc.collect()  # the matrices release their page files before the folder goes
+            if isinstance(X, StoreRows):
+                # the page matrices release their files before the folder goes; a full collection
+                # is not free in a process holding torch, and in-memory matrices have no files
+                gc.collect()
         self.best_iteration_ = int(self.booster_.best_iteration)
         return self
 
     QUANTILE_BLOCKS: ClassVar[int] = 2
     """Streamed fits take the bin edges from a random sample of this many blocks of training rows."""
 
-    def _pages(self, X: StoreRows, codes, weights, train, val, folder: str):
+    def _pages(
+        self, X: StoreRows, codes: np.ndarray, weights: np.ndarray, train: np.ndarray, val: np.ndarray, *, folder: str
+    ) -> tuple[xgb.ExtMemQuantileDMatrix, xgb.ExtMemQuantileDMatrix]:
         """External-memory matrices: XGBoost quantises each block into a page file under `folder` and
         reads the pages back in every boosting round. The bin edges come from quantiles of a sample of
         the training rows: XGBoost's own sketch of 1,024 columns took 0.55-0.75 GB (docs/evaluation.md)."""
@@ -494,14 +692,14 @@ class XGBoostHead(Head):
         ref = xgb.QuantileDMatrix(edges, np.zeros(len(edges)), max_bin=self.max_bin)
         threads = self.n_jobs or os.cpu_count() or 1
 
-        def pages(rows: np.ndarray, name: str, reference) -> xgb.ExtMemQuantileDMatrix:
+        def pages(rows: np.ndarray, name: str, reference: xgb.DMatrix) -> xgb.ExtMemQuantileDMatrix:
             source = _Pages(X[rows], codes[rows], weights[rows], os.path.join(folder, name))
             return xgb.ExtMemQuantileDMatrix(source, ref=reference, max_bin=self.max_bin, nthread=threads)
 
         dtrain = pages(train, "train", ref)
         return dtrain, pages(val, "val", dtrain)  # the validation pages take the training matrix's bins
 
-    def _proba(self, X) -> np.ndarray:
+    def _proba(self, X: np.ndarray) -> np.ndarray:
         p = self.booster_.predict(
             xgb.DMatrix(np.asarray(X, dtype=np.float32)), iteration_range=(0, self.best_iteration_ + 1)
         )
@@ -518,7 +716,7 @@ class XGBoostHead(Head):
         head.booster_ = xgb.Booster()
         head.booster_.load_model(folder / "head.ubj")
         head.best_iteration_ = json.loads((folder / "head-xgboost.json").read_text())["best_iteration"]
-        head.classes_ = np.array(classes, dtype=object)
+        head.classes_, head.n_features_in_ = np.array(classes, dtype=object), head.booster_.num_features()
         return head
 
 
@@ -553,7 +751,7 @@ class _Reporter(xgb.callback.TrainingCallback):
         super().__init__()
         self.report, self.every = report, every
 
-    def after_iteration(self, model, epoch: int, evals_log: dict) -> bool:
+    def after_iteration(self, model: xgb.Booster, epoch: int, evals_log: dict) -> bool:
         if epoch % self.every == 0:
             (losses,) = evals_log["val"].values()
             self.report(epoch // self.every, -float(min(losses)))  # the best so far, as early stopping keeps

@@ -11,10 +11,16 @@ budget) is features/rows.py's job; this module says what to read and encodes the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from features.store import FeatureStore, StoreError
+
+if TYPE_CHECKING:
+    from classify.heads import Head
+
+__all__ = ["VIEW_MODES", "InputSpec", "MetaEncoder", "fit_views", "proba_views", "store_meta"]
 
 VIEW_MODES = ("mean", "all")
 
@@ -48,7 +54,7 @@ class MetaEncoder:
     """Numbers as (value, missing flag) with blanks set to the training median; text one-hot over the
     training categories (blank or unseen: all zeros). Fitted without labels; saved as JSON."""
 
-    def __init__(self, columns: dict[str, dict]):
+    def __init__(self, columns: dict[str, dict]) -> None:
         self.columns = columns
 
     @classmethod
@@ -109,7 +115,7 @@ def store_meta(store: FeatureStore, columns: tuple[str, ...]) -> dict[str, np.nd
     return {c: store.column(f"meta/{c}").astype(object) for c in columns}
 
 
-def fit_views(head, x: np.ndarray, y: np.ndarray, groups: np.ndarray, **kwargs):
+def fit_views(head: Head, x: np.ndarray, y: np.ndarray, groups: np.ndarray, **kwargs: object) -> Head:
     """Fit on (n, d), or on every view of (n, V, d) as its own sample (same label and group)."""
     if x.ndim == 3:
         v = x.shape[1]
@@ -117,7 +123,7 @@ def fit_views(head, x: np.ndarray, y: np.ndarray, groups: np.ndarray, **kwargs):
     return head.fit(x, y, groups=groups, **kwargs)
 
 
-def proba_views(head, x: np.ndarray) -> np.ndarray:
+def proba_views(head: Head, x: np.ndarray) -> np.ndarray:
     """Class probabilities of (n, d), or the mean over views of (n, V, d)."""
     if x.ndim == 3:
         n, v, d = x.shape

@@ -4,6 +4,8 @@ bootstrap intervals and the majority-class baseline beside them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_curve
@@ -50,15 +52,40 @@ def sensitivity_at_specificity(truth: np.ndarray, score: np.ndarray, specificity
     return float(tpr[fpr <= 1 - specificity + 1e-12].max())
 
 
-def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by its size."""
+@dataclass(frozen=True)
+class Reliability:
+    """Equal-width confidence bins of top-label predictions, the non-empty ones in order: each bin's
+    mean confidence, accuracy and number of rows."""
+
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    size: np.ndarray
+
+
+def reliability_bins(correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS) -> Reliability:
+    """The binning behind both the ECE and the reliability diagram, so that the two always agree."""
+    correct = np.asarray(correct, dtype=bool)
+    confidence = np.asarray(confidence, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
+    mean_confidence, accuracy, size = [], [], []
     for b in range(bins):
         inside = which == b
         if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+            mean_confidence.append(confidence[inside].mean())
+            accuracy.append(correct[inside].mean())
+            size.append(int(inside.sum()))
+    return Reliability(
+        np.array(mean_confidence, dtype=float), np.array(accuracy, dtype=float), np.array(size, dtype=int)
+    )
+
+
+def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by its size."""
+    binned = reliability_bins(correct, confidence, bins)
+    total = 0.0
+    for conf, acc, size in zip(binned.confidence, binned.accuracy, binned.size):
+        total += size / len(confidence) * abs(acc - conf)
     return float(total)
 
 
@@ -122,6 +149,7 @@ def evaluate(
     groups: np.ndarray,
     positive: str | None,
     majority: str,
+    *,
     seed: int = 0,
 ) -> dict:
     """Every figure of a report for labels `y` and probabilities `proba` (columns follow `classes`)."""

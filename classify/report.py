@@ -1,8 +1,16 @@
 """The human-readable side of a run: report.md and its PNG plots (confusion matrix, ROC curves,
-reliability diagram, optimisation history)."""
+reliability diagram, and each kind of run's own: the optimisation history of a study, the training
+curves of fine-tuning).
+
+The report is assembled from section builders shared by every run; what differs between kinds of run
+comes in as `ReportParts`, built by the command that made the run (`study_parts`, `training_parts`).
+"""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -12,9 +20,35 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from classify.metrics import ECE_BINS  # noqa: E402
+from classify.metrics import reliability_bins  # noqa: E402
+from classify.runs import write_text  # noqa: E402
+
+__all__ = [
+    "PLOTS",
+    "SHARED_PLOTS",
+    "Plot",
+    "ReportParts",
+    "confusion_section",
+    "data_section",
+    "decision_sentence",
+    "files_section",
+    "headline",
+    "headline_section",
+    "markdown",
+    "per_class_section",
+    "plots_section",
+    "study_parts",
+    "study_section",
+    "title_section",
+    "training_parts",
+    "training_section",
+    "write_run_report",
+]
 
 PLOTS = "plots"
+CONFUSION, ROC, RELIABILITY = "confusion_matrix.png", "roc_curves.png", "reliability.png"
+SHARED_PLOTS = ((CONFUSION, "confusion matrix"), (ROC, "ROC curves"), (RELIABILITY, "reliability"))
+"""Every run's plots (file under plots/, alt text), in the report's order."""
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -40,50 +74,126 @@ def headline(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(
+@dataclass
+class Plot:
+    """A plot of one kind of run: its file under plots/, its alt text in report.md, and how to draw it."""
+
+    name: str
+    alt: str
+    draw: Callable[[Path], None]
+
+
+@dataclass
+class ReportParts:
+    """What a kind of run adds to the shared report; the command that made the run builds it
+    (`study_parts` for `fit`, `training_parts` for `finetune`), so the report never asks a run its kind."""
+
+    title: str
+    """After "Run report: "."""
+    second: str
+    """The metrics part shown below the test row of the headline table ("cv", "validation")."""
+    second_label: str
+    """That row's label."""
+    notes: list[str] = field(default_factory=list)
+    """Sentences right after the headline table's intervals."""
+    sections: list[list[str]] = field(default_factory=list)
+    """Markdown sections (lines each) after the data section."""
+    plots: list[Plot] = field(default_factory=list)
+    """Drawn after the shared plots, and shown after them."""
+    files: list[str] = field(default_factory=list)
+    """The files of this kind of run, named in the report's list of files."""
+
+
+def study_parts(metrics: dict, config: dict, trials: list[dict]) -> ReportParts:
+    """A `fit` run's parts: the cross-validation (or holdout fold) row, the study's best value, the study
+    section and the optimisation history."""
+    second = metrics["cv"]
+    if second.get("protocol") == "holdout":
+        label = "validation fold 0 (holdout: the final model is the one fitted on folds 1..K-1)"
+    else:
+        label = "cross-validation (out of fold)"
+    scored = "fold 0 of" if second.get("protocol") == "holdout" else "mean over"
+    best = f"The study's best balanced accuracy ({scored} {second['folds']} folds): {_fmt(second['study_best_value'])}."
+    return ReportParts(
+        title=f"{config['head']} on {config['backbone']}",
+        second="cv",
+        second_label=label,
+        notes=[best],
+        sections=[study_section(config, trials)],
+        plots=[Plot("optimisation_history.png", "history", functools.partial(_history, trials=trials))],
+        files=["`study.json`"],
+    )
+
+
+def training_parts(config: dict, epochs: list[dict]) -> ReportParts:
+    """A `finetune` run's parts: the validation row, the training section with its decision sentence,
+    and the training curves."""
+    if config.get("refit"):
+        label = "validation (fold 0: the chosen epoch, before the refit on all study rows)"
+    else:
+        label = "validation (fold 0: picks the epoch)"
+    return ReportParts(
+        title=f"fine-tuned {config['backbone']}",
+        second="validation",
+        second_label=label,
+        sections=[training_section(config, epochs)],
+        plots=[Plot("training_history.png", "history", functools.partial(_epochs, epochs=epochs))],
+        files=["`history.json`", "`backbone.pt` (the fine-tuned backbone)", "`embeddings.h5` (its embeddings)"],
+    )
+
+
+def write_run_report(
     run: Path,
+    *,
     metrics: dict,
     config: dict,
-    trials: list[dict],
     counts: dict,
     test_labels: np.ndarray,
     test_proba: np.ndarray,
+    parts: ReportParts,
 ) -> None:
-    """report.md and plots/*.png in the run folder."""
+    """report.md and plots/*.png in the run folder: the shared sections and plots, and `parts`."""
     plots = run / PLOTS
     plots.mkdir(exist_ok=True)
     classes = metrics["test"]["classes"]
-    _confusion(plots / "confusion_matrix.png", np.array(metrics["test"]["confusion_matrix"]), classes)
-    _roc(plots / "roc_curves.png", test_labels, test_proba, classes, metrics["test"].get("positive"))
-    _reliability(plots / "reliability.png", test_labels, test_proba, classes)
-    if config.get("kind") == "finetune":
-        _epochs(plots / "training_history.png", trials)
-    else:
-        _history(plots / "optimisation_history.png", trials)
-    (run / "report.md").write_text(_markdown(metrics, config, trials, counts))
+    _confusion(plots / CONFUSION, np.array(metrics["test"]["confusion_matrix"]), classes)
+    _roc(plots / ROC, test_labels, test_proba, classes, metrics["test"].get("positive"))
+    _reliability(plots / RELIABILITY, test_labels, test_proba, classes)
+    for plot in parts.plots:
+        plot.draw(plots / plot.name)
+    write_text(run / "report.md", markdown(metrics, config, counts, parts))
 
 
-def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) -> str:
-    finetune = config.get("kind") == "finetune"
-    warned = bool(metrics.get("warning"))
+def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts) -> str:
+    """report.md: sections separated by a blank line."""
     test = metrics["test"]
-    if finetune and config.get("refit"):
-        second = metrics["validation"]
-        second_name = "validation (fold 0: the chosen epoch, before the refit on all study rows)"
-    elif finetune:
-        second, second_name = metrics["validation"], "validation (fold 0: picks the epoch)"
-    elif metrics["cv"].get("protocol") == "holdout":
-        second = metrics["cv"]
-        second_name = "validation fold 0 (holdout: the final model is the one fitted on folds 1..K-1)"
-    else:
-        second, second_name = metrics["cv"], "cross-validation (out of fold)"
-    title = f"fine-tuned {config['backbone']}" if finetune else f"{config['head']} on {config['backbone']}"
-    lines = [
+    sections = [
+        title_section(config, parts.title),
+        headline_section(metrics, metrics[parts.second], parts.second_label, parts.notes),
+        per_class_section(test),
+        confusion_section(test),
+        data_section(metrics, counts),
+        *parts.sections,
+        plots_section([*SHARED_PLOTS, *((p.name, p.alt) for p in parts.plots)]),
+        files_section(parts.files),
+    ]
+    return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
+
+
+def title_section(config: dict, title: str) -> list[str]:
+    return [
         f"# Run report: {title}",
         "",
         f"Store `{config['features']}`, split `{config['split']}` (lesion-grouped, stratified; the test rows "
         f"were never trained or tuned on), views `{config['views']}`, metadata `{config['meta'] or 'none'}`.",
-        "",
+    ]
+
+
+def headline_section(metrics: dict, second: dict, second_label: str, notes: list[str]) -> list[str]:
+    """The table of the test figures, a second scored part's and the majority-class baseline's."""
+    warned = bool(metrics.get("warning"))
+    test = metrics["test"]
+    lines = [
         "## Headline",
         "",
         *([f"> **Warning: {metrics['warning']}.** Every figure below is marked by it.", ""] if warned else []),
@@ -92,26 +202,26 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
         f"| test{' (too few lesions: see the warning)' if warned else ''} | {_ci(test, 'balanced_accuracy')} "
         f"| {_ci(test, 'auc')} | {_fmt(test['accuracy'])} | "
         f"{_fmt(test['ece'])} | {test['n']} ({test['lesions']}) |",
-        f"| {second_name} | {_ci(second, 'balanced_accuracy')} | {_ci(second, 'auc')} | "
+        f"| {second_label} | {_ci(second, 'balanced_accuracy')} | {_ci(second, 'auc')} | "
         f"{_fmt(second['accuracy'])} | {_fmt(second['ece'])} | {second['n']} ({second['lesions']}) |",
         f"| majority class ({test['baseline']['class']}), test | {_fmt(test['baseline']['balanced_accuracy'])} "
         f"| 0.500 | {_fmt(test['baseline']['accuracy'])} | | |",
         "",
         "Intervals: 95 % bootstrap over lesions (1000 resamples of lesion groups, not of images).",
+        *notes,
     ]
-    if not finetune:
-        scored = "fold 0 of" if second.get("protocol") == "holdout" else "mean over"
-        best = _fmt(second["study_best_value"])
-        lines.append(f"The study's best balanced accuracy ({scored} {second['folds']} folds): {best}.")
-    lines.append("")
     if "sensitivity_at_specificity" in test:
         s = test["sensitivity_at_specificity"]
         lines += [
+            "",
             f"Sensitivity for `{test['positive']}` on the test rows: {_fmt(s['0.80'])} at 80 % specificity, "
             f"{_fmt(s['0.90'])} at 90 % specificity.",
-            "",
         ]
-    lines += [
+    return lines
+
+
+def per_class_section(test: dict) -> list[str]:
+    lines = [
         "## Per class (test rows)",
         "",
         "| class | support | sensitivity | specificity | precision | AUC |",
@@ -122,8 +232,11 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
             f"| {c} | {m['support']} | {_fmt(m['sensitivity'])} | {_fmt(m['specificity'])} | "
             f"{_fmt(m['precision'])} | {_fmt(m['auc'])} |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def confusion_section(test: dict) -> list[str]:
+    lines = [
         "Confusion matrix (rows: true class, columns: predicted), test rows:",
         "",
         "| | " + " | ".join(test["classes"]) + " |",
@@ -131,41 +244,34 @@ def _markdown(metrics: dict, config: dict, history: list[dict], counts: dict) ->
     ]
     for c, row in zip(test["classes"], test["confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
-    lines += ["", "## Data", "", "| class | study rows | test rows |", "| --- | --- | --- |"]
+    return lines
+
+
+def data_section(metrics: dict, counts: dict) -> list[str]:
+    """Rows per class in each part, and the labelled rows the split left out and why."""
+    lines = ["## Data", "", "| class | study rows | test rows |", "| --- | --- | --- |"]
     for c in sorted(set(counts["study"]) | set(counts["test"])):
         lines.append(f"| {c} | {counts['study'].get(c, 0)} | {counts['test'].get(c, 0)} |")
     dropped = metrics.get("left_out") or {}
-    lines += [
-        "",
-        "Labelled rows left out of the split: "
-        + (
-            f"{sum(dropped.values())} ({', '.join(f'{n} {reason}' for reason, n in dropped.items())})."
-            if dropped
-            else "none."
-        ),
-    ]
-    lines += [""] + (_training_section(config, history) if finetune else _study_section(config, history))
-    history_plot = "training_history.png" if finetune else "optimisation_history.png"
-    lines += [
-        "",
-        "## Plots",
-        "",
-        f"![confusion matrix]({PLOTS}/confusion_matrix.png) ![ROC curves]({PLOTS}/roc_curves.png)",
-        f"![reliability]({PLOTS}/reliability.png) ![history]({PLOTS}/{history_plot})",
-        "",
-        "Files: `metrics.json` (every figure), `test_predictions.csv` (ISIC style), `config.json`, "
-        + (
-            "`history.json`, `backbone.pt` (the fine-tuned backbone), `embeddings.h5` (its embeddings), "
-            if finetune
-            else "`study.json`, "
-        )
-        + "`run.json` (the fitted head's card).",
-        "",
-    ]
-    return "\n".join(lines)
+    if dropped:
+        left_out = f"{sum(dropped.values())} ({', '.join(f'{n} {reason}' for reason, n in dropped.items())})."
+    else:
+        left_out = "none."
+    return lines + ["", "Labelled rows left out of the split: " + left_out]
 
 
-def _study_section(config: dict, trials: list[dict]) -> list[str]:
+def plots_section(plots: list[tuple[str, str]]) -> list[str]:
+    """The plots (file name under plots/, alt text), two to a line."""
+    images = [f"![{alt}]({PLOTS}/{name})" for name, alt in plots]
+    return ["## Plots", ""] + [" ".join(images[i : i + 2]) for i in range(0, len(images), 2)]
+
+
+def files_section(kind_files: list[str]) -> list[str]:
+    files = ["`metrics.json` (every figure)", "`test_predictions.csv` (ISIC style)", "`config.json`", *kind_files]
+    return ["Files: " + ", ".join(files) + ", `run.json` (the fitted head's card)."]
+
+
+def study_section(config: dict, trials: list[dict]) -> list[str]:
     states: dict[str, int] = {}
     for t in trials:
         states[t["state"].lower()] = states.get(t["state"].lower(), 0) + 1
@@ -178,7 +284,7 @@ def _study_section(config: dict, trials: list[dict]) -> list[str]:
     ]
 
 
-def _training_section(config: dict, epochs: list[dict]) -> list[str]:
+def training_section(config: dict, epochs: list[dict]) -> list[str]:
     lines = [
         "## Training",
         "",
@@ -186,7 +292,7 @@ def _training_section(config: dict, epochs: list[dict]) -> list[str]:
         f"{'the head of ' + config['init'] if config.get('init') else 'a fresh head'}; AdamW (head {config['lr']}, "
         f"backbone {config['backbone_lr']}), warm-up and cosine decay, {config['precision']}. "
         f"Best epoch: {config['best_epoch']}, chosen by validation AUC (epoch 0 is the model as initialised). "
-        + _decision_sentence(config.get("decision")),
+        + decision_sentence(config.get("decision")),
         "",
         "| epoch | training loss | images/s | validation balanced accuracy | validation AUC |",
         "| --- | --- | --- | --- | --- |",
@@ -199,7 +305,7 @@ def _training_section(config: dict, epochs: list[dict]) -> list[str]:
     return lines
 
 
-def _decision_sentence(decision: dict | None) -> str:
+def decision_sentence(decision: dict | None) -> str:
     """How the fine-tuned head decides: the rule set on validation after the epoch was chosen."""
     if not decision:
         return ""
@@ -249,19 +355,11 @@ def _roc(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], posit
 def _reliability(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> None:
     confidence = proba.max(axis=1)
     correct = np.array(classes, dtype=object)[proba.argmax(axis=1)] == y
-    edges = np.linspace(0, 1, ECE_BINS + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, ECE_BINS - 1)
-    centres, accuracy, sizes = [], [], []
-    for b in range(ECE_BINS):
-        inside = which == b
-        if inside.any():
-            centres.append(confidence[inside].mean())
-            accuracy.append(correct[inside].mean())
-            sizes.append(inside.sum())
+    binned = reliability_bins(correct, confidence)  # the bins of the ECE in metrics.json
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.scatter(centres, accuracy, s=20 + 200 * np.array(sizes) / max(1, len(y)))
-    ax.plot(centres, accuracy)
+    ax.scatter(binned.confidence, binned.accuracy, s=20 + 200 * binned.size / max(1, len(y)))
+    ax.plot(binned.confidence, binned.accuracy)
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability (test)")

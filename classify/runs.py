@@ -6,6 +6,10 @@ precision, views, fingerprint) that `predict` must reproduce. It also records th
 file. Loading checks those hashes before reading anything, and every head format holds data only
 (npz without pickle, tensors with weights_only, XGBoost UBJSON), so a run folder from someone else
 cannot run code here, and a tampered one is refused.
+
+Every kind of run (`fit`, `finetune`) fills one `RunRecord`, and `write_run` writes its whole folder,
+so the card, the extraction record (`extraction_record`, one key list) and the files cannot drift
+apart between kinds.
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +32,39 @@ from classify.heads import Head, get_head
 from classify.inputs import InputSpec, MetaEncoder
 from features.splits import TEST, UNUSED, read_split, split_digest
 from features.store import FeatureStore
+
+if TYPE_CHECKING:  # report.py draws with matplotlib, which loading or applying a run never needs
+    from classify.report import ReportParts
+
+__all__ = [
+    "CARD",
+    "CARD_KEYS",
+    "EXTRACTION_KEYS",
+    "FAILED_FILE",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "HEAD_FOLDER",
+    "SPLIT_FILE",
+    "Run",
+    "RunError",
+    "RunRecord",
+    "RunSplit",
+    "extraction_record",
+    "jsonable",
+    "load_run",
+    "predictions_csv",
+    "read_card",
+    "read_run_split",
+    "run_split",
+    "save_run",
+    "save_split",
+    "weights_option",
+    "write_json",
+    "write_run",
+    "write_text",
+]
+
+log = logging.getLogger("classify")
 
 HEAD_FOLDER = "head"
 CARD = "run.json"
@@ -45,6 +85,20 @@ CARD_KEYS: dict[str, type] = {
 """What a card must hold, and of which JSON type, before anything else of it is trusted."""
 FORMAT = "skin-lesion-run"
 FORMAT_VERSION = 1
+EXTRACTION_KEYS = (
+    "weights",
+    "weights_sha256",
+    "precision",
+    "views",
+    "runtime",
+    "calibration",
+    "fingerprint",
+    "identity",
+)
+"""Per backbone, what the card records of the extraction: everything `predict` needs to embed new images
+the same way (`weights_option`, precision, views, runtime, calibration) and the fingerprint and identity
+that `check_fingerprints` compares. One list for every kind of run, so that no kind can drift."""
+FAILED_FILE = "failed.csv"
 
 
 class RunError(ValueError):
@@ -273,3 +327,122 @@ def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
         if candidate.is_file():
             return str(candidate)
     raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
+
+
+def extraction_record(store: FeatureStore, backbones: Iterable[str]) -> dict[str, dict]:
+    """The card's `extraction` entry: EXTRACTION_KEYS of each backbone's attributes in `store` (None for
+    one a store made by an older version lacks)."""
+    return {b: {k: store.backbone_attrs(b).get(k) for k in EXTRACTION_KEYS} for b in backbones}
+
+
+@dataclass(kw_only=True)
+class RunRecord:
+    """Everything a run folder holds, whichever command made it (`fit`, `finetune`): `write_run` writes
+    it, the same files in the same formats for every kind."""
+
+    head: Head
+    """The final head; its `classes_` are the columns of every probability array below."""
+    store: Path
+    """The feature store the run's figures come from (`evaluate` scores it again)."""
+    split: str
+    """The split's name (`SplitSpec.name`)."""
+    ids: np.ndarray
+    folds: np.ndarray
+    sha256: np.ndarray
+    """Image id, fold (TEST, UNUSED, or a study fold) and image-file SHA-256 of the rows: RUN/split.npz."""
+    inputs: InputSpec
+    meta_encoder: dict
+    """`MetaEncoder.columns` ({} without metadata)."""
+    extraction: dict[str, dict]
+    """`extraction_record(store, inputs.backbones)`."""
+    positive: str | None
+    majority: str
+    config: dict
+    """RUN/config.json: the command's options and what they resolved to."""
+    metrics: dict
+    """RUN/metrics.json: a part per scored set ("test", and "cv" or "validation")."""
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]
+    """Part name -> (image ids, probabilities): RUN/<part>_predictions.csv. "test" is required: the
+    report's plots draw it."""
+    test_labels: np.ndarray
+    """The true labels of predictions["test"], row for row."""
+    counts: dict[str, dict[str, int]]
+    """Rows per class in the study and test parts (`split_counts`), for the report."""
+    report: ReportParts
+    """What this kind of run adds to the shared report (report.study_parts, report.training_parts)."""
+    card_extra: dict = field(default_factory=dict)
+    """The card's entries of this kind of run (fit: study; finetune: kind, init, unfreeze, best_epoch,
+    decision); they may not replace an entry every run has."""
+    extra_files: dict[str, Any] = field(default_factory=dict)
+    """Further JSON files by name (fit: study.json; finetune: history.json)."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """Images that could not be used and why: RUN/failed.csv when there are any."""
+
+
+def write_run(folder: Path, record: RunRecord) -> None:
+    """Write the whole run folder: split.npz, the head and its card, config.json, the extra JSON files,
+    metrics.json, the prediction CSVs, failed.csv, and report.md with its plots."""
+    from classify.report import write_run_report  # matplotlib only when a run is written
+
+    folder = Path(folder)
+    classes = [str(c) for c in record.head.classes_]
+    _check_record(record, classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    card = {
+        "store": str(Path(record.store).resolve()),
+        "split": record.split,
+        "split_digest": save_split(folder, record.ids, record.folds, record.sha256),
+        "inputs": record.inputs.as_dict(),
+        "meta_encoder": record.meta_encoder,
+        "extraction": record.extraction,
+        "positive": record.positive,
+        "majority": record.majority,
+    }
+    save_run(folder, record.head, {**card, **record.card_extra})
+    write_json(folder / "config.json", record.config)
+    for name, data in record.extra_files.items():
+        write_json(folder / name, data)
+    write_json(folder / "metrics.json", record.metrics)
+    for part, (ids, proba) in record.predictions.items():
+        write_text(folder / f"{part}_predictions.csv", predictions_csv(ids, proba, classes))
+    if record.failed:
+        write_text(folder / FAILED_FILE, _failed_csv(record.failed))
+        log.warning("%d images could not be used (listed in %s)", len(record.failed), folder / FAILED_FILE)
+    write_run_report(
+        folder,
+        metrics=record.metrics,
+        config=record.config,
+        counts=record.counts,
+        test_labels=np.asarray(record.test_labels),
+        test_proba=record.predictions["test"][1],
+        parts=record.report,
+    )
+
+
+def _failed_csv(failed: dict[str, str]) -> str:
+    """`image,reason`, a row per image; a reason with a comma is quoted, as CSV readers expect."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "reason"])
+    writer.writerows(failed.items())
+    return buffer.getvalue()
+
+
+def _check_record(record: RunRecord, classes: list[str]) -> None:
+    """A record that would write a run `load_run` or `predict` misreads is refused before any file."""
+    reserved = set(CARD_KEYS) | {"format_version", "store", "split_digest", "positive", "majority"}
+    clash = sorted(reserved & set(record.card_extra))
+    if clash:
+        raise ValueError(f"card_extra would replace {', '.join(clash)}, which every run's card holds")
+    if set(record.extraction) != set(record.inputs.backbones):
+        raise ValueError(f"extraction record of {sorted(record.extraction)} for inputs {record.inputs.backbones}")
+    for backbone, recorded in record.extraction.items():
+        if tuple(recorded) != EXTRACTION_KEYS:
+            raise ValueError(f"extraction record of {backbone}: {list(recorded)}, not EXTRACTION_KEYS")
+    if "test" not in record.predictions:
+        raise ValueError("predictions: a run needs its test predictions")
+    for part, (ids, proba) in record.predictions.items():
+        if np.shape(proba) != (len(ids), len(classes)):
+            raise ValueError(f"{part} predictions: {np.shape(proba)} for {len(ids)} ids and classes {classes}")
+    if len(record.test_labels) != len(record.predictions["test"][0]):
+        raise ValueError("test_labels: not one per test prediction")

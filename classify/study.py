@@ -4,7 +4,12 @@ study rows (never the test rows), with intermediate values that let a pruner sto
 The objective is a callable object that holds the data, loaded once (as in Optuna's examples). Step
 numbers are laid out per fold: fold k's per-epoch / per-round values (from the head's `report`) go to
 steps k*STEPS_PER_FOLD + round, and the running mean balanced accuracy after fold k to step
-k*STEPS_PER_FOLD + STEPS_PER_FOLD - 1, so a pruner only ever compares like with like.
+k*STEPS_PER_FOLD + STEPS_PER_FOLD - 1, so that the values other trials have at a step are of the same
+fold and round. (Optuna's median pruner sets against their median the trial's best value at any step so
+far; docs/evaluation.md says what that means for XGBoost's in-fit values.)
+
+Only cross-validated trials are pruned, and never in fold 0 (see `Objective` for why holdout trials
+are not).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import optuna
@@ -27,6 +33,28 @@ from sklearn.metrics import balanced_accuracy_score
 from classify.heads import Head
 from classify.inputs import fit_views, proba_views
 from classify.metrics import macro_auc
+
+if TYPE_CHECKING:
+    from features.rows import StoreRows
+
+__all__ = [
+    "JOURNAL",
+    "KEPT",
+    "MAX_RETRY",
+    "PROTOCOLS",
+    "STEPS_PER_FOLD",
+    "WORKER",
+    "Objective",
+    "StudyError",
+    "fail_dead_local",
+    "fail_interrupted",
+    "fail_stale",
+    "history",
+    "kept_trial",
+    "open_study",
+    "progress",
+    "storage_for",
+]
 
 log = logging.getLogger("classify")
 
@@ -41,6 +69,8 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}"
 MAX_RETRY = 2
 """A trial whose worker died is run again (same parameters) up to this many times."""
 SCHEMA_ATTEMPTS = 5
+PROTOCOLS = ("cv", "holdout")
+"""How a trial is scored: every fold of the study rows in turn (cv), or fold 0 alone (holdout)."""
 
 
 class StudyError(ValueError):
@@ -98,7 +128,7 @@ def fail_dead_local(study: optuna.Study) -> list[int]:
         worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
         if worker_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
         marked.append(trial.number)
         log.warning("trial %d was left running by process %s, which no longer exists: marked failed", trial.number, pid)
     return marked
@@ -111,7 +141,7 @@ def fail_interrupted(study: optuna.Study, first: int) -> list[int]:
     marked = []
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if trial.number >= first and trial.user_attrs.get("worker", WORKER) == WORKER:
-            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             marked.append(trial.number)
     return marked
 
@@ -142,20 +172,32 @@ def open_study(name: str, storage: optuna.storages.BaseStorage | str, seed: int)
 
 class Objective:
     """Mean balanced accuracy over the grouped folds of the study rows for one trial's parameters
-    (`protocol="holdout"`: fold 0's alone)."""
+    (`protocol="holdout"`: fold 0's alone).
+
+    Pruning: under cv, the median pruner of `open_study` sees each fold's in-fit values (the head's
+    `report`) and the running mean after each fold; it waits for fold 0 to end (`n_warmup_steps`), so a
+    trial is judged once it has one complete, held-out score. Under holdout nothing is reported and no
+    trial is pruned: fold 0 is the only fold, and before its score exists there are only in-fit values,
+    which rank trials by how fast they learn, not by how well they end (a low learning rate or strong
+    regularisation trails early and may finish best). Holdout is chosen for stores too large to hold
+    in memory, where a study has few trials and the pruner acts only after five complete ones; not
+    reporting also spares a storage write and a pruner query per epoch or boosting round."""
 
     def __init__(
         self,
         head: type[Head],
-        x: np.ndarray,
+        x: np.ndarray | StoreRows,
         y: np.ndarray,
         groups: np.ndarray,
         folds: np.ndarray,
+        *,
         seed: int,
         fixed: dict | None = None,
         protocol: str = "cv",
         keep: Path | None = None,
-    ):
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise StudyError(f"protocol {protocol!r}: choose {', '.join(PROTOCOLS)}")
         self.head, self.x, self.y, self.groups, self.folds = head, x, y, groups, folds
         self.seed, self.fixed = seed, fixed or {}
         self.keep = keep if protocol == "holdout" else None
@@ -163,6 +205,8 @@ class Objective:
         final fit of the best parameters would train exactly that model again."""
         self.scored = [0] if protocol == "holdout" else list(range(int(folds.max()) + 1))
         """Folds scored per trial: every one (cv), or fold 0 (holdout)."""
+        self.prunes = protocol == "cv"
+        """Whether intermediate values are reported, so that the pruner can stop the trial (cv only)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", WORKER)
@@ -171,7 +215,8 @@ class Objective:
         for k in self.scored:
             train, val = self.folds != k, self.folds == k
             head = self.head(**params, random_state=self.seed)
-            fit_views(head, self.x[train], self.y[train], self.groups[train], report=_reporter(trial, k))
+            report = _reporter(trial, k) if self.prunes else None
+            fit_views(head, self.x[train], self.y[train], self.groups[train], report=report)
             proba = proba_views(head, self.x[val])
             predicted = head.classes_[proba.argmax(axis=1)]
             scores.append(float(balanced_accuracy_score(self.y[val], predicted)))
@@ -182,13 +227,16 @@ class Objective:
                 head.save(folder)
                 np.savez(folder / KEPT, proba=proba, classes=np.asarray(head.classes_, dtype=str))
                 trial.set_user_attr("kept", str(folder.resolve()))
-            _report(trial, float(np.mean(scores)), k * STEPS_PER_FOLD + STEPS_PER_FOLD - 1)
+            if self.prunes:
+                _report(trial, float(np.mean(scores)), k * STEPS_PER_FOLD + STEPS_PER_FOLD - 1)
         trial.set_user_attr("fold_balanced_accuracy", scores)
         trial.set_user_attr("cv_auc", float(np.nanmean(aucs)))
         return float(np.mean(scores))
 
 
-def kept_trial(trial: optuna.trial.FrozenTrial, head: type[Head], params: dict, seed: int):
+def kept_trial(
+    trial: optuna.trial.FrozenTrial, head: type[Head], params: dict, seed: int
+) -> tuple[Head, np.ndarray] | None:
     """The holdout trial's own model and its fold-0 probabilities (columns in its classes' order), or
     None where they are not on this machine (a worker elsewhere ran it: then the caller refits)."""
     folder = Path(trial.user_attrs.get("kept") or "/nonexistent")
@@ -205,14 +253,14 @@ def _report(trial: optuna.Trial, value: float, step: int) -> None:
         raise optuna.TrialPruned()
 
 
-def _reporter(trial: optuna.Trial, fold: int):
+def _reporter(trial: optuna.Trial, fold: int) -> Callable[[int, float], None]:
     def report(step: int, value: float) -> None:
         _report(trial, value, fold * STEPS_PER_FOLD + min(step, STEPS_PER_FOLD - 2))
 
     return report
 
 
-def progress():
+def progress() -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     """A callback printing one line per finished trial."""
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -240,7 +288,7 @@ def progress():
     return callback
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

@@ -15,15 +15,36 @@ import re
 import socket
 import urllib.error
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from extract.images import file_sha256
+from extract.digests import weights_sha256
 from extract.preprocess import Preprocess
+
+__all__ = [
+    "ARCH_KWARGS",
+    "AUX_HEADS",
+    "DOWNLOAD_TIMEOUT_S",
+    "RANDOM_INIT_SEED",
+    "REGISTRY",
+    "TORCHVISION_PREFIX",
+    "Backbone",
+    "BackboneError",
+    "BackboneSpec",
+    "Family",
+    "Lite0Family",
+    "TorchvisionFamily",
+    "WeightsUnavailable",
+    "backbone_spec",
+    "build_backbone",
+    "get_family",
+    "load_backbone",
+    "register",
+]
 
 RANDOM_INIT_SEED = 0
 """`--weights none` is random but reproducible: resuming or re-running gives the same embeddings."""
@@ -43,16 +64,17 @@ class WeightsUnavailable(RuntimeError):
     """Default weights that are neither cached nor downloadable; the message says where to put them."""
 
 
-@dataclass
-class Backbone:
-    """A loaded, frozen backbone: `module(x)` maps a normalised (B, 3, H, W) batch to (B, dim)."""
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone is -- name, embedding size, preprocessing, weights and their digest: all that its
+    store attributes and fingerprint record -- known without building the network (`backbone_spec`).
+    Planning an extraction, torchrun's shards and a store's checks need this, not the network."""
 
     name: str
-    module: nn.Module
     dim: int
     preprocess: Preprocess
     weights: str
-    """What it was loaded with: an enum name, the weights file as given, or `none`."""
+    """What it is loaded with: an enum name, the weights file (resolved path), or `none`."""
     weights_sha256: str
     """SHA-256 of the weights file; empty for random init."""
     source: str
@@ -74,6 +96,18 @@ class Backbone:
             "weights_sha256": self.weights_sha256,
             **self.preprocess.as_dict(),
         }
+
+
+@dataclass(frozen=True)
+class Backbone(BackboneSpec):
+    """A loaded, frozen backbone: `module(x)` maps a normalised (B, 3, H, W) batch to (B, dim)."""
+
+    module: nn.Module
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The backbone without its network."""
+        return BackboneSpec(**{f.name: getattr(self, f.name) for f in fields(BackboneSpec)})
 
 
 class Family(ABC):
@@ -128,6 +162,25 @@ class Family(ABC):
     def weights_present(self) -> bool:
         return self.default_file().is_file()
 
+    def embedding_dim(self) -> int:
+        """The embedding size, without weights: the registry's, or (`torchvision:<name>`) read off the
+        stripped architecture, built once per process on the meta device (no memory, no arithmetic),
+        or on the CPU for the few architectures that compute with their parameters while they are
+        built (regnet)."""
+        if self.dim is not None:
+            return self.dim
+        if self.name not in _DIMS:
+            with torch.random.fork_rng(devices=[]):  # a CPU build draws random weights: not the caller's
+                try:
+                    with torch.device("meta"):
+                        model = self.strip(self.architecture())
+                except BackboneError:
+                    raise
+                except Exception:  # e.g. "Cannot copy out of meta tensor" (regnet's block widths)
+                    model = self.strip(self.architecture())
+            _DIMS[self.name] = model.embedding_dim
+        return _DIMS[self.name]
+
     block_names: list[list[str]] | None = None
     """The backbone's blocks from input to output, as lists of submodule names (None: found generically)."""
 
@@ -151,6 +204,10 @@ class Family(ABC):
         rest = [m for m in model.children() if any(id(p) not in covered for p in m.parameters())]
         groups[-1] += rest
         return groups
+
+
+_DIMS: dict[str, int] = {}
+"""Embedding sizes of `torchvision:<name>` backbones found by building them, by name."""
 
 
 def _n_params(module: nn.Module) -> int:
@@ -409,25 +466,54 @@ def _read_state(path: Path) -> dict:
     return state
 
 
+def backbone_spec(name: str, weights: str = "default") -> BackboneSpec:
+    """What `load_backbone(name, weights)` gives, less the network, without building it: the default
+    weights file found (downloaded if it is not cached, as loading would) and hashed once per version
+    of the file (extract/digests.py). A weights file is only checked to exist here; loading it checks
+    that it is a state dict of the network."""
+    family = get_family(name)
+    dim = family.embedding_dim()
+    if weights == "none":
+        return BackboneSpec(name, dim, family.preprocess, "none", "", "none")
+    path = family.fetch_default() if weights == "default" else Path(weights)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} {'is not a file' if path.exists() else 'does not exist'}")
+    identity = family.default_weights if weights == "default" else str(path.resolve())
+    source = "default" if weights == "default" else "file"
+    return BackboneSpec(name, dim, family.preprocess, identity, weights_sha256(path), source)
+
+
 def load_backbone(name: str, weights: str = "default") -> Backbone:
     """Build `name` with `weights` (`default`, `none` or a file path), frozen and in eval mode."""
     family = get_family(name)
-    if weights == "none":
+    spec = backbone_spec(name, weights)
+    if spec.random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = family.strip(family.architecture())
-        identity, sha = "none", ""
     else:
-        path = family.fetch_default() if weights == "default" else Path(weights)
-        state = _read_state(path)
-        model = _load_state(family, family.architecture(), state, path)
-        identity = family.default_weights if weights == "default" else str(path.resolve())
-        sha = file_sha256(path)
+        path = family.default_file() if weights == "default" else Path(weights)
+        model = _load_state(family, family.architecture(), _read_state(path), path)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
-    source = weights if weights in ("default", "none") else "file"
-    return Backbone(name, model, model.embedding_dim, family.preprocess, identity, sha, source)
+    if model.embedding_dim != spec.dim:  # stores are laid out from the spec, before anything is built
+        raise RuntimeError(
+            f"{name}: the registry says {spec.dim}-d embeddings, the network gives {model.embedding_dim}"
+        )
+    return Backbone(**{f.name: getattr(spec, f.name) for f in fields(BackboneSpec)}, module=model)
+
+
+def build_backbone(spec: BackboneSpec) -> Backbone:
+    """The network of a spec, loaded as `backbone_spec` found it. Raises BackboneError if its weights
+    file changed since (another digest): what is built must be what the store's fingerprint says."""
+    backbone = load_backbone(spec.name, spec.weights if spec.source == "file" else spec.source)
+    if backbone.spec != spec:
+        raise BackboneError(
+            f"{spec.name}: its weights {spec.weights} changed while this run was starting "
+            f"(sha256 {spec.weights_sha256[:16]}..., now {backbone.weights_sha256[:16]}...); run it again"
+        )
+    return backbone
 
 
 def _load_state(family: Family, model: nn.Module, state: dict, path: Path) -> nn.Module:

@@ -1,10 +1,10 @@
 """Backbones compiled ahead of time and cached on disk, so that compiling is paid once per machine.
 
-`torch.compile` compiles in every process: 11 s for resnet50 on this project's 2-core CPU even with
-inductor's caches warm (tracing and guards are redone), which is longer than embedding 960 images.
-AOTInductor instead exports the forward pass once, compiles it to a shared library with the weights
-frozen in (BN folded, oneDNN pre-packed: the same kernels as `torch.compile` with freezing), and
-writes one `.pt2` package; a later run loads it in under a second. The OpenVINO runtime
+`torch.compile` compiles in every process, even with inductor's caches warm (tracing and guards are
+redone), and on a CPU that costs as much as embedding a small data set (docs/results.md, measured by
+bench/extract.py). AOTInductor instead exports the forward pass once, compiles it to a shared library
+with the weights frozen in (BN folded, oneDNN pre-packed: the same kernels as `torch.compile` with
+freezing), and writes one `.pt2` package, which a later run only has to load. The OpenVINO runtime
 (extract/runtimes.py) caches its converted model (IR) here the same way.
 
 A package is only valid for exactly what it was compiled from, so its name is a hash of all of it:
@@ -32,12 +32,37 @@ from typing import Callable
 import torch
 from torch import nn
 
+__all__ = [
+    "CACHE_ENV",
+    "CACHE_LIMIT_BYTES",
+    "FORMAT",
+    "MARKER_FORMAT",
+    "MARKER_SUFFIX",
+    "SUFFIX",
+    "cache_dir",
+    "cache_root",
+    "cached",
+    "content_digest",
+    "evict",
+    "hardware",
+    "integrity_problem",
+    "is_ours",
+    "load_or_compile",
+    "load_or_convert",
+    "marker_path",
+    "package_path",
+    "record",
+    "remove",
+    "touch",
+]
+
 log = logging.getLogger("extract")
 
 CACHE_ENV = "SKINLESION_CACHE"
 CACHE_LIMIT_BYTES = 4 << 30
-"""Least recently used models beyond this are deleted (resnet50's torch package in bf16 is 49 MB, vgg11's
-OpenVINO model, fp32 weights, 515 MB)."""
+"""Least recently used models beyond this are deleted. An entry holds its backbone's weights (an
+OpenVINO model in fp32, a torch package in its precision), so this keeps several entries of each seed
+backbone, even vgg11's."""
 FORMAT = 2
 """Bump to orphan every cached package (when what goes into one changes). 2: entries carry a marker;
 the unmarked packages of format 1 get other names, so they are never mistaken for entries of this
@@ -48,9 +73,17 @@ MARKER_FORMAT = 1
 """The version of the marker's content: {"format": 1, "sha256": hex digest, "bytes": size, "entry": name}."""
 
 
-def cache_dir() -> Path:
+def cache_root() -> Path:
+    """The project's cache folder: `$SKINLESION_CACHE`, default `~/.cache/skinlesion` (or under
+    `$XDG_CACHE_HOME`). Compiled models live in its `compiled` folder, weights digests beside it
+    (extract/digests.py)."""
     root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "skinlesion"
-    return Path(root) / "compiled"
+    return Path(root)
+
+
+def cache_dir() -> Path:
+    """The compiled models' folder."""
+    return cache_root() / "compiled"
 
 
 def hardware(device: torch.device) -> str:
@@ -65,7 +98,7 @@ SUFFIX = {"torch": ".pt2", "openvino": ".ov"}
 
 
 def package_path(
-    name: str, identity: dict, precision: str, shape: tuple[int, ...], device: torch.device, runtime: str = "torch"
+    name: str, identity: dict, precision: str, shape: tuple[int, ...], device: torch.device, *, runtime: str = "torch"
 ) -> Path:
     """Where the compiled model for these inputs is (or will be) cached."""
     versions = {"torch": torch.__version__}
@@ -255,8 +288,8 @@ def load_or_compile(module: nn.Module, example: torch.Tensor, path: Path) -> Cal
 
 def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path, transform: Callable | None = None):
     """The cached OpenVINO model (IR) at `path`, or `module` converted on `example` (then passed
-    through `transform`, e.g. quantisation), saved there and returned. Converting traces the model:
-    6 s for resnet50 on this project's CPU, against 0.01-0.1 s to read the IR.
+    through `transform`, e.g. quantisation), saved there and returned. Converting traces the model,
+    which takes far longer than reading the IR back (docs/commands.md has the figures).
 
     An IR folder is cached and evicted like a package, marker and all, and one without our marker is
     left alone in the same way (converted into a temporary folder, read from there, nothing cached).

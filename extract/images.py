@@ -15,6 +15,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, features
 
+__all__ = [
+    "ALPHA_BACKGROUND",
+    "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
+    "ImageError",
+    "file_sha256",
+    "load_image",
+    "to_rgb8",
+]
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp")
 """Suffixes tried for bare image ids (in this order, so the common formats come first) and collected
 from class folders, in any case. Pillow decodes all of them; TIFF scans are often 16-bit, which

@@ -20,6 +20,17 @@ from typing import Callable
 from extract.images import IMAGE_SUFFIXES
 from features.store import Samples
 
+__all__ = [
+    "COLUMNS",
+    "READERS",
+    "Manifest",
+    "ManifestError",
+    "read_csv",
+    "read_folder",
+    "read_manifest",
+    "read_paths",
+]
+
 log = logging.getLogger("extract")
 
 COLUMNS: dict[str, tuple[str, ...]] = {

@@ -19,6 +19,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+__all__ = [
+    "VIEWS",
+    "Preprocess",
+    "apply_views",
+]
+
 
 @dataclass(frozen=True)
 class Preprocess:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,23 +27,21 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from extract.backbones import Backbone, load_backbone
+from extract.backbones import Backbone, BackboneSpec, backbone_spec, build_backbone
 from extract.dataset import EachPreprocess, ImageDataset, collate_images
 from extract.images import file_sha256
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import VIEWS, apply_views
-from extract.runtimes import (  # noqa: F401  (PRECISIONS, COMPILE_FROM, compiles: used through this module)
+from extract.runtimes import (
     ALL_PRECISIONS,
     CALIBRATION_IMAGES,
-    COMPILE_FROM,
-    PRECISIONS,
     RUNTIMES,
     Calibration,
     Forward,
     RuntimeUnavailable,
-    compiles,
     resolve_runtime,
 )
+from extract.summary import Summary
 from features.lock import StoreLock
 from features.store import (
     BackboneLayout,
@@ -56,6 +55,24 @@ from features.store import (
     journal_folder,
     merge_samples,
 )
+
+__all__ = [
+    "ConfigError",
+    "ExtractConfig",
+    "Plan",
+    "Throughput",
+    "backbone_layouts",
+    "backbone_specs",
+    "cuda_settings",
+    "default_workers",
+    "extract",
+    "plan_rows",
+    "refuse_other_settings",
+    "resolve_calibration",
+    "resolve_device",
+    "resolve_precision",
+    "yield_to_the_model",
+]
 
 log = logging.getLogger("extract")
 
@@ -92,8 +109,8 @@ class ExtractConfig:
     compile: str = "auto"
     """For the torch runtime, compile each backbone ahead of time and cache it (extract/compiled.py):
     `on`, `off`, or `auto` = on for a CPU when the package is cached or at least COMPILE_FROM images are
-    to be embedded, off on a GPU (where decoding, not the model, bounds extraction: torch.compile cost
-    resnet50 about 14 s on an H100 and gained nothing). Falls back to eager, with a warning, where
+    to be embedded, off on a GPU (where decoding, not the model, bounds extraction, so compiling adds
+    start-up time and gains nothing: docs/results.md). Falls back to eager, with a warning, where
     compiling fails."""
     strict: bool = False
     max_failed: float = 0.5
@@ -126,9 +143,9 @@ class ExtractConfig:
 
 
 def default_workers(device: str) -> int:
-    """Decoding processes: on a CPU they share the cores with the model (4 at most: more slowed the
-    model down on 2 cores); on a GPU the cores have nothing else to do, and decoding is what bounds
-    the throughput, so all but one decode."""
+    """Decoding processes: on a CPU they share the cores with the model, which bounds the throughput
+    there (4 at most: beyond what keeps the model fed, decoders only take cycles from it); on a GPU the
+    cores have nothing else to do, and decoding is what bounds the throughput, so all but one decode."""
     spare = max(0, (os.cpu_count() or 1) - 1)
     return spare if device.startswith("cuda") else min(4, spare)
 
@@ -154,30 +171,12 @@ def resolve_precision(precision: str, device: str) -> str:
     return "fp32"
 
 
-@dataclass
-class Summary:
-    """What an extraction did, for the user and for tests."""
-
-    store: Path
-    embedded: dict[str, int] = field(default_factory=dict)
-    """Rows embedded by this run, per backbone."""
-    failed: dict[str, str] = field(default_factory=dict)
-    """Images of this data set that could not be used, with the reason."""
-    images: int = 0
-    """Images of this data set (rows of its manifest)."""
-    seconds: float = 0.0
-    steady_images_per_s: float = 0.0
-    """Images decoded and embedded per second over the second half of the run (start-up, compiling and
-    store writing excluded)."""
-
-
-# ----------------------------------------------------------------------------------------- loading
-
-
 # ----------------------------------------------------------------------------------------- planning
 
 
-def _backbone_attrs(backbone: Backbone, cfg: ExtractConfig) -> dict:
+def _backbone_attrs(backbone: BackboneSpec, cfg: ExtractConfig) -> dict:
+    """The store attributes of a backbone's embeddings, its fingerprint among them: the spec's identity
+    and the run's precision, views, runtime (and int8 calibration), with the library versions."""
     identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": cfg.runtime}
     if cfg.precision == "int8":
         identity["calibration"] = cfg.calibration
@@ -233,8 +232,9 @@ def _openvino_version() -> str:
     return str(openvino.__version__)
 
 
-def _refuse_other_settings(out: Path, layouts: list[BackboneLayout], overwrite: bool) -> None:
-    """A store's embeddings made with another fingerprint are never mixed with new ones."""
+def refuse_other_settings(out: Path, layouts: list[BackboneLayout], overwrite: bool) -> None:
+    """Raise StoreError if the store at `out` holds any of these backbones with another fingerprint
+    (unless `overwrite`): embeddings made with other settings are never mixed with new ones."""
     if overwrite or not out.is_file():
         return
     store = FeatureStore(out)
@@ -245,10 +245,24 @@ def _refuse_other_settings(out: Path, layouts: list[BackboneLayout], overwrite: 
                 raise StoreError(_mismatch(out, layout, stored))
 
 
-def _plan(
-    out: Path, manifest: Manifest, layouts: list[BackboneLayout], journal: Journal
-) -> tuple[Samples, dict[str, np.ndarray]]:
-    """The store's rows after this run, and per backbone which of them this run must embed."""
+@dataclass
+class Plan:
+    """The store's rows after a run, and per backbone which of them the run must embed."""
+
+    samples: Samples
+    """The existing store's rows, then the manifest's new ones."""
+    todo: dict[str, np.ndarray]
+    """backbone -> (len(samples),) bool: rows this run embeds."""
+
+    def rows(self) -> np.ndarray:
+        """Rows that some backbone still needs, in order: the rows to decode."""
+        return np.flatnonzero(np.any(list(self.todo.values()), axis=0))
+
+
+def plan_rows(out: Path, manifest: Manifest, layouts: list[BackboneLayout], journal: Journal) -> Plan:
+    """What an extraction of `manifest` into `out` must embed: rows of the manifest that a backbone
+    lacks in the store (or has with another fingerprint, which --overwrite replaces), or whose file
+    changed since, and that the journal does not already hold. Reads the store and the journal only."""
     old = FeatureStore(out) if out.is_file() else None
     old_samples = old.samples() if old else Samples()
     merged = merge_samples(old_samples, manifest)
@@ -270,7 +284,7 @@ def _plan(
         done[[row_of[i] for i in stale]] = False
         done[[row_of[i] for i in journalled.get(layout.name, ()) if i in row_of]] = True
         todo[layout.name] = in_manifest & ~done
-    return merged, todo
+    return Plan(merged, todo)
 
 
 def _mismatch(out: Path, layout: BackboneLayout, stored: dict) -> str:
@@ -323,67 +337,106 @@ def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
     return list(zip(names, weights * len(names) if len(weights) == 1 else weights))
 
 
-def load_backbones(cfg: ExtractConfig) -> tuple[list[Backbone], list[BackboneLayout]]:
-    """The backbones of a resolved config and the store layouts (with fingerprints) they write."""
-    backbones = [load_backbone(n, w) for n, w in _names_and_weights(cfg)]
-    layouts = [BackboneLayout(b.name, b.dim, len(VIEWS[cfg.tta]), _backbone_attrs(b, cfg)) for b in backbones]
-    return backbones, layouts
+def backbone_specs(cfg: ExtractConfig) -> list[BackboneSpec]:
+    """The backbones of the options, as specs: nothing is built (extract builds what it runs)."""
+    return [backbone_spec(name, weights) for name, weights in _names_and_weights(cfg)]
 
 
-def extract(cfg: ExtractConfig, manifest: Manifest | None = None) -> Summary:
-    """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did."""
+def _layout(spec: BackboneSpec, cfg: ExtractConfig) -> BackboneLayout:
+    return BackboneLayout(spec.name, spec.dim, len(VIEWS[cfg.tta]), _backbone_attrs(spec, cfg))
+
+
+def backbone_layouts(cfg: ExtractConfig) -> list[BackboneLayout]:
+    """The store layouts (with fingerprints) that a resolved config's backbones write, without building
+    any of them: what planning and torchrun's shards need."""
+    return [_layout(spec, cfg) for spec in backbone_specs(cfg)]
+
+
+def extract(cfg: ExtractConfig, manifest: Manifest | None = None, *, lock: StoreLock | None = None) -> Summary:
+    """Run an extraction as configured (of `manifest` instead of --data, if given); return what it did.
+
+    One writer per store, from the plan to the assembled store: the run holds the lock of --out
+    (features/lock.py), so a second extraction on it is refused before it does any work (or, with
+    cfg.wait, plans only once the first has finished). A caller that already holds that lock passes it
+    as `lock` (rank 0 of a torchrun job, which holds it while it gathers the shards)."""
     started = time.monotonic()
     cfg = cfg.resolved()
     _names_and_weights(cfg)
     given = manifest
     manifest = manifest or read_manifest(cfg.data, cfg.images)
     cfg, calibration = resolve_calibration(cfg, manifest, whole=None if given else manifest)
-    backbones, layouts = load_backbones(cfg)
+    specs = backbone_specs(cfg)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # One writer per store, from the plan to the assembled store: a second extraction on --out is
-    # refused before it does any work (or, with cfg.wait, plans only once the first has finished).
-    with StoreLock(out, wait=cfg.wait):
-        for backbone in backbones:
-            if backbone.random_init:
-                log.warning(
-                    "%s has RANDOM weights (--weights none): its embeddings carry no ImageNet knowledge; "
-                    "use them for tests only. The store marks them random_init=True.",
-                    backbone.name,
-                )
-        _refuse_other_settings(out, layouts, cfg.overwrite)
-        journal = Journal(journal_folder(out))
-        journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
-        samples, todo = _plan(out, manifest, layouts, journal)
-        summary = Summary(store=out, images=len(manifest))
-        log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
-        _embed(cfg, manifest, samples, backbones, todo, journal, summary, calibration)
-        root_attrs = {
-            "data_root": str(manifest.root.resolve()),
-            "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-        }
-        assemble(out, samples, layouts, journal, root_attrs, manifest.image_id)
-        failed = FeatureStore(out).failed()
-        summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
+    if lock is not None and not (lock.held and lock.store.resolve() == out.resolve()):
+        raise RuntimeError(f"extract(lock=...): the lock passed is not a held lock of {out}")
+    with contextlib.nullcontext() if lock is not None else StoreLock(out, wait=cfg.wait):
+        summary = _extract_locked(cfg, manifest, specs, calibration)
     summary.seconds = time.monotonic() - started
     return summary
+
+
+def _extract_locked(
+    cfg: ExtractConfig, manifest: Manifest, specs: list[BackboneSpec], calibration: Calibration
+) -> Summary:
+    """The extraction proper, with the store's lock held: plan, embed, assemble."""
+    out = Path(cfg.out)
+    for spec in specs:
+        if spec.random_init:
+            log.warning(
+                "%s has RANDOM weights (--weights none): its embeddings carry no ImageNet knowledge; "
+                "use them for tests only. The store marks them random_init=True.",
+                spec.name,
+            )
+    layouts = [_layout(spec, cfg) for spec in specs]
+    refuse_other_settings(out, layouts, cfg.overwrite)
+    journal = Journal(journal_folder(out))
+    journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
+    plan = plan_rows(out, manifest, layouts, journal)
+    summary = Summary(store=out, images=len(manifest), embedded={spec.name: 0 for spec in specs})
+    log.info("%s: %d images (%s); store %s", manifest.source, len(manifest), manifest.kind, out)
+    # Built only when there is a row to embed: a rerun with nothing new, or rank 0 assembling a
+    # torchrun job's shards, builds no network.
+    backbones = _build(specs, journal) if len(plan.rows()) else []
+    _embed(cfg, manifest, plan, backbones, journal, summary, calibration=calibration)
+    root_attrs = {
+        "data_root": str(manifest.root.resolve()),
+        "extract_config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+    }
+    assemble(out, plan.samples, layouts, journal, root_attrs, manifest.image_id)
+    failed = FeatureStore(out).failed()
+    summary.failed = {i: failed[i] for i in manifest.image_id if i in failed}
+    return summary
+
+
+def _build(specs: list[BackboneSpec], journal: Journal) -> list[Backbone]:
+    """The networks of the specs. A weights file that does not load (not a state dict of the network)
+    is found only here, after the journal was started: if nothing is journalled yet, the journal goes
+    too, or it would hold this run's fingerprints and refuse the rerun with the corrected file."""
+    try:
+        return [build_backbone(spec) for spec in specs]
+    except BaseException:
+        if not journal.chunks():
+            journal.remove()
+        raise
 
 
 def _embed(
     cfg: ExtractConfig,
     manifest: Manifest,
-    samples: Samples,
+    plan: Plan,
     backbones: list[Backbone],
-    todo: dict[str, np.ndarray],
     journal: Journal,
     summary: Summary,
-    calibration: Calibration = Calibration(),
+    *,
+    calibration: Calibration,
 ) -> None:
-    """Decode every row some backbone still needs, embed it, and journal the results in blocks."""
-    rows = np.flatnonzero(np.any(list(todo.values()), axis=0))
-    summary.embedded = {b.name: 0 for b in backbones}
+    """Decode every row some backbone still needs, embed it with each backbone that needs it, and
+    journal the results in blocks; count them in `summary`."""
+    rows = plan.rows()
     if len(rows) == 0:
         return
+    todo, samples = plan.todo, plan.samples
     device = torch.device(cfg.device)
     preprocesses = list(dict.fromkeys(b.preprocess for b in backbones))
     row_file = {image_id: manifest.file(r) for r, image_id in enumerate(manifest.image_id)}
@@ -393,7 +446,15 @@ def _embed(
     rows_per_batch = cfg.batch_size * len(VIEWS[cfg.tta])
     runtime = RUNTIMES[cfg.runtime].forward
     forwards = {
-        b.name: runtime(b, cfg.precision, cfg.compile, len(rows), rows_per_batch, device, calibration=calibration)
+        b.name: runtime(
+            b,
+            precision=cfg.precision,
+            compile=cfg.compile,
+            images=len(rows),
+            rows=rows_per_batch,
+            device=device,
+            calibration=calibration,
+        )
         for b in backbones
     }
     loader = DataLoader(
@@ -402,12 +463,12 @@ def _embed(
         num_workers=cfg.workers,
         collate_fn=collate_images,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_yield_to_the_model if device.type == "cpu" else None,
+        worker_init_fn=yield_to_the_model if device.type == "cpu" else None,
     )
     pending = _Pending()
     n_failed = 0
     last_flush = time.monotonic()
-    rate = _Throughput()
+    rate = Throughput()
     progress = tqdm(
         total=len(rows),
         unit="img",
@@ -449,17 +510,18 @@ def _embed(
     summary.steady_images_per_s = rate.steady()
 
 
-def _yield_to_the_model(worker_id: int) -> None:
-    """On a CPU the model is the bottleneck and runs one thread per core: a decoding worker at normal
+def yield_to_the_model(worker_id: int) -> None:
+    """The DataLoader's worker_init_fn on a CPU: the decoding worker lowers its own priority to the
+    lowest. There the model is the bottleneck and runs one thread per core: a decoding worker at normal
     priority preempts one of those threads and the others wait for it at their next barrier. At the
-    lowest priority it decodes in the cycles the model leaves (and whenever the model waits for it).
-    Measured with compiled resnet50 on 2 cores: 130 against 119-128 images/s."""
+    lowest priority it decodes in the cycles the model leaves (and whenever the model waits for it);
+    docs/results.md has the measurement (bench/extract.py)."""
     with contextlib.suppress(OSError):
         os.nice(19)
 
 
 @contextlib.contextmanager
-def cuda_settings(device: torch.device, precision: str):
+def cuda_settings(device: torch.device, precision: str) -> Iterator[None]:
     """On a GPU: cuDNN picks its fastest convolution for the (fixed) batch shape, and `fp32` means
     fp32 -- torch lets cuDNN convolutions run in TF32 by default (10 bits of mantissa, about 1e-3
     relative). Restored afterwards: these are process-wide switches."""
@@ -477,10 +539,11 @@ def cuda_settings(device: torch.device, precision: str):
         cudnn.benchmark, cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
-class _Throughput:
-    """Images per second in steady state: over the second half of the batches' images. (Timing from
+class Throughput:
+    """Images per second in steady state: over the second half of the batches' images. Timing from
     the first batch on is not enough: the DataLoader's workers prefetch two batches each while the
-    model starts, and with 15 workers on a GPU machine that was 1,920 of 4,096 images counted as free.)"""
+    model starts, and with many workers (a GPU machine) those are a large share of a run that such a
+    timing would count as free (docs/results.md)."""
 
     def __init__(self) -> None:
         self.marks: list[tuple[float, int]] = []

@@ -4,8 +4,8 @@ Both take the same input, a (B, 3, H, W) uint8 batch, and give (B, dim) embeddin
 is part of the model each runs (`PixelModel`). The runtime changes the embeddings within the noise of
 the precision, so it is part of the store's fingerprint. `--runtime auto` picks the first runtime of
 AUTO_ORDER that can run on the device: OpenVINO where it is installed (the `openvino` extra) and the
-device is a CPU -- resnet50 in bf16 ran 1.7x faster there than torch's compiled model on this
-project's CPU (bench/extract.py) -- torch everywhere else.
+device is a CPU, since its CPU kernels outran torch's compiled model there (docs/results.md, measured
+by bench/extract.py); torch everywhere else.
 """
 
 from __future__ import annotations
@@ -22,6 +22,25 @@ from torch import nn
 from extract import compiled
 from extract.backbones import Backbone
 
+__all__ = [
+    "ALL_PRECISIONS",
+    "AUTO_ORDER",
+    "CALIBRATION_IMAGES",
+    "COMPILE_FROM",
+    "OPENVINO_PRECISION",
+    "PRECISIONS",
+    "RUNTIMES",
+    "Calibration",
+    "Forward",
+    "OpenVINOForward",
+    "PixelModel",
+    "Runtime",
+    "RuntimeUnavailable",
+    "TorchForward",
+    "compiles",
+    "resolve_runtime",
+]
+
 log = logging.getLogger("extract")
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,8 +48,8 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 ALL_PRECISIONS = (*PRECISIONS, "int8")
 COMPILE_FROM = 2000
 """`--compile auto` compiles a backbone that has no compiled package in the cache yet when this many
-images or more are to be embedded: about where compiling (once per machine, backbone and batch size:
-15-25 s for resnet50 on this project's 2-core CPU) is won back within the first run."""
+images or more are to be embedded: about where compiling (once per machine, backbone and batch size)
+is won back within the first run (docs/commands.md has the compile times)."""
 
 
 class RuntimeUnavailable(ValueError):
@@ -78,13 +97,16 @@ class TorchForward:
     def __init__(
         self,
         backbone: Backbone,
+        *,
         precision: str,
         compile: str,
         images: int,
         rows: int,
         device: torch.device,
-        calibration: "Calibration | None" = None,
+        calibration: Calibration | None = None,
     ):
+        """`images` to embed in all, in batches of `rows` (batch size x views); `calibration` is unused
+        (int8 is OpenVINO's)."""
         self.name, self.rows = backbone.name, rows
         self.eager = PixelModel(backbone, precision)
         crop = backbone.preprocess.crop
@@ -133,13 +155,14 @@ class Calibration:
 
 class OpenVINOForward:
     """OpenVINO on the CPU: the fp32 model converted once and cached as IR (extract/compiled.py),
-    compiled by OpenVINO for this CPU at start-up (0.2-0.7 s) with the precision as its inference hint.
+    compiled by OpenVINO for this CPU when the run starts, with the precision as its inference hint.
     int8: the model quantised by NNCF's post-training quantisation on the calibration images, and
     cached under their digest."""
 
     def __init__(
         self,
         backbone: Backbone,
+        *,
         precision: str,
         compile: str,
         images: int,
@@ -147,6 +170,7 @@ class OpenVINOForward:
         device: torch.device,
         calibration: Calibration = Calibration(),
     ):
+        """As TorchForward (`compile` and `images` unused: the IR is always cached)."""
         self.backbone, self.precision, self.rows, self.calibration = backbone, precision, rows, calibration
         crop = backbone.preprocess.crop
         identity = backbone.identity()
@@ -154,7 +178,12 @@ class OpenVINOForward:
             identity["calibration"] = calibration.digest
         # one cached model for every batch size: it is reshaped to this run's batch when read
         self.path = compiled.package_path(
-            backbone.name, identity, "int8" if precision == "int8" else "fp32", (3, crop, crop), device, "openvino"
+            backbone.name,
+            identity,
+            "int8" if precision == "int8" else "fp32",
+            (3, crop, crop),
+            device,
+            runtime="openvino",
         )
         if precision == "int8" and not calibration.files and not compiled.cached(self.path):
             raise RuntimeUnavailable(
@@ -225,7 +254,7 @@ def _torch_missing(device: str, precision: str) -> str | None:
 @dataclass(frozen=True)
 class Runtime:
     forward: Callable[..., Forward]
-    """Called as forward(backbone, precision, compile, images, rows, device, calibration=...)."""
+    """Called as forward(backbone, precision=, compile=, images=, rows=, device=, calibration=)."""
     missing: Callable[[str, str], str | None]
     """Why it cannot run on this device in this precision, or None."""
 

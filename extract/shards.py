@@ -5,13 +5,15 @@ DistributedSampler, which pads with duplicates). Each rank embeds its shard with
 single-process extraction into a store of its own, `OUT.shards/rank-K-of-N.h5`, which resumes from its
 own journal when the job is killed and rerun, and is left alone once finished. When every rank is
 done, rank 0 copies the shard stores into the output store (see docs/feature-store.md for why a copy
-and not HDF5 virtual datasets), rows in manifest order, and removes the shards.
+and not HDF5 virtual datasets), rows in manifest order, and removes the shards. Rank 0 holds the output
+store's lock (features/lock.py) for the whole job, as a single-process extraction does for its run.
 
 The process group (gloo on CPUs, NCCL on GPUs) is used only for barriers: ranks share no tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,14 +29,17 @@ import torch.distributed as dist
 from extract.manifest import Manifest, read_manifest
 from extract.run import (
     ExtractConfig,
-    Summary,
-    _plan,
-    _refuse_other_settings,
+    backbone_layouts,
     extract,
-    load_backbones,
+    plan_rows,
+    refuse_other_settings,
     resolve_calibration,
 )
+from extract.summary import Summary
+from features.lock import StoreLock
 from features.store import Journal, journal_folder, journal_store
+
+__all__ = ["BARRIER_TIMEOUT", "distributed", "extract_sharded", "rows_to_do", "shard_path"]
 
 log = logging.getLogger("extract")
 
@@ -55,13 +60,14 @@ def shard_path(out: Path, rank: int, world: int) -> Path:
 def rows_to_do(cfg: ExtractConfig, manifest: Manifest) -> np.ndarray:
     """Manifest rows some backbone still lacks in the output store (or whose file changed): the
     single-process extraction's own plan, read-only, so every rank computes the same. (With `auto`
-    choices made, as that extraction makes them: unresolved, they changed the fingerprint.)"""
+    choices made, as that extraction makes them: unresolved, they changed the fingerprint.) No backbone
+    is built for this: the fingerprints come from their specs."""
     cfg, _ = resolve_calibration(cfg.resolved(), manifest, whole=manifest)
-    _, layouts = load_backbones(cfg)
+    layouts = backbone_layouts(cfg)
     out = Path(cfg.out)
-    _refuse_other_settings(out, layouts, cfg.overwrite)
-    samples, todo = _plan(out, manifest, layouts, Journal(journal_folder(out)))
-    needed = {samples.image_id[r] for r in np.flatnonzero(np.any(list(todo.values()), axis=0))}
+    refuse_other_settings(out, layouts, cfg.overwrite)
+    plan = plan_rows(out, manifest, layouts, Journal(journal_folder(out)))
+    needed = {plan.samples.image_id[r] for r in plan.rows()}
     return np.array([r for r, image_id in enumerate(manifest.image_id) if image_id in needed], dtype=np.int64)
 
 
@@ -89,33 +95,43 @@ def extract_sharded(cfg: ExtractConfig, manifest: Manifest | None = None) -> Sum
                 cfg = dataclasses.replace(cfg, workers=min(4, cores - 1))
         manifest = manifest or read_manifest(cfg.data, cfg.images)
         out = Path(cfg.out)
-        shard = np.array_split(rows_to_do(dataclasses.replace(cfg, device=device), manifest), world)[rank]
-        path = shard_path(out, rank, world)
-        if len(shard):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            part = extract(dataclasses.replace(cfg, out=str(path), device=device), manifest.take(shard))
-            log.info(
-                "rank %d/%d: %d images in its shard, %d embedded by this run",
-                rank,
-                world,
-                len(shard),
-                max(part.embedded.values(), default=0),
-            )
-        dist.barrier()
-        summary = None
         if rank == 0:
-            summary = _gather(cfg, manifest, out, world, device)
-            summary.seconds = time.monotonic() - started
+            out.parent.mkdir(parents=True, exist_ok=True)
+        # One writer per store, as in a single-process run: rank 0 takes the output store's lock before
+        # any rank plans, and keeps it until the store is assembled. A second job or extract on --out
+        # is refused at once (torchrun then stops the other ranks, waiting at the barrier), or with
+        # --wait queued behind the first; and nothing else writes --out while rank 0 gathers the shards.
+        with StoreLock(out, wait=cfg.wait) if rank == 0 else contextlib.nullcontext() as lock:
+            dist.barrier()
+            shard = np.array_split(rows_to_do(dataclasses.replace(cfg, device=device), manifest), world)[rank]
+            path = shard_path(out, rank, world)
+            if len(shard):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                part = extract(dataclasses.replace(cfg, out=str(path), device=device), manifest.take(shard))
+                log.info(
+                    "rank %d/%d: %d images in its shard, %d embedded by this run",
+                    rank,
+                    world,
+                    len(shard),
+                    max(part.embedded.values(), default=0),
+                )
+            dist.barrier()
+            summary = None
+            if rank == 0:
+                summary = _gather(dataclasses.replace(cfg, device=device), manifest, world, lock)
+                summary.seconds = time.monotonic() - started
         dist.barrier()
         return summary
     finally:
         dist.destroy_process_group()
 
 
-def _gather(cfg: ExtractConfig, manifest: Manifest, out: Path, world: int, device: str) -> Summary:
-    """Rank 0: the shard stores into the output store's journal, then the ordinary assembly."""
-    resolved, _ = resolve_calibration(dataclasses.replace(cfg, device=device).resolved(), manifest, whole=manifest)
-    _, layouts = load_backbones(resolved)
+def _gather(cfg: ExtractConfig, manifest: Manifest, world: int, lock: StoreLock) -> Summary:
+    """Rank 0, holding the output store's `lock`: the shard stores into the output store's journal,
+    then the ordinary assembly (no backbone is built unless an image that failed is retried)."""
+    out = Path(cfg.out)
+    resolved, _ = resolve_calibration(cfg.resolved(), manifest, whole=manifest)
+    layouts = backbone_layouts(resolved)
     journal = Journal(journal_folder(out))
     journal.start({layout.name: layout.attrs["fingerprint"] for layout in layouts}, cfg.overwrite)
     copied: dict[str, int] = {}
@@ -126,7 +142,7 @@ def _gather(cfg: ExtractConfig, manifest: Manifest, out: Path, world: int, devic
                 copied[name] = copied.get(name, 0) + n
     # Everything is journalled now: this embeds nothing new (except retrying the images that failed)
     # and writes the store, rows in manifest order after the rows the store already had.
-    summary = extract(dataclasses.replace(cfg, device=device), manifest)
+    summary = extract(cfg, manifest, lock=lock)
     summary.embedded = {name: n + copied.get(name, 0) for name, n in summary.embedded.items()}
     shutil.rmtree(shard_path(out, 0, world).parent, ignore_errors=True)
     return summary

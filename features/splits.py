@@ -155,7 +155,7 @@ def split_for(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
     return make_split(labels, store.column("group"), spec)
 
 
-def split_digest(ids, split: np.ndarray) -> str:
+def split_digest(ids: np.ndarray | list[str], split: np.ndarray) -> str:
     """A short hash of which image is on which side: two runs with the same digest were tested on the
     same rows."""
     digest = hashlib.sha256()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -18,14 +19,14 @@ embeddings still vary between images (random-init MobileNets give ~1e-9 everywhe
 
 
 @pytest.fixture(autouse=True)
-def session_cache(tmp_path_factory, monkeypatch) -> None:
+def session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled backbones go to a folder of the test session's (shared by its tests, so that each
     model is converted once), never the user's cache."""
     monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path_factory.getbasetemp() / "skinlesion-cache"))
 
 
 @pytest.fixture
-def compiled_cache(tmp_path, monkeypatch) -> Path:
+def compiled_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache of this test's own, for tests that count what is in it."""
     monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "compiled"
@@ -39,7 +40,7 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
-def cli(capsys):
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
     """Run `cli.py` in this process; returns (exit status, stdout, stderr)."""
     import cli as entry
 
@@ -53,9 +54,10 @@ def cli(capsys):
 
 def synthetic_store(
     path: Path,
+    *,
     n: int = 120,
     dim: int = 16,
-    classes=("mel", "nv"),
+    classes: tuple[str, ...] = ("mel", "nv"),
     per_group: int = 2,
     separation: float = 3.0,
     seed: int = 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import struct
 import zlib
 from pathlib import Path
@@ -22,6 +23,31 @@ def lesion(seed: int, size: tuple[int, int] = (96, 72)) -> np.ndarray:
     skin = np.array([210, 160, 140]) - blob[..., None] * np.array([150, 110, 90])
     img = skin + rng.normal(0, 12, (h, w, 3)) + np.linspace(0, 30, w)[None, :, None]
     return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def csv_data_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Path:
+    """n synthetic JPEGs `img/imNNN.jpg` (NNN from `start`) under `root`, with a CSV manifest `name`
+    (image_id, path, label alternating nv/mel, lesion_id of two images each, age (blank for im003),
+    site); returns the manifest's path."""
+    rows = []
+    for k in range(start, start + n):
+        save(root / "img" / f"im{k:03d}.jpg", lesion(k), quality=90)
+        rows.append(
+            {
+                "image_id": f"im{k:03d}",
+                "path": f"img/im{k:03d}.jpg",
+                "label": "mel" if k % 2 else "nv",
+                "lesion_id": f"L{k // 2}",
+                "age": "" if k == 3 else str(30 + k),
+                "site": "back",
+            }
+        )
+    manifest = root / name
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
 
 
 def save(path: Path, arr: np.ndarray, **kwargs) -> Path:

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torchvision
 from conftest import TINY
 
+from extract import digests
 from extract.backbones import (
     REGISTRY,
     BackboneError,
     WeightsUnavailable,
+    backbone_spec,
+    build_backbone,
     get_family,
     load_backbone,
 )
 from extract.images import load_image
+from extract.run import ExtractConfig, backbone_layouts
 
 SEEDS = {"resnet50": (2048, 224), "vgg11": (4096, 224), "densenet121": (1024, 224), "inception_v3": (2048, 299)}
 
@@ -186,4 +190,121 @@ def test_efficientnet_lite0_real_weights_know_a_real_photo():
     categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     top5 = [categories[i] for i in logits.topk(5).indices[0]]
     assert {"military uniform", "academic gown", "mortarboard"} <= set(top5), top5
-    assert np.isclose(logits.softmax(-1).sum().item(), 1.0)
+
+
+# ------------------------------------------------------------------ identity without building the network
+
+FINGERPRINTS = {
+    ("resnet50", "none"): "6ea95a4f867f2f39",
+    ("vgg11", "none"): "ca035676dd32bcfb",
+    ("densenet121", "none"): "8229a94b5afb47be",
+    ("inception_v3", "none"): "8998b41fe8936a91",
+    ("efficientnet_lite0", "none"): "6bcf4f9586b969d7",
+    ("efficientnet_lite0", "default"): "242a46f04c692075",
+    (TINY, "none"): "fd0855ba0e28ff07",
+}
+"""Fingerprints (fp32, --tta none, --runtime torch) that stores written before backbones had specs
+record, from a built backbone: a spec must give the same, or existing stores stop being extended."""
+
+
+@pytest.mark.parametrize("name,weights", list(FINGERPRINTS))
+def test_identity_without_building_is_the_built_backbones(name, weights, monkeypatch):
+    assert set(REGISTRY) <= {n for n, _ in FINGERPRINTS}  # every registered backbone is here
+    built = load_backbone(name, weights)
+    if name in REGISTRY:  # (a torchvision:<name> outside the registry is built once to learn its size)
+
+        def no_building(self):
+            raise AssertionError(f"{self.name} was built")
+
+        monkeypatch.setattr(type(get_family(name)), "architecture", no_building)
+    spec = backbone_spec(name, weights)
+    assert spec == built.spec and spec.dim == built.dim == built.module.embedding_dim
+    cfg = ExtractConfig(backbone=name, weights=weights, precision="fp32", tta="none", runtime="torch")
+    [layout] = backbone_layouts(cfg)
+    assert layout.name == name and layout.dim == built.dim
+    assert layout.attrs["fingerprint"] == FINGERPRINTS[name, weights]
+    assert json.loads(layout.attrs["identity"]) == {
+        **built.identity(),
+        "precision": "fp32",
+        "views": "none",
+        "runtime": "torch",
+    }
+
+
+def test_a_weights_files_spec_is_its_content_and_a_changed_file_is_not_built(tmp_path):
+    torch.manual_seed(7)
+    path = tmp_path / "tiny.pth"
+    torch.save(get_family(TINY).architecture().state_dict(), path)
+    spec = backbone_spec(TINY, str(path))
+    assert spec == load_backbone(TINY, str(path)).spec
+    assert spec.source == "file" and spec.weights == str(path.resolve())
+    assert spec.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert build_backbone(spec).spec == spec
+    torch.save(get_family(TINY).architecture().state_dict(), path)  # other weights under the same name
+    with pytest.raises(BackboneError, match="changed"):
+        build_backbone(spec)
+    with pytest.raises(BackboneError, match="does not exist"):
+        backbone_spec(TINY, str(tmp_path / "absent.pth"))
+
+
+def test_weights_digests_are_hashed_once_per_version_of_the_file(tmp_path, monkeypatch):
+    hashed = []
+    monkeypatch.setattr(digests, "file_sha256", lambda path: hashed.append(path) or hashlib.sha256(b"").hexdigest())
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"weights")
+    store = tmp_path / "cache" / digests.DIGESTS_NAME
+    first = digests.DigestCache(store)
+    assert first.sha256(weights) == hashlib.sha256(b"").hexdigest() and len(hashed) == 1
+    assert first.sha256(weights) == first.sha256(str(weights)) and len(hashed) == 1  # remembered
+    assert digests.DigestCache(store).sha256(weights) and len(hashed) == 1  # another process: from disk
+    weights.write_bytes(b"other weights")  # another version of the file
+    digests.DigestCache(store).sha256(weights)
+    assert len(hashed) == 2
+    store.write_text("{not json")  # a damaged memory is ignored (and replaced)
+    digests.DigestCache(store).sha256(weights)
+    assert len(hashed) == 3 and json.loads(store.read_text())["format"] == 1
+    assert digests.DigestCache(None).sha256(weights) and len(hashed) == 4  # memory only
+
+
+def test_backbone_specs_remember_digests_in_the_cache(tmp_path, compiled_cache):
+    path = tmp_path / "tiny.pth"
+    torch.save(get_family(TINY).architecture().state_dict(), path)
+    spec = backbone_spec(TINY, str(path))
+    remembered = json.loads((compiled_cache.parent / digests.DIGESTS_NAME).read_text())["files"]
+    assert list(remembered.values()) == [spec.weights_sha256]
+    assert digests.weights_sha256(path) == spec.weights_sha256
+
+
+# ------------------------------------------------------------------ blocks for finetune --unfreeze N
+
+
+@pytest.mark.parametrize("name", [*REGISTRY, TINY])
+def test_blocks_are_modules_of_the_network_disjoint_and_in_forward_order(name):
+    """`finetune --unfreeze N` trains the last N blocks: every block must be modules of the network
+    with parameters, no parameter in two blocks, every parameter in one, and the blocks run in their
+    order (TINY stands for the generic split of a torchvision:<name> backbone)."""
+    backbone = load_backbone(name, "none")
+    model = backbone.module
+    blocks = get_family(name).blocks(model)
+    assert len(blocks) >= 4
+    modules = {id(m) for m in model.modules()}
+    seen: set[int] = set()
+    for block in blocks:
+        assert block and all(id(m) in modules for m in block)
+        params = {id(p) for m in block for p in m.parameters()}
+        assert params and not params & seen
+        seen |= params
+    assert seen == {id(p) for p in model.parameters()}
+    order: list[int] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda module, args, k=k: order.append(k))
+        for k, block in enumerate(blocks)
+        for m in block
+    ]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, backbone.preprocess.crop, backbone.preprocess.crop))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(order) == set(range(len(blocks))) and order == sorted(order)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import multiprocessing
 import json
 import os
 import signal
@@ -17,20 +18,23 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY
-from imagefiles import lesion, mixed_folder, save
+from imagefiles import csv_data_set, lesion, mixed_folder, save
 
 import extract.run as run
-from extract import compiled, dataset
-from extract.backbones import load_backbone
+from extract import compiled, dataset, runtimes
+from extract.backbones import TorchvisionFamily, backbone_spec, get_family
+from extract.manifest import read_manifest
 from extract.runtimes import RuntimeUnavailable
 from extract.run import ConfigError, ExtractConfig, extract
+from extract.shards import rows_to_do
+from extract.summary import Summary
 from features.store import FORMAT, FeatureStore, Journal, StoreError, journal_folder
 
 FP32 = ("--precision", "fp32", "--workers", "0")
 DIM = 400  # TINY's embedding size
 
 
-def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> run.Summary:
+def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) -> Summary:
     """Extract in this process; fp32 so that results are comparable bit for bit between runs."""
     return extract(
         ExtractConfig(
@@ -41,29 +45,6 @@ def _extract(data: Path, out: Path, *extra: str, backbone: str = TINY, **cfg) ->
             **{"precision": "fp32", "workers": 0, **cfg},
         )
     )
-
-
-def _csv_set(root: Path, n: int, name: str = "labels.csv", start: int = 0) -> Path:
-    """n synthetic images with a CSV manifest (path, label, lesion_id, age, site)."""
-    rows = []
-    for k in range(start, start + n):
-        save(root / "img" / f"im{k:03d}.jpg", lesion(k), quality=90)
-        rows.append(
-            {
-                "image_id": f"im{k:03d}",
-                "path": f"img/im{k:03d}.jpg",
-                "label": "mel" if k % 2 else "nv",
-                "lesion_id": f"L{k // 2}",
-                "age": "" if k == 3 else str(30 + k),
-                "site": "back",
-            }
-        )
-    manifest = root / name
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return manifest
 
 
 def test_mixed_folder_embeds_good_images_and_lists_bad_ones(tmp_path, cli):
@@ -103,7 +84,7 @@ def test_mixed_folder_embeds_good_images_and_lists_bad_ones(tmp_path, cli):
 
 
 def test_store_layout_follows_format_1(tmp_path):
-    manifest = _csv_set(tmp_path, 5)
+    manifest = csv_data_set(tmp_path, 5)
     _extract(manifest, tmp_path / "s.h5")
     with h5py.File(tmp_path / "s.h5") as f:
         for name in ("image_id", "path", "label", "group", "sha256"):
@@ -137,7 +118,7 @@ def test_store_layout_follows_format_1(tmp_path):
 
 
 def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
-    manifest = _csv_set(tmp_path, 6)
+    manifest = csv_data_set(tmp_path, 6)
     calls = []
     original = dataset.load_image
     monkeypatch.setattr(dataset, "load_image", lambda path: calls.append(path) or original(path))
@@ -159,7 +140,7 @@ def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tta,n_views", [("flip", 2), ("d8", 8)])
 def test_test_time_views(tmp_path, tta, n_views):
-    manifest = _csv_set(tmp_path, 3)
+    manifest = csv_data_set(tmp_path, 3)
     _extract(manifest, tmp_path / "plain.h5")
     _extract(manifest, tmp_path / "views.h5", tta=tta)
     plain = FeatureStore(tmp_path / "plain.h5").embeddings(TINY)
@@ -173,8 +154,8 @@ def test_test_time_views(tmp_path, tta, n_views):
 
 
 def test_more_images_embeds_only_the_new_ones(tmp_path):
-    first = _csv_set(tmp_path, 4, "first.csv")
-    full = _csv_set(tmp_path, 7, "full.csv")
+    first = csv_data_set(tmp_path, 4, "first.csv")
+    full = csv_data_set(tmp_path, 7, "full.csv")
     out = tmp_path / "s.h5"
     _extract(first, out)
     before = FeatureStore(out).embeddings(TINY)
@@ -191,7 +172,7 @@ def test_more_images_embeds_only_the_new_ones(tmp_path):
 
 
 def test_a_changed_image_file_is_embedded_again(tmp_path):
-    manifest = _csv_set(tmp_path, 4)
+    manifest = csv_data_set(tmp_path, 4)
     out = tmp_path / "s.h5"
     _extract(manifest, out)
     old_sha, old_x = FeatureStore(out).samples().sha256, FeatureStore(out).embeddings(TINY)
@@ -204,7 +185,7 @@ def test_a_changed_image_file_is_embedded_again(tmp_path):
 
 
 def test_other_settings_are_refused_unless_overwrite(tmp_path, cli):
-    manifest = _csv_set(tmp_path, 3)
+    manifest = csv_data_set(tmp_path, 3)
     out = tmp_path / "s.h5"
     _extract(manifest, out)
     stamp = out.stat().st_mtime_ns
@@ -232,8 +213,25 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, cli):
     assert FeatureStore(out).embeddings(TINY, views=True).shape == (3, 2, DIM)
 
 
+def test_a_weights_file_that_does_not_load_leaves_nothing_that_refuses_the_corrected_rerun(tmp_path, cli):
+    """A weights file is loaded only when there is something to embed, after the journal was started:
+    the failed run must not leave that journal, whose fingerprints (the bad file's digest) would
+    refuse the rerun with the right file."""
+    manifest = csv_data_set(tmp_path, 2)
+    out, weights = tmp_path / "s.h5", tmp_path / "w.pth"
+    torch.save({"not.a.layer": torch.zeros(3)}, weights)
+    args = ["extract", "--data", manifest, "--backbone", TINY, "--weights", weights, "--out", out, *FP32]
+    code, _, err = cli(*args)
+    assert code == 2 and "not a state dict of" in err
+    assert not out.exists() and not journal_folder(out).exists()
+    torch.save(get_family(TINY).architecture().state_dict(), weights)
+    code, _, err = cli(*args)
+    assert code == 0, err
+    assert FeatureStore(out).done(TINY).all()
+
+
 def test_manifest_errors_stop_before_any_work(tmp_path, cli):
-    manifest = _csv_set(tmp_path, 3)
+    manifest = csv_data_set(tmp_path, 3)
     rows = manifest.read_text().splitlines()
     (tmp_path / "dup.csv").write_text("\n".join(rows + [rows[1]]) + "\n")
     code, _, err = cli(
@@ -248,17 +246,21 @@ def test_manifest_errors_stop_before_any_work(tmp_path, cli):
 
 
 def test_interrupted_assembly_is_redone_from_the_journal(tmp_path, monkeypatch):
-    manifest = _csv_set(tmp_path, 5)
+    manifest = csv_data_set(tmp_path, 5)
     out = tmp_path / "s.h5"
 
-    def crash(*args):
+    read = Journal.read
+
+    def crash(journal):  # every chunk copied into the new store, then interrupted before its rename
+        yield from read(journal)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("features.store._write_failed", crash)  # the last step before the rename
+    monkeypatch.setattr(Journal, "read", crash)
     with pytest.raises(KeyboardInterrupt):
         _extract(manifest, out, flush_rows=2, batch_size=2)
     monkeypatch.undo()
     assert not out.exists() and len(Journal(journal_folder(out)).chunks()) == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("s.h5")) == ["s.h5.partial"]
     assert _extract(manifest, out).embedded == {TINY: 0}  # all rows came from the journal
     _extract(manifest, tmp_path / "fresh.h5")
     np.testing.assert_allclose(
@@ -268,7 +270,7 @@ def test_interrupted_assembly_is_redone_from_the_journal(tmp_path, monkeypatch):
 
 
 def test_kill_9_then_rerun_resumes_to_the_same_store(tmp_path):
-    manifest = _csv_set(tmp_path, 48)
+    manifest = csv_data_set(tmp_path, 48)
     out = tmp_path / "killed.h5"
     command = [
         sys.executable,
@@ -348,17 +350,17 @@ def test_backbones_command_lists_the_registry(cli):
 
 
 def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
-    manifest = _csv_set(tmp_path, 8)
+    manifest = csv_data_set(tmp_path, 8)
     out = tmp_path / "s.h5"
-    original, calls = run._forward, []
+    original, calls = dataset.load_image, []
 
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:
+    def interrupted(path):  # Ctrl-C while the fifth image is decoded (in this process: --workers 0)
+        calls.append(path)
+        if len(calls) == 5:
             raise KeyboardInterrupt
-        return original(*args)
+        return original(path)
 
-    monkeypatch.setattr(run, "_forward", interrupted)
+    monkeypatch.setattr(dataset, "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _extract(manifest, out, batch_size=2, flush_rows=100)
     monkeypatch.undo()
@@ -368,10 +370,10 @@ def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
 
 
 def test_compile_caches_one_package_that_later_runs_load(tmp_path, monkeypatch, caplog, compiled_cache):
-    """--compile on: one real ahead-of-time compilation (about 20 s), every batch padded to its one
+    """--compile on: one real ahead-of-time compilation, every batch padded to its one
     shape, the same embeddings as eager; the package is cached, so a later `auto` run of a few images
     loads it instead of compiling (exporting is made to fail to prove it) and gets the same rows."""
-    manifest = _csv_set(tmp_path, 7)
+    manifest = csv_data_set(tmp_path, 7)
     eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4, runtime="torch")
     assert eager.steady_images_per_s > 0
     shapes, load_or_compile = [], compiled.load_or_compile
@@ -406,7 +408,7 @@ def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(
 ):
     """A package that does not load is deleted and compiled again; a compiler that fails warns and
     leaves the eager module doing the work, with the same embeddings."""
-    manifest = _csv_set(tmp_path, 5)
+    manifest = csv_data_set(tmp_path, 5)
     eager = _extract(manifest, tmp_path / "eager.h5", batch_size=4, runtime="torch")
     assert eager.embedded == {TINY: 5}
 
@@ -415,8 +417,8 @@ def test_compile_falls_back_to_eager_on_a_bad_package_or_a_failing_compiler(
 
     monkeypatch.setattr(compiled.torch._inductor, "aoti_compile_and_package", no_compiler)
     compiled_cache.mkdir(parents=True, exist_ok=True)
-    backbone = load_backbone(TINY, "none")
-    bad = compiled.package_path(TINY, backbone.identity(), "fp32", (4, 3, 224, 224), torch.device("cpu"))
+    identity = backbone_spec(TINY, "none").identity()
+    bad = compiled.package_path(TINY, identity, "fp32", (4, 3, 224, 224), torch.device("cpu"))
     bad.write_bytes(b"not a package")
     compiled.record(bad)  # ours (recorded), yet it cannot be loaded
     with caplog.at_level("WARNING", logger="extract"):
@@ -446,7 +448,7 @@ def test_cache_keeps_the_most_recently_used_packages_within_its_limit(tmp_path):
 
 
 def test_package_names_change_with_everything_compiled_into_them():
-    identity = load_backbone(TINY, "none").identity()
+    identity = backbone_spec(TINY, "none").identity()
     cpu = torch.device("cpu")
     base = compiled.package_path(TINY, identity, "bf16", (16, 3, 224, 224), cpu)
     assert base == compiled.package_path(TINY, dict(identity), "bf16", (16, 3, 224, 224), cpu)
@@ -464,7 +466,7 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
     recorded in the store and its fingerprint; the converted model is cached, so a second run reads it
     instead of converting (conversion is made to fail to prove it)."""
     openvino = pytest.importorskip("openvino")
-    manifest = _csv_set(tmp_path, 7)
+    manifest = csv_data_set(tmp_path, 7)
     torch_store, ov_store = tmp_path / "torch.h5", tmp_path / "ov.h5"
     _extract(manifest, torch_store, batch_size=4, runtime="torch")
     assert _extract(manifest, ov_store, batch_size=4, runtime="openvino").embedded == {TINY: 7}
@@ -494,7 +496,7 @@ def test_int8_is_calibrated_on_the_data_set_and_predict_reuses_that_model(tmp_pa
     model. Given that digest, as `predict` gives it, images are embedded with that same model without
     calibrating again; a digest whose model is not cached is refused before any image is read."""
     nncf = pytest.importorskip("nncf")
-    manifest, other = _csv_set(tmp_path, 6), _csv_set(tmp_path / "other", 5, start=50)
+    manifest, other = csv_data_set(tmp_path, 6), csv_data_set(tmp_path / "other", 5, start=50)
     _extract(manifest, tmp_path / "fp32.h5", batch_size=4, runtime="torch")
     _extract(manifest, tmp_path / "int8.h5", batch_size=4, precision="int8")
     _extract(other, tmp_path / "other.h5", batch_size=4, precision="int8")
@@ -525,8 +527,6 @@ def test_int8_is_calibrated_on_the_data_set_and_predict_reuses_that_model(tmp_pa
 def test_runtime_auto_is_openvino_on_cpus_where_installed(monkeypatch):
     """`auto` takes OpenVINO only where it runs (a CPU, the package installed, a precision it has), and
     a runtime asked for by name that cannot run is refused before anything is read, saying why."""
-    from extract import runtimes
-
     installed = importlib.util.find_spec("openvino") is not None
     assert runtimes.resolve_runtime("auto", "cpu", "bf16") == ("openvino" if installed else "torch")
     assert runtimes.resolve_runtime("auto", "cpu", "fp16") == "torch"
@@ -545,17 +545,17 @@ def test_device_defaults_follow_what_bounds_each_device(monkeypatch):
     """A GPU machine decodes with all cores but one and does not compile under `auto`; a CPU shares
     its cores with the model (4 decoders at most) and compiles from COMPILE_FROM images, or for any
     number once the package is cached."""
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert run.default_workers("cuda") == 15 and run.default_workers("cuda:1") == 15
     assert run.default_workers("cpu") == 4
-    monkeypatch.setattr(run.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert run.default_workers("cpu") == 1 and run.default_workers("cuda") == 1
-    big = run.COMPILE_FROM
-    assert run.compiles("auto", "cpu", big) and not run.compiles("auto", "cpu", big - 1)
-    assert not run.compiles("auto", "cuda", 10 * big) and run.compiles("on", "cuda", 1)
-    assert not run.compiles("off", "cpu", 10 * big)
-    assert run.compiles("auto", "cpu", 1, cached=True) and not run.compiles("auto", "cuda", 1, cached=True)
-    assert not run.compiles("off", "cpu", 1, cached=True)
+    big, compiles = runtimes.COMPILE_FROM, runtimes.compiles
+    assert compiles("auto", "cpu", big) and not compiles("auto", "cpu", big - 1)
+    assert not compiles("auto", "cuda", 10 * big) and compiles("on", "cuda", 1)
+    assert not compiles("off", "cpu", 10 * big)
+    assert compiles("auto", "cpu", 1, cached=True) and not compiles("auto", "cuda", 1, cached=True)
+    assert not compiles("off", "cpu", 1, cached=True)
 
 
 def test_cuda_settings_make_fp32_exact_and_are_restored():
@@ -581,7 +581,7 @@ def test_cuda_settings_make_fp32_exact_and_are_restored():
 def test_steady_rate_ignores_the_prefetched_start():
     """Workers prefetch batches while the model starts: those arrive at once and must not count.
     Steady state is the second half of the images."""
-    rate = run._Throughput()
+    rate = run.Throughput()
     times = [0.0, 0.01, 0.02, 0.03, 1.0, 2.0, 3.0, 4.0]  # 4 prefetched batches, then 1 s each
     rate.marks = [(t, 64 * (i + 1)) for i, t in enumerate(times)]
     assert rate.steady() == pytest.approx(4 * 64 / (4.0 - 0.03))
@@ -594,7 +594,60 @@ def test_steady_rate_ignores_the_prefetched_start():
 def test_cpu_decoding_workers_yield_to_the_model(tmp_path):
     """On a CPU the loader's workers start at the lowest priority (they preempted the model's threads);
     run in a child process, since niceness cannot be lowered again."""
-    code = "import os, extract.run as r; before = os.nice(0); r._yield_to_the_model(0); print(before, os.nice(0))"
+    code = "import os, extract.run as r; before = os.nice(0); r.yield_to_the_model(0); print(before, os.nice(0))"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     before, after = map(int, done.stdout.split())
     assert after == 19 or (before >= 19 and after == before)
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_decoding_workers_give_the_store_of_decoding_in_process(tmp_path, start):
+    """--workers 2 decodes in other processes: the same rows, hashes, failures and embeddings as
+    --workers 0. Under `spawn` (macOS's and Windows' default; Python 3.14 on Linux has `forkserver`)
+    the dataset, its preprocessing, the collate and worker-init functions are pickled to the workers;
+    under `fork` (Linux before 3.14) they are inherited."""
+    manifest = csv_data_set(tmp_path, 7)
+    (tmp_path / "img" / "im002.jpg").write_text("not an image\n")  # a failure crosses the process boundary too
+    _extract(manifest, tmp_path / "in-process.h5", batch_size=2, runtime="torch")
+    in_process = FeatureStore(tmp_path / "in-process.h5")
+    out = tmp_path / f"{start}.h5"
+    assert start in multiprocessing.get_all_start_methods()
+    command = (
+        "import multiprocessing, sys; multiprocessing.set_start_method(sys.argv[1]); "
+        "import cli; sys.exit(cli.main(sys.argv[2:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", command, start, "extract", "--data", str(manifest), "--out", str(out)]
+        + ["--backbone", TINY, "--weights", "none", "--precision", "fp32", "--runtime", "torch"]
+        + ["--batch-size", "2", "--workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    workers = FeatureStore(out)
+    assert json.loads(workers.attrs["extract_config"])["workers"] == 2
+    assert workers.samples().image_id == in_process.samples().image_id
+    assert workers.samples().sha256 == in_process.samples().sha256
+    assert workers.failed() == in_process.failed() and set(workers.failed()) == {"im002"}
+    assert np.array_equal(workers.done(TINY), in_process.done(TINY)) and workers.done(TINY).sum() == 6
+    np.testing.assert_allclose(workers.embeddings(TINY), in_process.embeddings(TINY), rtol=1e-6, atol=1e-6)
+
+
+def test_planning_and_nothing_to_do_build_no_network(tmp_path, monkeypatch):
+    """The plan (and each torchrun rank's share of it) comes from the backbones' specs: a rerun with
+    nothing new, and `rows_to_do`, never build a network. (A `torchvision:<name>` backbone outside the
+    registry is built once per process to learn its embedding size; the first extraction did that.)"""
+    first, full = csv_data_set(tmp_path, 4, "first.csv"), csv_data_set(tmp_path, 7, "full.csv")
+    out = tmp_path / "s.h5"
+    _extract(first, out)
+
+    def no_building(self):
+        raise AssertionError(f"{self.name} was built")
+
+    monkeypatch.setattr(TorchvisionFamily, "architecture", no_building)
+    cfg = ExtractConfig(data=str(full), backbone=TINY, weights="none", out=str(out), precision="fp32")
+    assert rows_to_do(cfg, read_manifest(str(full))).tolist() == [4, 5, 6]
+    assert _extract(first, out).embedded == {TINY: 0}
+    with pytest.raises(AssertionError, match="was built"):
+        _extract(full, out)  # new images: now the network is built

@@ -20,7 +20,9 @@ import torch
 from conftest import ROOT, TINY
 from imagefiles import lesion, save
 
-import classify.finetune as ft
+from classify.finetune import FinetuneConfig, FinetuneError, finetune, stages
+from classify.finetune.checkpoint import Checkpoint
+from classify.finetune.config import BACKBONE_FILE, BEST, CHECKPOINT, REFIT_CHECKPOINT
 from classify.runs import load_run, read_run_split
 from extract.backbones import get_family, load_backbone
 from features.splits import TEST
@@ -119,12 +121,12 @@ def test_only_the_unfrozen_blocks_change(tmp_path, cli, frozen, bn):
     code, _, err = _finetune(cli, frozen, out, "--unfreeze", "1", "--lr", "1e-2", "--backbone-lr", "1e-2", "--bn", bn)
     assert code == 0, err
     before = load_backbone(TINY, "none").module
-    state = torch.load(out / ft.CHECKPOINT, weights_only=True)["model"]  # the first stage's last epoch
+    state = torch.load(out / CHECKPOINT, weights_only=True)["model"]  # the first stage's last epoch
     _same_blocks_but_the_last(
         before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}, bn
     )
-    if (out / ft.REFIT_CHECKPOINT).exists():  # and the refit's, if validation chose an epoch after 0
-        state = torch.load(out / ft.REFIT_CHECKPOINT, weights_only=True)["model"]
+    if (out / REFIT_CHECKPOINT).exists():  # and the refit's, if validation chose an epoch after 0
+        state = torch.load(out / REFIT_CHECKPOINT, weights_only=True)["model"]
         _same_blocks_but_the_last(
             before, {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}, bn
         )
@@ -285,12 +287,12 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(tmp_path, frozen)
         [*command, "--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 120
-    while not (killed / ft.CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (killed / CHECKPOINT).exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "run.json").exists(), "finished before it could be killed"
-    epoch = torch.load(killed / ft.CHECKPOINT, weights_only=True)["epoch"]
+    epoch = torch.load(killed / CHECKPOINT, weights_only=True)["epoch"]
     assert 1 <= epoch < 4
     again = subprocess.run([*command, "--out", str(killed), "--resume"], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
@@ -345,14 +347,14 @@ def test_refusals_and_faults(tmp_path, cli, frozen, monkeypatch):
 
     def full_disk(obj, path, *args, **kwargs):
         calls.append(path)
-        if Path(path).name.startswith(f".{ft.CHECKPOINT}") and len(calls) > 3:
+        if Path(path).name.startswith(f".{CHECKPOINT}") and len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(ft.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     code, _, err = _finetune(cli, frozen, tmp_path / "disk", "--epochs", "3")
     assert code == 2 and "disk is full" in err and "--resume" in err
-    assert torch.load(tmp_path / "disk" / ft.CHECKPOINT, weights_only=True)["epoch"] >= 1  # the last whole one
+    assert torch.load(tmp_path / "disk" / CHECKPOINT, weights_only=True)["epoch"] >= 1  # the last whole one
     assert not list((tmp_path / "disk").glob(".*.tmp"))
 
 
@@ -395,25 +397,25 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
         label_smoothing=0.1,
         allow_small_test=True,
     )
-    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
+    finetune(FinetuneConfig(out=str(tmp_path / "whole"), **base))
     reference = json.loads((tmp_path / "whole" / "history.json").read_text())
-    state = torch.load(tmp_path / "whole" / ft.CHECKPOINT, weights_only=True)
+    state = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
     ema = {k[len("module.") :]: v for k, v in state["ema"].items() if k.startswith("module.")}
     head = [k for k in state["model"] if k.startswith("head.") and k.endswith("weight")]
     assert head and not torch.allclose(ema[head[0]], state["model"][head[0]]), "the average must lag the weights"
 
-    train_epoch = ft._train_epoch
+    train_epoch = stages.train_epoch
 
-    def interrupted(*args, **kwargs):
-        if args[-1] == 2:  # the epoch number
+    def interrupted(training, runtime, *, epoch, **kwargs):
+        if epoch == 2:
             raise KeyboardInterrupt
-        return train_epoch(*args, **kwargs)
+        return train_epoch(training, runtime, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    monkeypatch.setattr(stages, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), **base))
-    monkeypatch.setattr(ft, "_train_epoch", train_epoch)
-    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
+        finetune(FinetuneConfig(out=str(tmp_path / "cut"), **base))
+    monkeypatch.setattr(stages, "train_epoch", train_epoch)
+    finetune(FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
     history = json.loads((tmp_path / "cut" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     for h, r in zip(history, reference):
@@ -438,43 +440,69 @@ def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, mon
         mixup=0.4,
         allow_small_test=True,
     )
-    validate, calls = ft._validate, []
+    validate, calls = stages.validate, []
 
-    def rising(*args):  # every epoch's AUC beats the last, so validation chooses epoch 2
-        score, auc, proba = validate(*args)
-        calls.append(auc)
-        return score, float(len(calls)), proba
+    def rising(model, validation, **kwargs):  # every epoch's AUC beats the last, so validation chooses epoch 2
+        scores = validate(model, validation, **kwargs)
+        calls.append(scores.auc)
+        return scores._replace(auc=float(len(calls)))
 
-    monkeypatch.setattr(ft, "_validate", rising)
-    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "whole"), **base))
+    monkeypatch.setattr(stages, "validate", rising)
+    finetune(FinetuneConfig(out=str(tmp_path / "whole"), **base))
     whole = tmp_path / "whole"
     config = json.loads((whole / "config.json").read_text())
     folds = read_run_split(frozen["run"]).fold
     assert config["best_epoch"] == 2
     assert config["refit"] == {"epochs": 2, "rows": int(np.sum(folds >= 0)), "losses": config["refit"]["losses"]}
-    assert torch.load(whole / ft.REFIT_CHECKPOINT, weights_only=True)["epoch"] == 2
-    chosen = torch.load(whole / ft.BEST, weights_only=True)
-    final = torch.load(whole / ft.BACKBONE_FILE, weights_only=True)
+    assert torch.load(whole / REFIT_CHECKPOINT, weights_only=True)["epoch"] == 2
+    chosen = torch.load(whole / BEST, weights_only=True)
+    final = torch.load(whole / BACKBONE_FILE, weights_only=True)
     assert any(not torch.allclose(chosen[f"backbone.{k}"], v) for k, v in final.items() if v.is_floating_point())
     metrics = json.loads((whole / "metrics.json").read_text())
     assert metrics["validation"]["n"] == int(np.sum(folds == 0))  # the chosen epoch's, before the refit
     assert "before the refit" in (whole / "report.md").read_text()
 
-    train_epoch = ft._train_epoch
+    train_epoch = stages.train_epoch
 
-    def interrupted(*args, **kwargs):
-        if len(args[5]) == int(np.sum(folds >= 0)) and args[-1] == 2:  # the refit's second epoch
+    def interrupted(training, runtime, *, epoch, **kwargs):
+        if len(training.rows) == int(np.sum(folds >= 0)) and epoch == 2:  # the refit's second epoch
             raise KeyboardInterrupt
-        return train_epoch(*args, **kwargs)
+        return train_epoch(training, runtime, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    monkeypatch.setattr(stages, "train_epoch", interrupted)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), **base))
-    assert torch.load(tmp_path / "cut" / ft.REFIT_CHECKPOINT, weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(ft, "_train_epoch", train_epoch)
+        finetune(FinetuneConfig(out=str(tmp_path / "cut"), **base))
+    assert torch.load(tmp_path / "cut" / REFIT_CHECKPOINT, weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(stages, "train_epoch", train_epoch)
     calls.clear()
-    ft.finetune(ft.FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
-    resumed = torch.load(tmp_path / "cut" / ft.BACKBONE_FILE, weights_only=True)
+    finetune(FinetuneConfig(out=str(tmp_path / "cut"), resume=True, **base))
+    resumed = torch.load(tmp_path / "cut" / BACKBONE_FILE, weights_only=True)
     for k, v in final.items():
         assert torch.allclose(resumed[k].float(), v.float(), atol=1e-5), k
+
+
+def test_a_checkpoint_refuses_other_options_and_saves_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / CHECKPOINT
+    Checkpoint(path, {"lr": 1e-3, "epochs": 2}).save({"epoch": 1, "best": {"epoch": 1, "auc": 0.7}})
+    assert Checkpoint(path, {"lr": 1e-3, "epochs": 2}).resume()["epoch"] == 1
+    with pytest.raises(FinetuneError, match=r"other options \(lr\)"):
+        Checkpoint(path, {"lr": 0.1, "epochs": 2}).resume()
+    assert Checkpoint(path, {"lr": 0.1, "epochs": 2}).resume(other_options="restart") is None
+    Checkpoint(path, {"lr": 1e-3}).save({"epoch": 1, "best": {"epoch": 1, "balanced_accuracy": 0.7}})
+    with pytest.raises(FinetuneError, match="older version"):
+        Checkpoint(path, {"lr": 1e-3}).resume()
+
+    before = path.read_bytes()
+    original = torch.save
+
+    def dies_halfway(obj, file, *args, **kwargs):
+        Path(file).write_bytes(b"half a checkpoint")
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        Checkpoint(path, {"lr": 1e-3}).save({"epoch": 2, "best": {"epoch": 2, "auc": 0.8}})
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.setattr(torch, "save", original)
+    assert Checkpoint(path).load()["epoch"] == 1

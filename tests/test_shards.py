@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, TINY
-from test_extract import _csv_set
+from imagefiles import csv_data_set
 
-from features.store import FeatureStore
+from features.lock import StoreLock
+from features.store import FeatureStore, journal_folder
 
 COMMON = ["--backbone", TINY, "--weights", "none", "--precision", "fp32", "--batch-size", "2", "--flush-rows", "2"]
 
@@ -81,7 +82,7 @@ def _shard_lines(stderr: str) -> dict[int, tuple[int, int]]:
 
 
 def test_two_processes_make_the_single_process_store(tmp_path):
-    manifest = _csv_set(tmp_path, 9)
+    manifest = csv_data_set(tmp_path, 9)
     single = _single(manifest, tmp_path / "single.h5")
     done = subprocess.run(_torchrun(manifest, tmp_path / "dist.h5"), capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
@@ -89,7 +90,7 @@ def test_two_processes_make_the_single_process_store(tmp_path):
     assert _shard_lines(done.stderr) == {0: (5, 5), 1: (4, 4)}  # explicit, disjoint, no padding
     assert not (tmp_path / "dist.h5.shards").exists()
     # more images later: only the new ones are sharded and embedded, appended after the old rows
-    more = _csv_set(tmp_path, 4, name="more.csv", start=9)
+    more = csv_data_set(tmp_path, 4, name="more.csv", start=9)
     both = tmp_path / "both.csv"
     both.write_text(manifest.read_text() + "".join(more.read_text().splitlines(keepends=True)[1:]))
     again = subprocess.run(_torchrun(both, tmp_path / "dist.h5"), capture_output=True, text=True, env=_env())
@@ -99,7 +100,7 @@ def test_two_processes_make_the_single_process_store(tmp_path):
 
 
 def test_a_killed_rank_is_resumed_by_rerunning_the_command(tmp_path):
-    manifest = _csv_set(tmp_path, 24)
+    manifest = csv_data_set(tmp_path, 24)
     out = tmp_path / "dist.h5"
     proc = subprocess.Popen(
         _torchrun(manifest, out),
@@ -130,6 +131,18 @@ def test_a_killed_rank_is_resumed_by_rerunning_the_command(tmp_path):
     assert lines[1][1] < 12, "rank 1 should resume from its journal"
     assert sum(e for _, e in lines.values()) < 24
     _same(FeatureStore(out), _single(manifest, tmp_path / "single.h5"))
+
+
+def test_a_job_on_a_store_that_another_process_writes_is_refused_before_any_work(tmp_path):
+    """Rank 0 takes the output store's lock before any rank plans (and holds it until the store is
+    assembled, the shards gathered under it): with another writer on --out, the job stops at once."""
+    manifest = csv_data_set(tmp_path, 4)
+    out = tmp_path / "dist.h5"
+    with StoreLock(out):  # held by this process: another writer, as far as the job can tell
+        done = subprocess.run(_torchrun(manifest, out), capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode != 0
+    assert f"{out} is being written by another extract (PID {os.getpid()}" in done.stderr
+    assert not (tmp_path / "dist.h5.shards").exists() and not journal_folder(out).exists() and not out.exists()
 
 
 def _rank_pid(rank: int) -> int | None:
