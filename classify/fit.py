@@ -46,6 +46,17 @@ from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, 
 from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
 from features.store import FeatureStore, StoreError
 
+__all__ = [
+    "Data",
+    "FitConfig",
+    "FitError",
+    "PROTOCOLS",
+    "Settled",
+    "fit",
+    "load_data",
+    "study_name",
+]
+
 log = logging.getLogger("classify")
 
 

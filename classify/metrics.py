@@ -10,6 +10,25 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_curve
 
+__all__ = [
+    "BOOTSTRAP",
+    "ECE_BINS",
+    "MAX_CANDIDATES",
+    "POSITIVE_NAMES",
+    "Reliability",
+    "SPECIFICITIES",
+    "balanced_offsets",
+    "default_positive",
+    "evaluate",
+    "expected_calibration_error",
+    "grouped_bootstrap",
+    "macro_auc",
+    "reliability_bins",
+    "sensitivity_at_specificity",
+    "shift_proba",
+    "threshold_of",
+]
+
 POSITIVE_NAMES = ("mel", "melanoma")
 """A class with one of these names (any case) is the default positive class."""
 SPECIFICITIES = (0.80, 0.90)

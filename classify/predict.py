@@ -31,6 +31,15 @@ from features.splits import TEST, lesions_in_test, small_test
 from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
 from features.store import FeatureStore, StoreError, describe_mismatch
 
+__all__ = [
+    "Prediction",
+    "check_fingerprints",
+    "evaluate_run",
+    "parse_label_map",
+    "predict",
+    "seen_rows",
+]
+
 log = logging.getLogger("classify")
 
 

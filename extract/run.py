@@ -51,6 +51,7 @@ from features.store import (
     Samples,
     StoreError,
     assemble,
+    describe_mismatch,
     fingerprint,
     journal_folder,
     merge_samples,
@@ -288,14 +289,11 @@ def plan_rows(out: Path, manifest: Manifest, layouts: list[BackboneLayout], jour
 
 
 def _mismatch(out: Path, layout: BackboneLayout, stored: dict) -> str:
-    new = json.loads(layout.attrs["identity"])
-    old = json.loads(stored.get("identity", "{}"))
-    differ = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    differ = describe_mismatch(stored.get("identity"), layout.attrs["identity"], names=("store", "now"))
     return (
         f"{out} already holds {layout.name} embeddings made with other settings "
-        f"(fingerprint {stored.get('fingerprint')} vs {layout.attrs['fingerprint']}; "
-        f"{'; '.join(differ) or 'see its attributes'}). Write to another --out, or pass --overwrite to "
-        f"replace them."
+        f"(fingerprint {stored.get('fingerprint')} vs {layout.attrs['fingerprint']}; {differ}). Write to "
+        "another --out, or pass --overwrite to replace them."
     )
 
 

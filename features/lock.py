@@ -34,6 +34,11 @@ from types import TracebackType
 
 from features.store import StoreError
 
+__all__ = [
+    "StoreLock",
+    "lock_path",
+]
+
 log = logging.getLogger("extract")
 
 _HELD: set[tuple[str, int, int]] = set()

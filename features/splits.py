@@ -25,6 +25,24 @@ import numpy as np
 
 from features.store import FeatureStore
 
+__all__ = [
+    "MIN_TEST_LESIONS",
+    "SplitError",
+    "SplitSpec",
+    "TEST",
+    "UNUSED",
+    "left_out",
+    "lesions_in_test",
+    "make_split",
+    "read_split",
+    "small_test",
+    "spec_from_name",
+    "split_counts",
+    "split_digest",
+    "split_for",
+    "usable_rows",
+]
+
 TEST = -1
 UNUSED = -2
 MIN_TEST_LESIONS = 10

@@ -29,6 +29,32 @@ from typing import Iterable, Iterator
 import h5py
 import numpy as np
 
+__all__ = [
+    "BackboneLayout",
+    "CHUNK_BYTES",
+    "Chunk",
+    "DTYPES",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "FeatureStore",
+    "Journal",
+    "SAMPLE_FIELDS",
+    "STR",
+    "Samples",
+    "StoreError",
+    "assemble",
+    "describe_mismatch",
+    "fingerprint",
+    "journal_folder",
+    "journal_store",
+    "merge_samples",
+    "read_failed",
+    "read_samples",
+    "tool_version",
+    "write_arrays",
+    "write_blocks",
+]
+
 FORMAT = "skin-lesion-features"
 FORMAT_VERSION = 1
 SAMPLE_FIELDS = ("image_id", "path", "label", "group", "sha256")

@@ -192,7 +192,7 @@ def test_other_settings_are_refused_unless_overwrite(tmp_path, cli):
     code, _, err = cli(
         "extract", "--data", manifest, "--backbone", TINY, "--weights", "none", "--out", out, "--tta", "flip", *FP32
     )
-    assert code == 2 and "views: 'none' -> 'flip'" in err and "--overwrite" in err
+    assert code == 2 and "views: store 'none', now 'flip'" in err and "--overwrite" in err
     assert out.stat().st_mtime_ns == stamp and not journal_folder(out).exists()
     code, _, err = cli(
         "extract",
