@@ -14,7 +14,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,openvino]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,openvino,clip]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -66,16 +66,49 @@ def _user_error(exc: BaseException) -> bool:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from extract.backbones import REGISTRY, TORCHVISION_PREFIX
+    from extract.backbones import OPEN_CLIP_PREFIX, REGISTRY, TIMM_PREFIX, TORCHVISION_PREFIX
 
+    if args.search is not None:
+        return _search_backbones(args.search)
     print(f"{'backbone':<20} {'dim':>5} {'input':>6}  {'default weights':<66} present")
     for name, family in REGISTRY.items():
         present = "yes" if family.weights_present() else f"no ({family.default_file()})"
         print(f"{name:<20} {family.dim:>5} {family.preprocess.crop:>4}px  {family.default_weights:<66} {present}")
+    clip = "installed" if importlib.util.find_spec("open_clip") else "not installed: pip install -e '.[clip]'"
     print(
-        f"\nAny torchvision classification model also works as {TORCHVISION_PREFIX}<name>, e.g. "
-        f"{TORCHVISION_PREFIX}convnext_tiny (its DEFAULT weights, recorded by exact name)."
+        "\nFamilies, named with a prefix (default weights recorded by exact name):\n"
+        f"  {TORCHVISION_PREFIX}<name>  any torchvision classification model, e.g. {TORCHVISION_PREFIX}convnext_tiny\n"
+        f"  {TIMM_PREFIX}<name>[.<tag>]  any timm model, e.g. {TIMM_PREFIX}vit_small_patch14_dinov2.lvd142m, "
+        f"{TIMM_PREFIX}convnext_tiny.fb_in22k, {TIMM_PREFIX}hf-hub:ORG/REPO\n"
+        f"  {OPEN_CLIP_PREFIX}<arch>/<pretrained>  an OpenCLIP image tower, e.g. {OPEN_CLIP_PREFIX}ViT-B-32/openai, "
+        f"{OPEN_CLIP_PREFIX}hf-hub:ORG/REPO (open-clip-torch {clip})\n"
+        "timm and OpenCLIP weights come from the Hugging Face cache ($HF_HOME/hub), downloaded when missing. "
+        "extract --pool, --input-size and --clip-embed set how they embed; `backbones --search WORD` lists "
+        "the pretrained models whose names contain WORD."
     )
+    return 0
+
+
+def _search_backbones(word: str) -> int:
+    """`backbones --search WORD`: matching pretrained timm (and OpenCLIP) models, from their configs."""
+    from features.store import license_caveat
+    from extract.hub import SEARCH_SIZES_UP_TO, search
+
+    rows = search(word)
+    if not rows:
+        print(f"no pretrained timm or OpenCLIP model has {word!r} in its name")
+        return 0
+    width = max(len(r.name) for r in rows)
+    print(f"{'backbone':<{width}} {'dim':>5} {'input':>6}  {'licence':<28} cached")
+    for r in rows:
+        flag = " (!)" if license_caveat(r.license) else ""
+        size = f"{r.size}px" if r.size else "?"
+        licence = r.license + flag
+        print(f"{r.name:<{width}} {r.dim or '?':>5} {size:>6}  {licence:<28} {'yes' if r.cached else 'no'}")
+    if any(r.dim is None for r in rows):
+        print(f"(dim ?: shown when the search matches at most {SEARCH_SIZES_UP_TO} architectures)")
+    if any(license_caveat(r.license) for r in rows):
+        print("(!) not an open licence (or none given): check its terms before any use beyond research")
     return 0
 
 
@@ -268,7 +301,17 @@ FRACTION = number(0, 1, open_low=True, open_high=True)
 """A share strictly between 0 and 1 (a test part of none or of everything means nothing)."""
 
 
+def _backbones_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--search",
+        metavar="WORD",
+        default=None,
+        help="list the pretrained timm (and OpenCLIP) models whose names contain WORD, e.g. dinov2",
+    )
+
+
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    from extract.backbones import CLIP_EMBEDS, POOLS
     from extract.preprocess import VIEWS
     from extract.run import ExtractConfig
     from extract.runtimes import ALL_PRECISIONS, COMPILE_FROM, RUNTIMES
@@ -281,6 +324,24 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="backbone name(s), comma-separated (see `backbones`)")
     parser.add_argument(
         "--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone"
+    )
+    parser.add_argument(
+        "--pool",
+        default=d.pool,
+        choices=list(POOLS),
+        help="timm: transformers: auto (the model's own), class token, mean patch token, or both concatenated",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=integer(16, 4096, also=(0,)),
+        default=d.input_size,
+        help="timm: and open_clip: backbones: input side in pixels (0: the weights' own; DINOv2's is 518)",
+    )
+    parser.add_argument(
+        "--clip-embed",
+        default=d.clip_embed,
+        choices=list(CLIP_EMBEDS),
+        help="open_clip: backbones: the image tower's embedding before or after its projection",
     )
     parser.add_argument("--out", default=d.out, help="feature store to write or extend")
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
@@ -478,6 +539,12 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--backbone-lr", type=number(0), default=t.backbone_lr, help="learning rate of the unfrozen blocks"
     )
     parser.add_argument(
+        "--lr-decay",
+        type=number(0, 1, open_low=True),
+        default=t.lr_decay,
+        help="layer-wise decay: each unfrozen block below the top trains at this times the rate above it",
+    )
+    parser.add_argument(
         "--weight-decay",
         type=number(0),
         default=t.weight_decay,
@@ -545,7 +612,10 @@ def _unfreeze(text: str) -> str:
 COMMANDS.update(
     {
         "backbones": Command(
-            "list backbones, dims, input sizes, weight status", cmd_backbones, None, "python cli.py backbones"
+            "list backbones, dims, input sizes, weight status",
+            cmd_backbones,
+            _backbones_arguments,
+            "python cli.py backbones --search dinov2",
         ),
         "extract": Command(
             "embed a data set with frozen backbones into a feature store",

@@ -193,6 +193,11 @@ def predict(
                 ExtractConfig(
                     backbone=backbone,
                     weights=weights_option(backbone, recorded, run.folder),
+                    # the backbone's options as the store recorded them (a store made before they
+                    # existed has none: the defaults, which is what it was made with)
+                    pool=recorded.get("pool") or "auto",
+                    input_size=int(recorded.get("input_size") or 0),
+                    clip_embed=recorded.get("clip_embed") or "pre",
                     out=str(store_path),
                     precision=recorded["precision"],
                     tta=recorded["views"],

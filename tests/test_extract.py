@@ -486,7 +486,7 @@ def test_openvino_runtime_agrees_with_torch_and_reads_its_cached_model(tmp_path,
     np.testing.assert_array_equal(
         FeatureStore(tmp_path / "again.h5").embeddings(TINY), FeatureStore(ov_store).embeddings(TINY)
     )
-    with pytest.raises(StoreError, match="runtime: 'openvino' -> 'torch'"):
+    with pytest.raises(StoreError, match="runtime: store 'openvino', now 'torch'"):
         _extract(manifest, ov_store, batch_size=4, runtime="torch")  # never mixed in one store
 
 

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT, TINY
 from imagefiles import lesion, save
 
-from classify.finetune import FinetuneConfig, FinetuneError, finetune, stages
+from classify.finetune import FinetuneConfig, FinetuneError, finetune, model, stages
 from classify.finetune.checkpoint import Checkpoint
 from classify.finetune.config import BACKBONE_FILE, BEST, CHECKPOINT, REFIT_CHECKPOINT
 from classify.runs import load_run, read_run_split
@@ -506,3 +506,21 @@ def test_a_checkpoint_refuses_other_options_and_saves_whole_or_not_at_all(tmp_pa
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
     monkeypatch.setattr(torch, "save", original)
     assert Checkpoint(path).load()["epoch"] == 1
+
+
+def test_lr_decay_rates_each_unfrozen_block_below_the_one_above_and_old_checkpoints_still_resume():
+    backbone = load_backbone(TINY, "none")
+    frozen, trainable = model.trainable_blocks(backbone, "3")
+    assert len(trainable) == 3 and frozen
+    head = model.head_module(None, 2, (np.zeros(backbone.dim), np.ones(backbone.dim)))
+    cfg = FinetuneConfig(backbone_lr=1e-3, lr=1e-2, lr_decay=0.5, weight_decay=0.0)
+    optimizer = model.build_optimizer(model.Model(backbone.module, head), trainable, cfg)
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for depth, block in enumerate(reversed(trainable)):  # the top block first
+        rates = [rate_of[id(p)] for m in block for p in m.parameters()]
+        assert rates == pytest.approx([1e-3 * 0.5**depth] * len(rates)), depth
+    assert {rate_of[id(p)] for p in head.parameters()} == {1e-2}
+    assert not any(id(p) in rate_of for m in frozen for p in m.parameters())
+    # a checkpoint written before --lr-decay existed records no lr_decay: the default still matches it
+    assert "lr_decay" not in stages.checkpoint_options(FinetuneConfig())
+    assert stages.checkpoint_options(cfg)["lr_decay"] == 0.5

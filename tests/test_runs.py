@@ -245,3 +245,13 @@ def test_extraction_record_is_the_one_key_list(tmp_path):
     assert list(record) == ["fake"] and tuple(record["fake"]) == EXTRACTION_KEYS
     assert record["fake"]["calibration"] is None and record["fake"]["weights"] == "none"  # older stores lack keys
     assert Path(store.path).is_file()
+
+
+def test_the_report_names_the_weights_licence_and_warns_of_a_closed_one():
+    from classify.report import license_section
+
+    assert license_section({"resnet50": {"license": None}}) == []  # families that record none
+    open_ = "\n".join(license_section({"timm:convnext_tiny": {"license": "apache-2.0"}}))
+    assert "timm:convnext_tiny `apache-2.0`" in open_ and "Warning" not in open_
+    closed = "\n".join(license_section({"a": {"license": "apache-2.0"}, "b": {"license": "cc-by-nc-4.0"}}))
+    assert "Warning: the b weights" in closed and "commercial" in closed and "the a weights" not in closed

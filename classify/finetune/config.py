@@ -9,6 +9,7 @@ __all__ = [
     "BACKBONE_FILE",
     "BEST",
     "CHECKPOINT",
+    "LATER_OPTIONS",
     "REFIT_CHECKPOINT",
     "STORE",
     "VALIDATION_FOLD",
@@ -16,6 +17,9 @@ __all__ = [
     "FinetuneError",
 ]
 
+LATER_OPTIONS = ("lr_decay",)
+"""Options added after checkpoints were first written: recorded in a checkpoint only when not at their
+default, so that older checkpoints resume."""
 CHECKPOINT = "checkpoint.pt"
 """The first stage's state after its last finished epoch: what `--resume` goes on from."""
 REFIT_CHECKPOINT = "refit-checkpoint.pt"
@@ -56,7 +60,11 @@ class FinetuneConfig:
     """Learning rate of the head; default 3e-5 when it starts from --init's tuned head (below the
     backbone's: see docs/evaluation.md), 1e-3 for a fresh head (above it)."""
     backbone_lr: float = 1e-4
-    """Learning rate of the unfrozen backbone blocks."""
+    """Learning rate of the unfrozen backbone blocks (of the top one, with --lr-decay)."""
+    lr_decay: float = 1.0
+    """Layer-wise learning-rate decay: the k-th unfrozen block below the top trains at backbone_lr x
+    lr_decay^k (1: one rate for all). Lower blocks hold more general features, which fine-tuning
+    should move less (the recipe of BEiT and DINOv2's fine-tuning of ViTs)."""
     weight_decay: float = 0.01
     warmup_epochs: float = 1.0
     bn: str = "frozen"

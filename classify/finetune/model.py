@@ -107,8 +107,9 @@ class Model(nn.Module):
         return self.head(self.backbone(x).float())
 
 
-def trainable_blocks(backbone: Backbone, unfreeze: str) -> tuple[list[nn.Module], list[nn.Module]]:
-    """(frozen, trainable) blocks: the last `unfreeze` blocks of the registry's list, or all."""
+def trainable_blocks(backbone: Backbone, unfreeze: str) -> tuple[list[nn.Module], list[list[nn.Module]]]:
+    """(frozen modules, trainable blocks from the lowest to the top): the last `unfreeze` blocks of the
+    registry's list, or all; each trainable block a list of modules (so that --lr-decay can rate it)."""
     blocks = get_family(backbone.name).blocks(backbone.module)
     if unfreeze == "all":
         n = len(blocks)
@@ -119,8 +120,7 @@ def trainable_blocks(backbone: Backbone, unfreeze: str) -> tuple[list[nn.Module]
             raise FinetuneError(f"--unfreeze {unfreeze!r}: a number of blocks or 'all'") from None
         if not 1 <= n <= len(blocks):
             raise FinetuneError(f"--unfreeze {n}: {backbone.name} has {len(blocks)} blocks (1..{len(blocks)} or all)")
-    flat = lambda groups: [m for group in groups for m in group]  # noqa: E731
-    return flat(blocks[: len(blocks) - n]), flat(blocks[len(blocks) - n :])
+    return [m for group in blocks[: len(blocks) - n] for m in group], blocks[len(blocks) - n :]
 
 
 def embedding_stats(
@@ -138,13 +138,15 @@ def embedding_stats(
     return x.mean(axis=0), x.std(axis=0) + 1e-6
 
 
-def build_optimizer(model: Model, trainable: list[nn.Module], cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """AdamW; the backbone at a lower rate than the head; no weight decay on norms and biases."""
+def build_optimizer(model: Model, trainable: list[list[nn.Module]], cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """AdamW; the backbone at a lower rate than the head, each unfrozen block below the top at
+    `lr_decay` times the rate of the block above it; no weight decay on norms and biases."""
+    rated = [
+        ([p for m in block for p in m.parameters()], cfg.backbone_lr * cfg.lr_decay ** (len(trainable) - 1 - i))
+        for i, block in enumerate(trainable)
+    ]
     groups = []
-    for params, lr in (
-        ([p for m in trainable for p in m.parameters()], cfg.backbone_lr),
-        (list(model.head.parameters()), cfg.lr),
-    ):
+    for params, lr in [*rated, (list(model.head.parameters()), cfg.lr)]:
         decay = [p for p in params if p.ndim > 1]
         rest = [p for p in params if p.ndim <= 1]
         groups += [
@@ -229,9 +231,10 @@ def build_training(
     standardised on the rows' embeddings), class weights of `rows`, AdamW, the schedule, the average."""
     backbone = load_backbone(cfg.backbone, weights)
     frozen, trainable = trainable_blocks(backbone, cfg.unfreeze)
-    for module in trainable:
-        for p in module.parameters():
-            p.requires_grad_(True)
+    for block in trainable:
+        for module in block:
+            for p in module.parameters():
+                p.requires_grad_(True)
     stats = None
     if head is None:
         stats = embedding_stats(backbone, [manifest.file(r) for r in rows], device, batch_size=cfg.batch_size)

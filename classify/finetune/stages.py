@@ -19,7 +19,15 @@ import numpy as np
 from torch import nn
 
 from classify.finetune.checkpoint import Checkpoint
-from classify.finetune.config import BEST, CHECKPOINT, REFIT_CHECKPOINT, VALIDATION_FOLD, FinetuneConfig, FinetuneError
+from classify.finetune.config import (
+    BEST,
+    CHECKPOINT,
+    LATER_OPTIONS,
+    REFIT_CHECKPOINT,
+    VALIDATION_FOLD,
+    FinetuneConfig,
+    FinetuneError,
+)
 from classify.finetune.data import decoded_validation, study_split
 from classify.finetune.initial import check_same_extraction, init_weights, refit_without_validation
 from classify.finetune.loop import Runtime, Scores, train_epoch, validate
@@ -67,6 +75,18 @@ class Chosen:
     """Class offsets of the logits that maximise balanced accuracy on the validation rows."""
     validation: tuple[np.ndarray, np.ndarray]
     """(manifest rows, probabilities with the offsets) of the validation images at the chosen epoch."""
+
+
+def checkpoint_options(cfg: FinetuneConfig) -> dict:
+    """The options a checkpoint records: all but those that never change a result. An option added
+    after checkpoints were first written (`LATER_OPTIONS`) is recorded only when it differs from its
+    default, so that a checkpoint written before it existed still resumes."""
+    defaults = FinetuneConfig()
+    return {
+        k: v
+        for k, v in dataclasses.asdict(cfg).items()
+        if k not in ("resume", "workers", "device") and not (k in LATER_OPTIONS and v == getattr(defaults, k))
+    }
 
 
 def comparable_auc(auc: float) -> float:
@@ -251,7 +271,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         classes=classes,
         runtime=Runtime.of(cfg),
         run_dir=run_dir,
-        options={k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("resume", "workers", "device")},
+        options=checkpoint_options(cfg),
     )
     chosen = first_stage(job, train_rows=train_rows, val_rows=val_rows)
     model, refit = chosen.model, None
