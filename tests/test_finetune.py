@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY
-from imagefiles import lesion, save
+from imagefiles import lesion_set
 
 from classify.finetune import FinetuneConfig, FinetuneError, finetune, model, stages
 from classify.finetune.checkpoint import Checkpoint
@@ -31,28 +31,13 @@ from features.store import FeatureStore
 FAST = ("--epochs", "2", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--allow-small-test")
 
 
-def _image_set(root: Path, n_groups: int = 12) -> Path:
-    rows = []
-    for g in range(n_groups):
-        label = ("mel", "nv")[g % 2]
-        for k in range(2):
-            image_id = f"g{g:02d}_{k}"
-            picture = lesion(g * 10 + k)
-            if label == "mel":
-                picture = (picture * 0.5).astype(np.uint8)
-            save(root / "img" / f"{image_id}.png", picture)
-            rows.append(f"{image_id},img/{image_id}.png,{label},G{g}")
-    (root / "labels.csv").write_text("image_id,path,label,lesion_id\n" + "\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 @pytest.fixture(scope="module")
 def frozen(tmp_path_factory) -> dict:
     """A store of random-init TINY embeddings and a linear `fit` run on it (fp32 throughout)."""
     import cli as entry
 
     root = tmp_path_factory.mktemp("frozen")
-    manifest = _image_set(root / "data")
+    manifest = lesion_set(root / "data")
     store = root / "frozen.h5"
     assert (
         entry.main(
@@ -379,13 +364,12 @@ def test_an_unreadable_training_image_is_listed_not_fatal(tmp_path, cli, frozen)
     assert "g02_1" in failed and "empty file" in failed
 
 
-def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypatch):
-    """The moving average is what is validated and kept, and it survives an interruption."""
-    base = dict(
+def _moving_average_run(frozen: dict, **options) -> dict:
+    """FinetuneConfig options of a short run from the frozen head, with the moving average and mixup on."""
+    return dict(
         data=str(frozen["manifest"]),
         backbone=TINY,
         init=str(frozen["run"]),
-        epochs=3,
         patience=10,
         batch_size=8,
         workers=0,
@@ -394,9 +378,14 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
         backbone_lr=1e-2,
         ema=0.9,
         mixup=0.4,
-        label_smoothing=0.1,
         allow_small_test=True,
+        **options,
     )
+
+
+def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypatch):
+    """The moving average is what is validated and kept, and it survives an interruption."""
+    base = _moving_average_run(frozen, epochs=3, label_smoothing=0.1)
     finetune(FinetuneConfig(out=str(tmp_path / "whole"), **base))
     reference = json.loads((tmp_path / "whole" / "history.json").read_text())
     state = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
@@ -425,21 +414,7 @@ def test_ema_mixup_and_label_smoothing_resume_exactly(tmp_path, frozen, monkeypa
 
 def test_refit_trains_again_on_every_study_row_and_resumes(tmp_path, frozen, monkeypatch):
     """Validation picks the epochs; the final model is the same training run again on all study rows."""
-    base = dict(
-        data=str(frozen["manifest"]),
-        backbone=TINY,
-        init=str(frozen["run"]),
-        epochs=2,
-        patience=10,
-        batch_size=8,
-        workers=0,
-        precision="fp32",
-        lr=1e-2,
-        backbone_lr=1e-2,
-        ema=0.9,
-        mixup=0.4,
-        allow_small_test=True,
-    )
+    base = _moving_average_run(frozen, epochs=2)
     validate, calls = stages.validate, []
 
     def rising(model, validation, **kwargs):  # every epoch's AUC beats the last, so validation chooses epoch 2

@@ -15,7 +15,7 @@ import optuna
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 from conftest import ROOT, TINY, synthetic_store
-from imagefiles import lesion, save
+from imagefiles import lesion_set
 
 from classify.runs import RunError, load_run, read_run_split
 from features.splits import TEST, split_digest
@@ -207,23 +207,8 @@ def test_external_validation_checks_fingerprints_and_labels(tmp_path, store, cli
     assert code == 2 and "other settings" in err
 
 
-def _image_set(root: Path, n_groups: int) -> Path:
-    rows = []
-    for g in range(n_groups):
-        label = ("mel", "nv")[g % 2]
-        for k in range(2):
-            image_id = f"g{g:02d}_{k}"
-            picture = lesion(g * 10 + k)
-            if label == "mel":
-                picture = (picture * 0.5).astype(np.uint8)  # darker: learnable even with random weights
-            save(root / "img" / f"{image_id}.png", picture)
-            rows.append(f"{image_id},img/{image_id}.png,{label},G{g}")
-    (root / "labels.csv").write_text("image_id,path,label,lesion_id\n" + "\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
-    manifest = _image_set(tmp_path / "data", 12)
+    manifest = lesion_set(tmp_path / "data", 12)
     store = tmp_path / "real.h5"
     code, _, err = cli(
         "extract",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY
-from imagefiles import lesion, save
+from imagefiles import lesion, lesion_set
 from PIL import Image
 
 from extract.backbones import (
@@ -41,25 +41,9 @@ IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CPU = ("--precision", "fp32", "--workers", "0", "--runtime", "torch", "--compile", "off", "--device", "cpu")
 
 
-def _images(root: Path, n_groups: int) -> Path:
-    """Two pictures per lesion, classes alternating by lesion (mel darker: learnable with random weights)."""
-    rows = []
-    for g in range(n_groups):
-        label = ("mel", "nv")[g % 2]
-        for k in range(2):
-            image_id = f"g{g:02d}_{k}"
-            picture = lesion(g * 10 + k)
-            if label == "mel":
-                picture = (picture * 0.5).astype(np.uint8)
-            save(root / "img" / f"{image_id}.png", picture)
-            rows.append(f"{image_id},img/{image_id}.png,{label},G{g}")
-    (root / "labels.csv").write_text("image_id,path,label,lesion_id\n" + "\n".join(rows) + "\n")
-    return root / "labels.csv"
-
-
 @pytest.fixture(scope="module")
 def few(tmp_path_factory) -> Path:
-    return _images(tmp_path_factory.mktemp("few"), 2)
+    return lesion_set(tmp_path_factory.mktemp("few"), 2)
 
 
 def _extract(cli, data: Path, out: Path, *args) -> tuple[int, str, str]:
@@ -296,7 +280,7 @@ def test_weights_files_load_as_safetensors_or_state_dicts(tmp_path):
 
 
 def test_fit_and_predict_reproduce_a_run_on_a_timm_store(tmp_path, cli):
-    manifest = _images(tmp_path / "data", 12)
+    manifest = lesion_set(tmp_path / "data", 12)
     torch.manual_seed(11)
     weights = _safetensors(get_family("timm:convnext_tiny").architecture(), tmp_path / "convnext.safetensors")
     store, run = tmp_path / "s.h5", tmp_path / "run"
