@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, NoReturn
+from typing import Callable, Iterable, NoReturn
 
 
 def _use_project_venv() -> None:
@@ -310,8 +310,61 @@ def _backbones_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def per_backbone(parse):
+    """`parse` applied to one value, or to each of a comma-separated list of them (one per backbone)."""
+
+    def parse_each(text: str):
+        parts = [parse(part.strip()) for part in text.split(",")]
+        return parts[0] if len(parts) == 1 else ",".join(str(p) for p in parts)
+
+    parse_each.__name__ = parse.__name__
+    return parse_each
+
+
+def one_of(values: Iterable[str]):
+    """One of `values`."""
+    values = tuple(values)
+
+    def parse(text: str) -> str:
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose {', '.join(values)}")
+        return text
+
+    parse.__name__ = "choice"
+    return parse
+
+
+def _backbone_option_arguments(parser: argparse.ArgumentParser, *, several: bool) -> None:
+    """--pool, --input-size and --clip-embed: how a hub backbone embeds. With `several` backbones (extract),
+    each takes one value for all or one per backbone, comma-separated, as --weights does; finetune's
+    one backbone takes the run's own with --init."""
+    from extract.backbones import CLIP_EMBEDS, DEFAULT_OPTIONS, POOLS
+
+    each = per_backbone if several else (lambda parse: parse)
+    also = "; one for all backbones or one each, comma-separated" if several else " (with --init: the run's own)"
+    parser.add_argument(
+        "--pool",
+        type=each(one_of(POOLS)),
+        default=DEFAULT_OPTIONS.pool,
+        help=f"timm: transformers: {', '.join(POOLS)} (the model's own, class token, mean patch token, or both "
+        f"concatenated){also}",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=each(integer(16, 4096, also=(0,))),
+        default=DEFAULT_OPTIONS.input_size,
+        help=f"timm: and open_clip: backbones: input side in pixels (0: the weights' own; DINOv2's is 518){also}",
+    )
+    parser.add_argument(
+        "--clip-embed",
+        type=each(one_of(CLIP_EMBEDS)),
+        default=DEFAULT_OPTIONS.clip_embed,
+        help="open_clip: backbones: the image tower's embedding before or after its projection "
+        f"({', '.join(CLIP_EMBEDS)}){also}",
+    )
+
+
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
-    from extract.backbones import CLIP_EMBEDS, POOLS
     from extract.preprocess import VIEWS
     from extract.run import ExtractConfig
     from extract.runtimes import ALL_PRECISIONS, COMPILE_FROM, RUNTIMES
@@ -325,24 +378,7 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights", default=d.weights, help="default | none (random, tests only) | FILE; comma-separated per backbone"
     )
-    parser.add_argument(
-        "--pool",
-        default=d.pool,
-        choices=list(POOLS),
-        help="timm: transformers: auto (the model's own), class token, mean patch token, or both concatenated",
-    )
-    parser.add_argument(
-        "--input-size",
-        type=integer(16, 4096, also=(0,)),
-        default=d.input_size,
-        help="timm: and open_clip: backbones: input side in pixels (0: the weights' own; DINOv2's is 518)",
-    )
-    parser.add_argument(
-        "--clip-embed",
-        default=d.clip_embed,
-        choices=list(CLIP_EMBEDS),
-        help="open_clip: backbones: the image tower's embedding before or after its projection",
-    )
+    _backbone_option_arguments(parser, several=True)
     parser.add_argument("--out", default=d.out, help="feature store to write or extend")
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
@@ -516,6 +552,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", default=t.images, help="folder that CSV paths and bare image ids are relative to")
     parser.add_argument("--backbone", required=True, help="backbone name (see `backbones`)")
     parser.add_argument("--weights", default=t.weights, help="default | none | FILE (with --init: the run's own)")
+    _backbone_option_arguments(parser, several=False)
     parser.add_argument(
         "--init", default=t.init, help="a `fit` run (linear or mlp head on this backbone) to start from"
     )

@@ -22,6 +22,7 @@ from classify.runs import (
     RunSplit,
     load_run,
     predictions_csv,
+    recorded_options,
     run_split,
     weights_option,
     write_json,
@@ -189,15 +190,14 @@ def predict(
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
         store_path = Path(tmp) / "predict.h5"
         for backbone, recorded in run.card["extraction"].items():  # one pass each: settings may differ
+            options = recorded_options(recorded)
             extract(
                 ExtractConfig(
                     backbone=backbone,
                     weights=weights_option(backbone, recorded, run.folder),
-                    # the backbone's options as the store recorded them (a store made before they
-                    # existed has none: the defaults, which is what it was made with)
-                    pool=recorded.get("pool") or "auto",
-                    input_size=int(recorded.get("input_size") or 0),
-                    clip_embed=recorded.get("clip_embed") or "pre",
+                    pool=options.pool,
+                    input_size=options.input_size,
+                    clip_embed=options.clip_embed,
                     out=str(store_path),
                     precision=recorded["precision"],
                     tta=recorded["views"],

@@ -35,6 +35,7 @@ from features.store import FeatureStore
 
 if TYPE_CHECKING:  # report.py draws with matplotlib, which loading or applying a run never needs
     from classify.report import ReportParts
+    from extract.backbones import BackboneOptions
 
 __all__ = [
     "CARD",
@@ -55,6 +56,7 @@ __all__ = [
     "predictions_csv",
     "read_card",
     "read_run_split",
+    "recorded_options",
     "run_split",
     "save_run",
     "save_split",
@@ -332,6 +334,18 @@ def weights_option(backbone: str, recorded: dict, run_folder: Path) -> str:
         if candidate.is_file():
             return str(candidate)
     raise RunError(f"the run's {backbone} weights file {recorded['weights']} is not here; put it back there")
+
+
+def recorded_options(recorded: dict) -> BackboneOptions:
+    """The backbone options (pool, input size, CLIP projection) a card's extraction entry records; a
+    store made before they existed has none: the defaults, which is what it was made with."""
+    from extract.backbones import BackboneOptions  # torch: only `predict` embeds images (heads.py says why)
+
+    return BackboneOptions(
+        pool=recorded.get("pool") or "auto",
+        input_size=int(recorded.get("input_size") or 0),
+        clip_embed=recorded.get("clip_embed") or "pre",
+    )
 
 
 def extraction_record(store: FeatureStore, backbones: Iterable[str]) -> dict[str, dict]:

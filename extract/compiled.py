@@ -323,7 +323,10 @@ def load_or_convert(module: nn.Module, example: torch.Tensor, path: Path, transf
         log.info(
             "converting %s for OpenVINO (once on this machine; later runs read it from %s)", path.stem, path.parent
         )
-    model = ov.convert_model(module, example_input=example, input=[tuple(example.shape)])
+    # The batch dimension left free: a model converted for one batch size folds the batch into its
+    # shape computations (a ViT's class token broadcast to the batch becomes a constant), and the IR
+    # could not then be reshaped to another run's batch.
+    model = ov.convert_model(module, example_input=example, input=[ov.PartialShape([-1, *example.shape[1:]])])
     if transform is not None:
         model = transform(model)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from extract.backbones import (
     Backbone,
+    DEFAULT_OPTIONS,
     BackboneError,
     BackboneOptions,
     BackboneSpec,
@@ -70,7 +71,8 @@ __all__ = [
     "Plan",
     "Throughput",
     "backbone_layouts",
-    "backbone_options",
+    "BackboneChoice",
+    "backbone_choices",
     "backbone_specs",
     "cuda_settings",
     "default_workers",
@@ -100,11 +102,12 @@ class ExtractConfig:
     """Comma-separated backbone names."""
     weights: str = "default"
     """`default`, `none` or a file; comma-separated to give each backbone its own."""
-    pool: str = "auto"
-    """A transformer's pooling (timm: backbones): `auto` (the model's own), `token`, `avg` or `token+avg`."""
-    input_size: int = 0
+    pool: str = DEFAULT_OPTIONS.pool
+    """A transformer's pooling (timm: backbones): `auto` (the model's own), `token`, `avg` or `token+avg`.
+    This and the next two, as --weights: one value for every backbone, or comma-separated, one each."""
+    input_size: int | str = DEFAULT_OPTIONS.input_size
     """Side of the input in pixels (timm: and open_clip: backbones); 0: the weights' own."""
-    clip_embed: str = "pre"
+    clip_embed: str = DEFAULT_OPTIONS.clip_embed
     """An OpenCLIP image tower's embedding before (`pre`) or after (`post`) its projection."""
     out: str = "features.h5"
     batch_size: int = 0
@@ -339,18 +342,27 @@ def _changed_files(old: Samples, manifest: Manifest) -> set[str]:
 # ----------------------------------------------------------------------------------------- running
 
 
-def backbone_options(cfg: ExtractConfig) -> BackboneOptions:
-    """--pool, --input-size and --clip-embed, for every backbone of the run (each family refuses the
-    ones that do not apply to it)."""
-    try:
-        return BackboneOptions(pool=cfg.pool, input_size=cfg.input_size, clip_embed=cfg.clip_embed)
-    except BackboneError as exc:
-        raise ConfigError(str(exc)) from None
+def _per_backbone(flag: str, value: object, n: int) -> list[str]:
+    """The values of an option that takes one value for every backbone, or one per backbone."""
+    parts = [p.strip() for p in str(value).split(",")]
+    if len(parts) not in (1, n):
+        raise ConfigError(f"{flag} {value}: give one value, or one per backbone ({n}), comma-separated")
+    return parts * n if len(parts) == 1 else parts
 
 
-def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
-    """(backbone, weights) pairs of the options, checked before anything is read or loaded."""
-    backbone_options(cfg)
+@dataclass(frozen=True)
+class BackboneChoice:
+    """One backbone of the options: its name, weights and how it embeds."""
+
+    name: str
+    weights: str
+    options: BackboneOptions
+
+
+def backbone_choices(cfg: ExtractConfig) -> list[BackboneChoice]:
+    """Each backbone with its --weights, --pool, --input-size and --clip-embed (each option one value for
+    every backbone or one per backbone; a family refuses the ones that do not apply to it), checked
+    before anything is read or loaded."""
     if cfg.tta not in VIEWS:
         raise ConfigError(f"--tta {cfg.tta!r}: choose {', '.join(VIEWS)}")
     if cfg.compile not in ("auto", "on", "off"):
@@ -358,16 +370,36 @@ def _names_and_weights(cfg: ExtractConfig) -> list[tuple[str, str]]:
     names = [n.strip() for n in cfg.backbone.split(",") if n.strip()]
     if not names:
         raise ConfigError("--backbone: name at least one backbone (see `cli.py backbones`)")
-    weights = [w.strip() for w in cfg.weights.split(",")]
-    if len(weights) not in (1, len(names)):
-        raise ConfigError(f"--weights: give one value, or one per backbone ({len(names)})")
-    return list(zip(names, weights * len(names) if len(weights) == 1 else weights))
+    n = len(names)
+    columns = zip(
+        _per_backbone("--weights", cfg.weights, n),
+        _per_backbone("--pool", cfg.pool, n),
+        _per_backbone("--input-size", cfg.input_size, n),
+        _per_backbone("--clip-embed", cfg.clip_embed, n),
+    )
+    choices = []
+    for name, (weights, pool, size, clip_embed) in zip(names, columns):
+        if not size.isdigit():
+            raise ConfigError(
+                f"--input-size {cfg.input_size}: {size!r} is not a number of pixels (0: the weights' own)"
+            )
+        try:
+            options = BackboneOptions(pool=pool, input_size=int(size), clip_embed=clip_embed)
+        except BackboneError as exc:
+            raise ConfigError(str(exc)) from None
+        choices.append(BackboneChoice(name, weights, options))
+    return choices
 
 
 def backbone_specs(cfg: ExtractConfig) -> list[BackboneSpec]:
     """The backbones of the options, as specs: nothing is built (extract builds what it runs)."""
-    options = backbone_options(cfg)
-    return [backbone_spec(name, weights, options) for name, weights in _names_and_weights(cfg)]
+    choices = backbone_choices(cfg)
+    try:
+        return [backbone_spec(c.name, c.weights, c.options) for c in choices]
+    except BackboneError as exc:
+        if len(choices) > 1 and str(exc).startswith("--"):  # an option that one of them does not take
+            raise BackboneError(f"{exc} (several backbones: give each its own value, comma-separated)") from None
+        raise
 
 
 def _layout(spec: BackboneSpec, cfg: ExtractConfig) -> BackboneLayout:
@@ -389,7 +421,7 @@ def extract(cfg: ExtractConfig, manifest: Manifest | None = None, *, lock: Store
     as `lock` (rank 0 of a torchrun job, which holds it while it gathers the shards)."""
     started = time.monotonic()
     cfg = cfg.resolved()
-    _names_and_weights(cfg)
+    backbone_choices(cfg)
     given = manifest
     manifest = manifest or read_manifest(cfg.data, cfg.images)
     cfg, calibration = resolve_calibration(cfg, manifest, whole=None if given else manifest)

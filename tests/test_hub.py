@@ -321,6 +321,90 @@ def test_fit_and_predict_reproduce_a_run_on_a_timm_store(tmp_path, cli):
         assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
 
 
+def test_a_vit_beside_a_cnn_with_views_and_on_openvino_at_any_batch_size(tmp_path, few, cli):
+    """Hub and torchvision backbones in one pass with test-time views; the ViT on the OpenVINO runtime
+    gives torch's embeddings, also when its cached model is read back at another batch size (a ViT's
+    class token is broadcast to the batch: a model converted for one batch size only would bake it in)."""
+    vit = "timm:vit_tiny_patch16_224"
+    torch.manual_seed(7)
+    options = BackboneOptions(input_size=32)
+    weights = _safetensors(get_family(vit, options).architecture(), tmp_path / "vit.safetensors")
+    both = tmp_path / "both.h5"
+    pair = ("--backbone", f"{vit},{TINY}", "--weights", f"{weights},none", "--tta", "flip", "--batch-size", "4")
+    code, _, err = _extract(cli, few, both, *pair, "--input-size", "32")  # one size for both: not regnet's
+    assert code == 2 and "regnet_x_400mf" in err and "comma-separated" in err and "Traceback" not in err
+    code, _, err = _extract(cli, few, both, *pair, "--input-size", "32,0")  # one each: 0, the weights' own
+    assert code == 0, err
+    store = FeatureStore(both)
+    assert store.done(vit).all() and store.done(TINY).all()
+    assert store.backbone_attrs(vit)["input_size"] == 32 and store.backbone_attrs(TINY)["input_size"] == 224
+    expected = store.embeddings(vit, views=True)
+    assert expected.shape == (4, 2, 192)  # two views each
+    vit_alone = (
+        "--backbone",
+        vit,
+        "--weights",
+        weights,
+        "--input-size",
+        "32",
+        "--tta",
+        "flip",
+        "--runtime",
+        "openvino",
+    )
+    for batch in (4, 3):  # the second reads the model the first converted, and reshapes it
+        out = tmp_path / f"ov{batch}.h5"
+        code, _, err = _extract(cli, few, out, *vit_alone, "--batch-size", str(batch))
+        assert code == 0, err
+        np.testing.assert_allclose(FeatureStore(out).embeddings(vit, views=True), expected, rtol=1e-3, atol=1e-4)
+
+
+def test_finetune_a_vit_from_a_run_takes_the_runs_pooling_and_size(tmp_path, cli):
+    """finetune --init on a ViT store made with --pool token+avg --input-size 32: the backbone is built
+    as the store's was (else the head would meet other features), the top two blocks train (at --lr-decay),
+    the run's own store and predict follow those options; a differing --pool is refused."""
+    vit = "timm:vit_tiny_patch16_224"
+    manifest = lesion_set(tmp_path / "data", 12)
+    torch.manual_seed(5)
+    options = BackboneOptions(pool="token+avg", input_size=32)
+    weights = _safetensors(get_family(vit, options).architecture(), tmp_path / "vit.safetensors")
+    store, fitted, tuned = tmp_path / "s.h5", tmp_path / "fitted", tmp_path / "tuned"
+    made = ("--pool", "token+avg", "--input-size", "32")
+    code, _, err = _extract(cli, manifest, store, "--backbone", vit, "--weights", weights, *made)
+    assert code == 0, err
+    split = ("--test-fraction", "0.34", "--allow-small-test")
+    code, _, err = cli(
+        "fit", "--features", store, "--head", "linear", "--out", fitted, "--folds", "2", "--trials", "1", *split
+    )
+    assert code == 0, err
+    common = ("finetune", "--data", manifest, "--backbone", vit, "--init", fitted)
+    cheap = ("--epochs", "1", "--batch-size", "8", "--workers", "0", "--precision", "fp32", "--tta", "none")
+    code, _, err = cli(*common, "--out", tmp_path / "other", "--pool", "avg", *cheap, *split)
+    assert code != 0 and "--pool avg" in err and "token+avg" in err and "Traceback" not in err
+    code, _, err = cli(*common, "--out", tuned, "--unfreeze", "2", "--lr-decay", "0.5", *cheap, *split)
+    assert code == 0, err
+    card = json.loads((tuned / "run.json").read_text())
+    recorded = card["extraction"][vit]
+    assert (recorded["pool"], recorded["input_size"]) == ("token+avg", 32)
+    assert FeatureStore(tuned / "embeddings.h5").embeddings(vit).shape[1] == 2 * 192
+    trained = torch.load(tuned / "checkpoint.pt", weights_only=True)["model"]  # the first stage's last epoch
+    start = load_backbone(vit, str(weights), options).module.state_dict()
+    changed = {k.split(".")[2] for k in start if not torch.equal(start[k], trained["backbone." + k])}
+    assert {"10", "11"} <= changed <= {"10", "11", "weight", "bias"}, changed  # the top two blocks, final norm
+    expected = {row["image"]: row for row in csv.DictReader(open(tuned / "test_predictions.csv"))}
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for image_id in expected:
+        shutil.copy(tmp_path / "data" / "img" / f"{image_id}.png", folder / f"{image_id}.png")
+    out = tmp_path / "preds.csv"
+    code, _, err = cli("predict", "--run", tuned, "--images", folder, "--out", out, "--workers", "0")
+    assert code == 0, err
+    got = {row["image"]: row for row in csv.DictReader(open(out))}
+    assert sorted(got) == sorted(expected)
+    for image_id, row in got.items():
+        assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
+
+
 # -------------------------------------------------------------------------------------------- OpenCLIP
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from extract.backbones import DEFAULT_OPTIONS, BackboneOptions
+
 __all__ = [
     "BACKBONE_FILE",
     "BEST",
@@ -17,7 +19,7 @@ __all__ = [
     "FinetuneError",
 ]
 
-LATER_OPTIONS = ("lr_decay",)
+LATER_OPTIONS = ("lr_decay", "pool", "input_size", "clip_embed")
 """Options added after checkpoints were first written: recorded in a checkpoint only when not at their
 default, so that older checkpoints resume."""
 CHECKPOINT = "checkpoint.pt"
@@ -46,6 +48,10 @@ class FinetuneConfig:
     images: str | None = None
     backbone: str = ""
     weights: str = "default"
+    pool: str = DEFAULT_OPTIONS.pool
+    input_size: int = DEFAULT_OPTIONS.input_size
+    clip_embed: str = DEFAULT_OPTIONS.clip_embed
+    """How the backbone embeds (`extract --pool/--input-size/--clip-embed`; with --init, the run's own)."""
     init: str | None = None
     """A `fit` run with a linear or mlp head on this backbone: the head to start from."""
     features: str | None = None
@@ -95,3 +101,10 @@ class FinetuneConfig:
     (validation fold included) for that many epochs: the final model, as `fit` refits its best head
     on all study rows. Its validation figures are the chosen epoch's, made before the refit."""
     resume: bool = False
+
+    def backbone_options(self) -> BackboneOptions:
+        """--pool, --input-size and --clip-embed as the backbone takes them."""
+        try:
+            return BackboneOptions(pool=self.pool, input_size=self.input_size, clip_embed=self.clip_embed)
+        except ValueError as exc:  # BackboneError: said as finetune's own error, in one line
+            raise FinetuneError(str(exc)) from None

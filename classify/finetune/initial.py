@@ -4,6 +4,7 @@ the training rows only so that epoch 0 is scored as honestly as every later epoc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,13 +13,13 @@ from sklearn.base import clone
 from classify.finetune.config import FinetuneConfig, FinetuneError
 from classify.heads import Head
 from classify.inputs import InputSpec, fit_views
-from classify.runs import Run, weights_option
-from extract.backbones import Backbone
+from classify.runs import Run, recorded_options, weights_option
+from extract.backbones import Backbone, BackboneOptions
 from extract.manifest import Manifest
 from features.rows import read_embeddings
 from features.store import FeatureStore, describe_mismatch
 
-__all__ = ["check_same_extraction", "init_weights", "refit_without_validation"]
+__all__ = ["check_same_extraction", "init_options", "init_weights", "refit_without_validation"]
 
 
 def init_weights(cfg: FinetuneConfig, init: Run | None) -> str:
@@ -38,6 +39,25 @@ def init_weights(cfg: FinetuneConfig, init: Run | None) -> str:
             f"--init {cfg.init} was fitted on test-time views ({recorded['views']}); fit one on single views"
         )
     return weights_option(cfg.backbone, recorded, init.folder)
+
+
+def init_options(cfg: FinetuneConfig, init: Run | None) -> FinetuneConfig:
+    """`cfg` with the backbone options (--pool, --input-size, --clip-embed) resolved: with --init, the
+    run's own, as its weights are (options given that differ from them are refused: the head was
+    fitted on embeddings made that way)."""
+    if init is None or cfg.backbone not in init.card["extraction"]:
+        return cfg
+    recorded = recorded_options(init.card["extraction"][cfg.backbone])
+    given, default = cfg.backbone_options(), BackboneOptions()
+    for option in ("pool", "input_size", "clip_embed"):
+        mine = getattr(given, option)
+        if mine != getattr(default, option) and mine != getattr(recorded, option):
+            flag = "--" + option.replace("_", "-")
+            raise FinetuneError(
+                f"{flag} {mine}: --init {cfg.init} was fitted on embeddings made with {flag} "
+                f"{getattr(recorded, option)}; leave {flag} out to use the run's"
+            )
+    return dataclasses.replace(cfg, pool=recorded.pool, input_size=recorded.input_size, clip_embed=recorded.clip_embed)
 
 
 def refit_without_validation(init: Run, manifest: Manifest, train_rows: np.ndarray) -> Head:

@@ -229,7 +229,7 @@ def build_training(
 ) -> Training:
     """A stage's fresh start: the backbone with its top blocks unfrozen, the head (`head`, or a fresh one
     standardised on the rows' embeddings), class weights of `rows`, AdamW, the schedule, the average."""
-    backbone = load_backbone(cfg.backbone, weights)
+    backbone = load_backbone(cfg.backbone, weights, cfg.backbone_options())
     frozen, trainable = trainable_blocks(backbone, cfg.unfreeze)
     for block in trainable:
         for module in block:

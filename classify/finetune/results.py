@@ -78,6 +78,9 @@ def write_run_folder(run_dir: Path, finished: Finished) -> dict:
         ExtractConfig(
             backbone=backbone,
             weights=str(run_dir / BACKBONE_FILE),
+            pool=cfg.pool,
+            input_size=cfg.input_size,
+            clip_embed=cfg.clip_embed,
             out=str(store_path),
             precision=fin.precision,
             tta=cfg.tta,

@@ -29,7 +29,12 @@ from classify.finetune.config import (
     FinetuneError,
 )
 from classify.finetune.data import decoded_validation, study_split
-from classify.finetune.initial import check_same_extraction, init_weights, refit_without_validation
+from classify.finetune.initial import (
+    check_same_extraction,
+    init_options,
+    init_weights,
+    refit_without_validation,
+)
 from classify.finetune.loop import Runtime, Scores, train_epoch, validate
 from classify.finetune.model import Model, build_training, shift_logits
 from classify.finetune.results import Finished, write_run_folder
@@ -242,6 +247,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     run_dir = Path(cfg.out)
     Checkpoint(run_dir / CHECKPOINT).check_start(cfg.resume)
     init = load_run(cfg.init) if cfg.init else None
+    cfg = init_options(cfg, init)
+    cfg.backbone_options()  # refused now, not after the split is made
     weights = init_weights(cfg, init)
     manifest = read_manifest(cfg.data, cfg.images)
     split, split_spec = study_split(cfg, manifest, init)
