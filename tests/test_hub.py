@@ -324,7 +324,8 @@ def test_fit_and_predict_reproduce_a_run_on_a_timm_store(tmp_path, cli):
 def test_a_vit_beside_a_cnn_with_views_and_on_openvino_at_any_batch_size(tmp_path, few, cli):
     """Hub and torchvision backbones in one pass with test-time views; the ViT on the OpenVINO runtime
     gives torch's embeddings, also when its cached model is read back at another batch size (a ViT's
-    class token is broadcast to the batch: a model converted for one batch size only would bake it in)."""
+    class token is broadcast to the batch: a model converted for one batch size only would bake it in),
+    and in bf16 on either runtime the same to bf16's rounding."""
     vit = "timm:vit_tiny_patch16_224"
     torch.manual_seed(7)
     options = BackboneOptions(input_size=32)
@@ -357,6 +358,13 @@ def test_a_vit_beside_a_cnn_with_views_and_on_openvino_at_any_batch_size(tmp_pat
         code, _, err = _extract(cli, few, out, *vit_alone, "--batch-size", str(batch))
         assert code == 0, err
         np.testing.assert_allclose(FeatureStore(out).embeddings(vit, views=True), expected, rtol=1e-3, atol=1e-4)
+    for runtime in ("torch", "openvino"):  # bf16: the same features to bf16's rounding
+        out = tmp_path / f"bf16-{runtime}.h5"
+        code, _, err = _extract(cli, few, out, *vit_alone, "--runtime", runtime, "--precision", "bf16")
+        assert code == 0, err
+        got = FeatureStore(out).embeddings(vit, views=True)
+        assert FeatureStore(out).backbone_attrs(vit)["precision"] == "bf16"
+        assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.05
 
 
 def test_finetune_a_vit_from_a_run_takes_the_runs_pooling_and_size(tmp_path, cli):

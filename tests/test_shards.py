@@ -19,7 +19,12 @@ from imagefiles import csv_data_set
 from features.lock import StoreLock
 from features.store import FeatureStore, journal_folder
 
-COMMON = ["--backbone", TINY, "--weights", "none", "--precision", "fp32", "--batch-size", "2", "--flush-rows", "2"]
+VIT = "timm:vit_tiny_patch16_224"
+"""A timm transformer beside the torchvision CNN, with options of its own (each rank builds it alike)."""
+COMMON = [
+    *("--backbone", f"{TINY},{VIT}", "--weights", "none", "--input-size", "0,32", "--pool", "auto,token+avg"),
+    *("--precision", "fp32", "--batch-size", "2", "--flush-rows", "2"),
+]
 
 
 def _torchrun(manifest: Path, out: Path, **popen) -> list[str]:
@@ -72,8 +77,11 @@ def _single(manifest: Path, out: Path) -> FeatureStore:
 def _same(a: FeatureStore, b: FeatureStore) -> None:
     assert a.samples().image_id == b.samples().image_id
     assert a.samples().sha256 == b.samples().sha256
-    np.testing.assert_allclose(a.embeddings(TINY), b.embeddings(TINY), atol=1e-5)
-    assert a.done(TINY).all()
+    for backbone in (TINY, VIT):
+        np.testing.assert_allclose(a.embeddings(backbone), b.embeddings(backbone), atol=1e-5)
+        assert a.done(backbone).all()
+        assert a.backbone_attrs(backbone)["fingerprint"] == b.backbone_attrs(backbone)["fingerprint"]
+    assert a.dim(VIT) == 2 * 192
 
 
 def _shard_lines(stderr: str) -> dict[int, tuple[int, int]]:
