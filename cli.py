@@ -45,6 +45,7 @@ USER_ERRORS = {
     "extract.backbones": ("BackboneError", "WeightsUnavailable"),
     "features.store": ("StoreError",),
     "extract.run": ("ConfigError",),
+    "extract.runtimes": ("RuntimeUnavailable",),
     "features.splits": ("SplitError",),
     "classify.fit": ("FitError",),
     "classify.heads": ("HeadError",),

@@ -20,8 +20,11 @@ mlp and xgboost heads on fp32, bf16, OpenVINO bf16 and int8 embeddings of ham100
 (EfficientNet-Lite0, real weights) and compares their test scores.
 
     python bench/extract.py [--backbones resnet50,vgg11,...] [--images 960] [--heads] [--trials 10]
+    python bench/extract.py --backbones timm:vit_small_patch14_dinov2.lvd142m@224,timm:convnext_tiny
 
-Speed does not depend on the weights' values: the seed backbones run with --weights none.
+A backbone written NAME@N runs at `--input-size N`. Speed does not depend on the weights' values: every
+backbone but EfficientNet-Lite runs with --weights none. A run that fails (a model that a runtime cannot
+take) is printed as failed with its reason; the other columns are still measured.
 """
 
 from __future__ import annotations
@@ -63,13 +66,29 @@ def matmul_ceiling(n: int = 4096) -> dict[str, float]:
     return out
 
 
-def gflop_per_image(name: str) -> float:
+def parse(spec: str) -> tuple[str, int]:
+    """(backbone name, input size; 0 for the weights' own) of a --backbones entry NAME or NAME@N."""
+    name, _, size = spec.partition("@")
+    return name, int(size or 0)
+
+
+def weights(name: str) -> str:
+    """Real weights where they are on this machine (EfficientNet-Lite), random ones elsewhere."""
+    return "default" if name.startswith("efficientnet_lite") else "none"
+
+
+def load(spec: str):
+    from extract.backbones import BackboneOptions, load_backbone
+
+    name, size = parse(spec)
+    return load_backbone(name, weights(name), BackboneOptions(input_size=size))
+
+
+def gflop_per_image(spec: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from extract.backbones import load_backbone
-
-    backbone = load_backbone(name, "none" if name != "efficientnet_lite0" else "default")
+    backbone = load(spec)
     size = backbone.preprocess.crop
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -83,14 +102,12 @@ def naive(name: str, csv_path: Path) -> dict:
     from PIL import Image
     from torchvision import transforms
 
-    from extract.backbones import load_backbone
-
     torch.set_num_threads(os.cpu_count() or 1)
-    backbone = load_backbone(name, "none" if name != "efficientnet_lite0" else "default")
+    backbone = load(name)
     p = backbone.preprocess
     transform = transforms.Compose(
         [
-            transforms.Resize(p.resize),
+            transforms.Resize(p.resize, interpolation=transforms.InterpolationMode(p.interpolation)),
             transforms.CenterCrop(p.crop),
             transforms.ToTensor(),
             transforms.Normalize([m / 255 for m in p.mean], [s / 255 for s in p.std]),
@@ -117,6 +134,7 @@ def tool(
     store."""
     from extract.run import ExtractConfig, extract
 
+    name, size = parse(name)
     started = time.monotonic()
     summary = extract(
         ExtractConfig(
@@ -124,7 +142,8 @@ def tool(
             images=str(DATA),
             backbone=name,
             out=str(out),
-            weights="none" if name != "efficientnet_lite0" else "default",
+            weights=weights(name),
+            input_size=size,
             precision=precision,
             compile=compile,
             runtime=runtime,
@@ -173,11 +192,15 @@ MODES = {
 
 
 def measure(name: str, mode: str, csv_path: Path, work: Path) -> dict:
-    store = work / f"{name}-{mode}.h5"
+    """One measurement in a fresh process; {"failed": reason} when the run fails."""
+    store = work / f"{name.replace('/', '_').replace(':', '_')}-{mode}.h5"
     store.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--one", name, "--mode", mode, "--csv", str(csv_path), "--store", str(store)]
     env = {**os.environ, "SKINLESION_CACHE": str(work / "cache")}
-    done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return {"failed": lines[-1][:160]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -309,22 +332,30 @@ def main() -> None:
         m = {mode: measure(name, mode, csv_path, work) for mode in MODES}
 
         def speed(r: dict) -> str:
+            if "failed" in r:
+                return f"failed: {r['failed']}"
             return f"{r['images_per_s']:.1f} ({r['steady_images_per_s']:.1f})"
 
         def share(r: dict) -> str:
+            if "failed" in r:
+                return "-"
             return f"{r['images_per_s'] * gflop / limit:.0%} ({r['steady_images_per_s'] * gflop / limit:.0%})"
 
         def peak(r: dict) -> str:
+            if "failed" in r:
+                return "-"
             return f"{max(r['peak_rss_mb'], r['peak_rss_children_mb']):.0f}"
 
         later = m["later"]
+        gain = f"{later['images_per_s'] / slow['images_per_s']:.1f}x" if "failed" not in later else "-"
+        chosen = f" ({later['runtime']}, {later['precision']})" if "failed" not in later else ""
         print(
             f"| {name} | {gflop:.2f} | {limit:.0f} | {slow['images_per_s']:.1f} | {speed(m['first'])} | "
-            f"{speed(later)} ({later['runtime']}, {later['precision']}) | "
-            f"{later['images_per_s'] / slow['images_per_s']:.1f}x | {share(later)} | {speed(m['int8-first'])} | "
+            f"{speed(later)}{chosen} | "
+            f"{gain} | {share(later)} | {speed(m['int8-first'])} | "
             f"{speed(m['int8'])} | {speed(m['eager'])} | "
             f"{speed(m['compiled'])} | {share(m['compiled'])} | "
-            f"{slow['peak_rss_mb']:.0f} / {peak(later)} / {peak(m['compiled'])} MB |",
+            f"{peak(slow)} / {peak(later)} / {peak(m['compiled'])} MB |",
             flush=True,
         )
     if args.heads:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, TINY
-from imagefiles import csv_data_set, lesion, mixed_folder, save
+from imagefiles import csv_data_set, lesion, mixed_folder, save, lesion_set
 
 import extract.run as run
 from extract import compiled, dataset, runtimes
@@ -651,3 +651,22 @@ def test_planning_and_nothing_to_do_build_no_network(tmp_path, monkeypatch):
     assert _extract(first, out).embedded == {TINY: 0}
     with pytest.raises(AssertionError, match="was built"):
         _extract(full, out)  # new images: now the network is built
+
+
+def test_predict_on_a_machine_without_the_runs_int8_model_says_so_in_one_line(tmp_path, cli, monkeypatch):
+    """An int8 run's backbone is the model calibrated where the run was made; on a machine (here: a
+    cache) without it, `predict` says what to do, with the user-error status, not a traceback."""
+    pytest.importorskip("nncf")
+    manifest = lesion_set(tmp_path / "data", 6)
+    store, run = tmp_path / "int8.h5", tmp_path / "run"
+    options = ("--backbone", TINY, "--weights", "none", "--workers", "0", "--batch-size", "4")
+    code, _, err = cli("extract", "--data", manifest, "--out", store, "--precision", "int8", *options)
+    assert code == 0, err
+    split = ("--folds", "2", "--trials", "1", "--test-fraction", "0.34", "--allow-small-test")
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *split)
+    assert code == 0, err
+    monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path / "another-machine"))
+    images = tmp_path / "data" / "img"
+    code, _, err = cli("predict", "--run", run, "--images", images, "--out", tmp_path / "p.csv", "--workers", "0")
+    said = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(said) == 1 and "not in this machine's cache" in said[0], err
