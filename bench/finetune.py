@@ -1,13 +1,15 @@
 """The best frozen pipeline against end-to-end fine-tuning, on the same test rows.
 
-EfficientNet-Lite0 (real ImageNet weights) on ../shared/data/ham10000_mel_nv_150: `fit` tunes the
+EfficientNet-Lite0 (or `--backbone`: Lite1, Lite2; real ImageNet weights) on
+../shared/data/ham10000_mel_nv_150: `fit` tunes the
 linear, mlp and xgboost heads (20 trials each) on the frozen embeddings; `finetune --init` then starts
 from the tuned linear head with `--unfreeze 1`, `2` and `all`, once per `--seeds` value (the seed of
 the training's randomness; the split is the frozen runs'). All rows are scored on the store's test rows
 (lesion-grouped, never trained or early-stopped on). Prints test balanced accuracy, AUC and wall time
 per row, and per `--unfreeze` the mean and spread over the seeds of the gain over the best frozen head.
 
-    python bench/finetune.py [--unfreeze 1,2,all] [--seeds 0,1,2] [--work DIR] [--reuse-frozen] [--set epochs=12 ...]
+    python bench/finetune.py [--backbone efficientnet_lite2] [--unfreeze 1,2,all] [--seeds 0,1,2] [--work DIR]
+                             [--reuse-frozen] [--set epochs=12 ...]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ DATA = ROOT.parent / "shared" / "data" / "ham10000_mel_nv_150"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="a backbone with real weights here")
     parser.add_argument("--unfreeze", default="1,2,all")
     parser.add_argument("--seeds", default="0", help="fine-tuning seeds, comma-separated (e.g. 0,1,2)")
     parser.add_argument("--heads", default="linear,mlp,xgboost")
@@ -55,13 +58,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    store = work / "ham-lite0.h5"
-    extract(
-        ExtractConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone="efficientnet_lite0", out=str(store))
-    )
+    store = work / f"ham-{args.backbone}.h5"
+    extract(ExtractConfig(data=str(DATA / "labels.csv"), images=str(DATA), backbone=args.backbone, out=str(store)))
     rows = []
     for head in args.heads.split(","):
-        run = work / f"frozen-{head}"
+        run = work / f"frozen-{args.backbone}-{head}"
         if args.reuse_frozen and (run / "metrics.json").is_file():
             timing = run / "bench_seconds.txt"
             seconds = float(timing.read_text()) if timing.is_file() else float("nan")
@@ -87,15 +88,15 @@ def main() -> None:
     gains: dict[str, list[tuple[float, float]]] = {}
     for unfreeze in args.unfreeze.split(","):
         for seed in [int(v) for v in args.seeds.split(",")]:
-            run = work / f"finetune-{unfreeze}-seed{seed}"
+            run = work / f"finetune-{args.backbone}-{unfreeze}-seed{seed}"
             shutil.rmtree(run, ignore_errors=True)
             started = time.monotonic()
             metrics = finetune(
                 FinetuneConfig(
                     data=str(DATA / "labels.csv"),
                     images=str(DATA),
-                    backbone="efficientnet_lite0",
-                    init=str(work / "frozen-linear"),
+                    backbone=args.backbone,
+                    init=str(work / f"frozen-{args.backbone}-linear"),
                     out=str(run),
                     unfreeze=unfreeze,
                     seed=seed,

@@ -44,7 +44,7 @@ from classify.study import (
 )
 from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, small_test, split_counts, split_for
 from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
-from features.store import FeatureStore, StoreError
+from features.store import FeatureStore, StoreError, stored_name
 
 __all__ = [
     "Data",
@@ -129,7 +129,7 @@ class Data:
 
 
 def _backbones(store: FeatureStore, value: str) -> tuple[str, ...]:
-    names = tuple(b.strip() for b in value.split(",") if b.strip())
+    names = tuple(stored_name(b.strip()) for b in value.split(",") if b.strip())  # as the store spells them
     if not names:
         if len(store.backbones) != 1:
             raise FitError(

@@ -32,6 +32,7 @@ from torch import nn
 
 from extract.digests import weights_sha256
 from extract.preprocess import Preprocess
+from features.store import stored_name
 
 __all__ = [
     "ARCH_KWARGS",
@@ -62,7 +63,6 @@ __all__ = [
     "read_state",
     "register",
     "state_keys",
-    "store_name",
 ]
 
 RANDOM_INIT_SEED = 0
@@ -586,15 +586,8 @@ _MADE: dict[str, Family] = {}
 """Families made from a prefix, by name: a hub family reads its model's configs once per process."""
 
 
-SLASH = "%2F"
-"""How a `/` of a backbone's name is written where names are recorded (`store_name`)."""
-
-
-def store_name(name: str) -> str:
-    """`name` as stores, run cards and fingerprints record it. HDF5 reads a `/` in a name as a boundary
-    between groups, so the `/` of OpenCLIP's `<arch>/<pretrained>` and of a hub's ORG/REPO is written
-    %2F (`open_clip:ViT-B-32%2Fopenai`); `get_family` reads either spelling."""
-    return name.replace("/", SLASH)
+SLASH = stored_name("/")
+"""How a `/` of a backbone's name is written where names are recorded (`stored_name` says why)."""
 
 
 def get_family(name: str, options: BackboneOptions = DEFAULT_OPTIONS) -> Family:
@@ -648,7 +641,7 @@ def backbone_spec(name: str, weights: str = "default", options: BackboneOptions 
     checks that it is a state dict of the network."""
     family = get_family(name, options)
     dim = family.embedding_dim()
-    name = store_name(name)
+    name = stored_name(name)
     described = {"options": options, "settings": tuple(family.settings.items()), "license": family.license}
     if weights == "none":
         return BackboneSpec(name, dim, family.preprocess, "none", "", "none", **described)

@@ -51,6 +51,7 @@ __all__ = [
     "journal_folder",
     "journal_store",
     "merge_samples",
+    "stored_name",
     "read_failed",
     "read_samples",
     "tool_version",
@@ -67,6 +68,14 @@ CHUNK_BYTES = 1 << 20
 DTYPES = ("float32", "float16")
 """How embeddings may be stored; readers always hand out float32. float16 halves an archive's store
 (1,000,000 x 1,024 is 2 GB instead of 4) at a relative rounding error of 5e-4."""
+
+
+def stored_name(backbone: str) -> str:
+    """A backbone's name as the store (and run cards, fingerprints) write it. HDF5 reads a `/` in a name
+    as a boundary between groups, so the `/` of OpenCLIP's `<arch>/<pretrained>` and of a hub's
+    ORG/REPO is written %2F (`open_clip:ViT-B-32%2Fopenai`); every look-up by name takes either
+    spelling."""
+    return backbone.replace("/", "%2F")
 
 
 class StoreError(ValueError):
@@ -197,6 +206,7 @@ class FeatureStore:
             return dict(self._group(f, backbone).attrs)
 
     def _group(self, f: h5py.File, backbone: str) -> h5py.Group:
+        backbone = stored_name(backbone)
         if backbone not in f.get("embeddings", {}):
             known = ", ".join(sorted(f.get("embeddings", {}))) or "none"
             raise StoreError(f"{self.path}: no embeddings for backbone {backbone!r} (the store has: {known})")

@@ -29,11 +29,10 @@ from extract.backbones import (
     backbone_spec,
     get_family,
     load_backbone,
-    store_name,
 )
 from extract.hub import TimmEmbedding, TimmFamily, parameter_blocks
 from extract.preprocess import Preprocess
-from features.store import FeatureStore, license_caveat
+from features.store import FeatureStore, license_caveat, stored_name
 
 DINO = "timm:vit_small_patch14_dinov2.lvd142m"
 DINO_REPO = "timm/vit_small_patch14_dinov2.lvd142m"
@@ -425,8 +424,9 @@ def test_open_clip_tower_before_and_after_its_projection(tmp_path, few, cli):
     )
     assert code == 0, err
     pre, post = FeatureStore(tmp_path / "pre.h5"), FeatureStore(tmp_path / "post.h5")
-    assert pre.backbones == [store_name(name)] == ["open_clip:ViT-B-32%2Fopenai"]  # HDF5 reads "/" as a group
-    name = store_name(name)
+    assert pre.backbones == [stored_name(name)] == ["open_clip:ViT-B-32%2Fopenai"]  # HDF5 reads "/" as a group
+    np.testing.assert_array_equal(pre.embeddings(name), pre.embeddings(stored_name(name)))  # either spelling
+    name = stored_name(name)
     assert pre.embeddings(name).shape == (4, 768) and post.embeddings(name).shape == (4, 512)
     attrs = pre.backbone_attrs(name)
     assert attrs["clip_embed"] == "pre" and post.backbone_attrs(name)["clip_embed"] == "post"

@@ -42,6 +42,7 @@ from classify.metrics import balanced_offsets, shift_proba, threshold_of
 from classify.runs import Run, load_run
 from extract.manifest import Manifest, read_manifest
 from features.splits import UNUSED, lesions_in_test, small_test
+from features.store import stored_name
 
 __all__ = ["Chosen", "Job", "comparable_auc", "finetune", "first_stage", "refit_stage"]
 
@@ -244,6 +245,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise FinetuneError("--out RUN: name the run folder")
     if cfg.lr is None:
         cfg = dataclasses.replace(cfg, lr=3e-5 if cfg.init else 1e-3)
+    cfg = dataclasses.replace(cfg, backbone=stored_name(cfg.backbone))  # as stores and run cards spell it
     run_dir = Path(cfg.out)
     Checkpoint(run_dir / CHECKPOINT).check_start(cfg.resume)
     init = load_run(cfg.init) if cfg.init else None
