@@ -164,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     Path(args.out).write_text(
         predictions_csv(
-            np.array(result.ids, dtype=object), result.proba, result.classes, predicted=True, failed=result.failed
+            np.array(result.ids, dtype=object), result.proba, result.classes, result.decisions, failed=result.failed
         )
     )
     print(f"wrote {args.out}: {len(result.ids)} images classified, {len(result.failed)} could not be")
@@ -421,6 +421,7 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
+    from classify.calibration import CALIBRATIONS
     from classify.fit import PROTOCOLS, FitConfig
     from classify.heads import HEADS
     from classify.inputs import VIEW_MODES
@@ -487,7 +488,28 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         "--meta", default=f.meta, help="metadata columns to add, comma-separated (e.g. age,sex,localization)"
     )
     parser.add_argument(
-        "--positive", default=f.positive, help="class for sensitivity at fixed specificity (default: mel/melanoma)"
+        "--positive",
+        default=f.positive,
+        help="the positive class of the operating point and the clinical figures (default: mel/melanoma)",
+    )
+    parser.add_argument(
+        "--operating-point",
+        default=f.operating_point,
+        metavar="RULE",
+        help="the positive class's threshold, set on the out-of-fold predictions: sens=S, spec=S, youden or none "
+        "(auto: sens=0.95 where there is a positive class)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        default=f.calibrate,
+        choices=list(CALIBRATIONS),
+        help="calibration of the probabilities, fitted on the out-of-fold predictions",
+    )
+    parser.add_argument(
+        "--malignant",
+        default=f.malignant,
+        metavar="CLASSES",
+        help="classes counted malignant in the malignant-vs-benign figures of a multi-class run",
     )
     parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
     parser.add_argument(

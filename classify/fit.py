@@ -25,9 +25,11 @@ import numpy as np
 import optuna
 from filelock import FileLock
 
+from classify.calibration import CALIBRATIONS, Calibration, brier_score, fit_calibration
 from classify.heads import HEADS, Head, get_head
 from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, store_meta
-from classify.metrics import default_positive, evaluate
+from classify.metrics import MALIGNANT, default_positive, evaluate, expected_calibration_error
+from classify.operating import DEFAULT_RULE, OperatingPoint, choose_threshold, parse_rule
 from classify.report import study_parts
 from classify.runs import RunRecord, extraction_record, jsonable, write_run
 from classify.study import (
@@ -105,6 +107,15 @@ class FitConfig:
     protocol: str = "auto"
     """How trials are scored: `cv` (grouped K-fold), `holdout` (fold 0 only; the final model is the best
     trial's, fitted on the other folds); `auto`: holdout when the embeddings are streamed, else cv."""
+    operating_point: str = "auto"
+    """The rule that sets the positive class's decision threshold on the out-of-fold predictions
+    (classify/operating.py): `sens=S`, `spec=S`, `youden`, `none`; `auto`: sens=0.95 where there is a
+    positive class."""
+    calibrate: str = "temperature"
+    """How the out-of-fold predictions calibrate the run's probabilities: none, temperature, isotonic
+    (classify/calibration.py)."""
+    malignant: str = ",".join(MALIGNANT)
+    """Classes counted malignant in the malignant-vs-benign figures of a multi-class run."""
 
 
 @dataclass
@@ -162,6 +173,25 @@ def study_name(store: FeatureStore, spec: InputSpec, split: SplitSpec, head: str
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{head}.{'+'.join(spec.backbones)}.{digest}"
+
+
+def _operating_rule(cfg: FitConfig, positive: str | None) -> str:
+    """--operating-point resolved (`auto`: the screening rule where there is a positive class) and
+    --calibrate checked, before any trial runs."""
+    if cfg.calibrate not in CALIBRATIONS:
+        raise FitError(f"--calibrate {cfg.calibrate!r}: choose {', '.join(CALIBRATIONS)}")
+    if cfg.operating_point == "auto":
+        return DEFAULT_RULE if positive is not None else "none"
+    try:
+        rule = parse_rule(cfg.operating_point)
+    except ValueError as exc:
+        raise FitError(str(exc)) from None
+    if rule != "none" and positive is None:
+        raise FitError(
+            f"--operating-point {cfg.operating_point}: the store's classes have no positive class (mel or "
+            "melanoma); name one with --positive"
+        )
+    return rule
 
 
 def _fixed_params(head_cls, cfg: FitConfig) -> dict:
@@ -248,6 +278,7 @@ def fit(cfg: FitConfig) -> dict:
     positive = cfg.positive or default_positive(classes)
     if positive is not None and positive not in classes:
         raise FitError(f"--positive {positive!r}: not a class of this store ({', '.join(classes)})")
+    rule = _operating_rule(cfg, positive)
     run = Path(cfg.out)
     name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
     if cfg.trials == 0 and cfg.storage is None and not (run / JOURNAL).is_file():
@@ -335,6 +366,7 @@ def fit(cfg: FitConfig) -> dict:
             params=params,
             classes=classes,
             positive=positive,
+            rule=rule,
             study=study,
             name=name,
             resolved=resolved,
@@ -355,6 +387,8 @@ class Settled:
     """The best trial's parameters, with the fixed ones."""
     classes: list[str]
     positive: str | None
+    rule: str
+    """The operating point's rule (`none`: the run decides by the argmax)."""
     study: optuna.Study
     name: str
     """The study's name."""
@@ -366,16 +400,34 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
     """The final model and its figures, and every file of the run folder (through `write_run`)."""
     run, classes = Path(cfg.out), settled.classes
     majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
-    head, scored, cv_proba = _final_model(cfg, data, settled)
-    test_proba = _aligned(proba_views(head, data.x[data.test]), head.classes_, classes)
+    head, scored, raw_cv = _final_model(cfg, data, settled)
+    raw_test = _aligned(proba_views(head, data.x[data.test]), head.classes_, classes)
     y, g = data.y[data.study], data.groups[data.study]
     study, resolved = settled.study, settled.resolved
+    # calibrated and thresholded on the out-of-fold predictions only; the test rows are scored once
+    codes = np.array([classes.index(c) for c in y[scored]])
+    calibration = fit_calibration(cfg.calibrate, codes, raw_cv)
+    cv_proba, test_proba = calibration.apply(raw_cv), calibration.apply(raw_test)
+    operating = None
+    if settled.rule != "none":
+        k = classes.index(settled.positive)
+        threshold = choose_threshold(settled.rule, y[scored] == settled.positive, cv_proba[:, k])
+        operating = OperatingPoint(settled.rule, settled.positive, threshold)
+    figures = {
+        "seed": cfg.seed,
+        "threshold": operating.threshold if operating else None,
+        "rule": settled.rule if operating else None,
+        "malignant": tuple(c.strip() for c in cfg.malignant.split(",") if c.strip()),
+    }
+    test_y, test_g = data.y[data.test], data.groups[data.test]
     metrics = {
-        "test": evaluate(
-            data.y[data.test], test_proba, classes, data.groups[data.test], settled.positive, majority, seed=cfg.seed
-        ),
+        "test": {
+            **evaluate(test_y, test_proba, classes, test_g, settled.positive, majority, **figures),
+            "calibration": calibration_figures(calibration, test_y, raw_test, test_proba, classes),
+        },
         "cv": {
-            **evaluate(y[scored], cv_proba, classes, g[scored], settled.positive, majority, seed=cfg.seed),
+            **evaluate(y[scored], cv_proba, classes, g[scored], settled.positive, majority, **figures),
+            "calibration": calibration_figures(calibration, y[scored], raw_cv, cv_proba, classes),
             "study_best_value": study.best_value,
             "folds": cfg.folds,
             "protocol": resolved["protocol"],
@@ -421,6 +473,9 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
             test_labels=data.y[data.test],
             counts=split_counts(data.folds, data.y),
             report=study_parts(metrics, config, trials),
+            calibration=calibration,
+            operating_point=operating,
+            test_uncalibrated=raw_test,
             card_extra={"study": settled.name},
             extra_files={
                 "study.json": {
@@ -457,6 +512,26 @@ def _final_model(cfg: FitConfig, data: Data, settled: Settled) -> tuple[Head, np
     head = head_cls(**params, random_state=cfg.seed)
     fit_views(head, x, y, g)
     return head, np.ones(len(y), dtype=bool), cv_proba
+
+
+def calibration_figures(
+    calibration: Calibration, y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, classes: list[str]
+) -> dict:
+    """What the calibration did to these rows: ECE and Brier score before and after."""
+    codes = np.array([classes.index(c) for c in y])
+    labels = np.array(classes, dtype=object)
+
+    def ece(proba: np.ndarray) -> float:
+        return expected_calibration_error(labels[proba.argmax(axis=1)] == y, proba.max(axis=1))
+
+    return {
+        "method": calibration.method,
+        **({"temperature": calibration.temperature} if calibration.method == "temperature" else {}),
+        "ece_before": ece(raw),
+        "ece_after": ece(calibrated),
+        "brier_before": brier_score(codes, raw),
+        "brier_after": brier_score(codes, calibrated),
+    }
 
 
 def _aligned(proba: np.ndarray, have: np.ndarray, classes: list[str]) -> np.ndarray:

@@ -12,6 +12,11 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 
 __all__ = [
     "BOOTSTRAP",
+    "MALIGNANT",
+    "PAUC_MIN_TPR",
+    "SCREENING_SENSITIVITY",
+    "WeightedRoc",
+    "clinical_figures",
     "ECE_BINS",
     "MAX_CANDIDATES",
     "POSITIVE_NAMES",
@@ -34,6 +39,12 @@ POSITIVE_NAMES = ("mel", "melanoma")
 SPECIFICITIES = (0.80, 0.90)
 ECE_BINS = 15
 BOOTSTRAP = 1000
+SCREENING_SENSITIVITY = 0.95
+"""Specificity is reported at this sensitivity (`spec_at_95_sens`), as clinical melanoma papers do."""
+PAUC_MIN_TPR = 0.80
+"""Partial AUC above this true-positive rate (`pauc_80`), as the ISIC 2024 challenge scores."""
+MALIGNANT = ("mel", "bcc", "akiec", "scc")
+"""HAM10000/ISIC diagnoses counted malignant in the malignant-vs-benign roll-up of multi-class runs."""
 MAX_CANDIDATES = 512
 """Decision offsets (`balanced_offsets`) are searched over at most this many values per class."""
 
@@ -161,6 +172,110 @@ class _RankedScores:
         return float(np.sum(positive * (below[self.tie] + 0.5 * neg_per_tie[self.tie])) / (pos_total * neg_total))
 
 
+class WeightedRoc:
+    """The ROC curve of one score for any weighting of its rows (a lesion-grouped bootstrap resample is a
+    weighting): the rows are sorted once, and each curve costs a few cumulative sums."""
+
+    def __init__(self, truth: np.ndarray, score: np.ndarray):
+        order = np.argsort(-np.asarray(score, dtype=float), kind="stable")
+        ordered = np.asarray(score, dtype=float)[order]
+        self.order = order
+        self.truth = np.asarray(truth, dtype=bool)[order]
+        # the last row of each run of equal scores: where the curve has a point
+        self.ends = np.flatnonzero(np.r_[ordered[1:] != ordered[:-1], True])
+
+    def curve(self, weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, tpr), from (0, 0) to (1, 1), one point per distinct score (as roc_curve without
+        dropping collinear points); NaN arrays when a class has no weight."""
+        w = np.ones(len(self.order)) if weight is None else np.asarray(weight, dtype=float)[self.order]
+        tps = np.cumsum(w * self.truth)[self.ends]
+        fps = np.cumsum(w * ~self.truth)[self.ends]
+        if tps[-1] == 0 or fps[-1] == 0:
+            return np.full(1, np.nan), np.full(1, np.nan)
+        return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+
+def spec_at_sens(fpr: np.ndarray, tpr: np.ndarray, sensitivity: float = SCREENING_SENSITIVITY) -> float:
+    """The best specificity among the curve's thresholds whose sensitivity is at least `sensitivity`."""
+    if np.isnan(tpr).any():
+        return float("nan")
+    return float(1 - fpr[tpr >= sensitivity - 1e-12].min())
+
+
+def pauc_above_tpr(fpr: np.ndarray, tpr: np.ndarray, min_tpr: float = PAUC_MIN_TPR) -> float:
+    """The partial AUC above true-positive rate `min_tpr` as ISIC 2024's scorer defines it (range 0 to
+    1 - min_tpr): the area under the curve of the flipped problem (labels and scores reversed, so its
+    false-positive rate is 1 - tpr) up to a false-positive rate of 1 - min_tpr, the last segment
+    interpolated."""
+    if np.isnan(tpr).any():
+        return float("nan")
+    # the flipped curve, in increasing order: fpr' = 1 - tpr, tpr' = 1 - fpr
+    x, y = (1 - tpr)[::-1], (1 - fpr)[::-1]
+    max_fpr = 1 - min_tpr
+    stop = int(np.searchsorted(x, max_fpr, "right"))
+    x_end = np.interp(max_fpr, x[stop - 1 : stop + 1], y[stop - 1 : stop + 1])
+    xs, ys = np.r_[x[:stop], max_fpr], np.r_[y[:stop], x_end]
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+
+
+def _value(value: float, samples: list[float]) -> dict:
+    """A figure and its 95 % interval from bootstrap samples (empty when no resample had it)."""
+    kept = [v for v in samples if not np.isnan(v)]
+    ci = [float(v) for v in np.percentile(kept, [2.5, 97.5])] if kept else []
+    return {"value": float(value), "ci": ci}
+
+
+def resample_weights(groups: np.ndarray, reps: int = BOOTSTRAP, seed: int = 0):
+    """Row weights of `reps` lesion-grouped bootstrap resamples: each lesion drawn some number of times,
+    its rows weighted by that count (the same resamples for the same groups and seed)."""
+    rng = np.random.default_rng(seed)
+    unique, index = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    for _ in range(reps):
+        yield np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))[index].astype(float)
+
+
+def clinical_figures(
+    truth: np.ndarray,
+    score: np.ndarray,
+    groups: np.ndarray,
+    *,
+    threshold: float | None = None,
+    rule: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """The field's figures of one positive class (`truth`) and its probability (`score`), each with a
+    lesion-grouped 95 % interval: specificity at 95 % sensitivity, partial AUC above 80 % TPR, and with a
+    `threshold`, sensitivity and specificity at it (`operating_point`)."""
+    truth = np.asarray(truth, dtype=bool)
+    roc = WeightedRoc(truth, score)
+    decided = np.asarray(score, dtype=float) >= (threshold if threshold is not None else np.inf)
+
+    def figures(weight: np.ndarray | None) -> dict[str, float]:
+        fpr, tpr = roc.curve(weight)
+        w = np.ones(len(truth)) if weight is None else weight
+        pos, neg = np.sum(w * truth), np.sum(w * ~truth)
+        out = {"spec_at_95_sens": spec_at_sens(fpr, tpr), "pauc_80": pauc_above_tpr(fpr, tpr)}
+        if threshold is not None:
+            out["sensitivity"] = float(np.sum(w * truth * decided) / pos) if pos else float("nan")
+            out["specificity"] = float(np.sum(w * ~truth * ~decided) / neg) if neg else float("nan")
+        return out
+
+    point = figures(None)
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    for weight in resample_weights(groups, seed=seed):
+        for k, v in figures(weight).items():
+            samples[k].append(v)
+    result = {k: _value(point[k], samples[k]) for k in ("spec_at_95_sens", "pauc_80")}
+    if threshold is not None:
+        result["operating_point"] = {
+            "rule": rule,
+            "threshold": float(threshold),
+            "sensitivity": _value(point["sensitivity"], samples["sensitivity"]),
+            "specificity": _value(point["specificity"], samples["specificity"]),
+        }
+    return result
+
+
 def evaluate(
     y: np.ndarray,
     proba: np.ndarray,
@@ -170,8 +285,15 @@ def evaluate(
     majority: str,
     *,
     seed: int = 0,
+    threshold: float | None = None,
+    rule: str | None = None,
+    malignant: tuple[str, ...] = MALIGNANT,
 ) -> dict:
-    """Every figure of a report for labels `y` and probabilities `proba` (columns follow `classes`)."""
+    """Every figure of a report for labels `y` and probabilities `proba` (columns follow `classes`):
+    the argmax figures, and for the positive class against the rest the field's figures
+    (`clinical_figures`; at `threshold`, chosen by `rule`, when the run has an operating point). With
+    more than two classes, of which some are `malignant`, the same for malignant against benign (the
+    sum of the malignant classes' probabilities)."""
     y = np.asarray(y, dtype=object)
     classes = [str(c) for c in classes]
     predicted = np.array(classes, dtype=object)[proba.argmax(axis=1)]
@@ -212,6 +334,16 @@ def evaluate(
         result["positive"] = positive
         result["sensitivity_at_specificity"] = {
             f"{s:.2f}": sensitivity_at_specificity(y == positive, score, s) for s in SPECIFICITIES
+        }
+        result.update(clinical_figures(y == positive, score, groups, threshold=threshold, rule=rule, seed=seed))
+    bad = [c for c in classes if c.lower() in {m.lower() for m in malignant}]
+    if len(classes) > 2 and 0 < len(bad) < len(classes):
+        truth = np.isin(y, bad)
+        score = proba[:, [classes.index(c) for c in bad]].sum(axis=1)
+        result["malignant_vs_benign"] = {
+            "malignant": bad,
+            "auc": _auc(truth, score),
+            **clinical_figures(truth, score, groups, seed=seed),
         }
     return result
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from classify.inputs import proba_views
 from classify.metrics import evaluate
 from classify.runs import (
     Run,
@@ -143,9 +142,19 @@ def evaluate_run(
             else ""
         )
         raise RunError(f"{store.path}: no labelled rows to evaluate on{why}")
-    proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(memory_budget)))
+    proba = run.proba(_inputs(store, run, rows, parse_budget(memory_budget)))
     groups = store.column("group")[rows]
-    metrics = evaluate(labels[rows], proba, run.classes, groups, run.card.get("positive"), run.card["majority"])
+    point = run.operating_point
+    metrics = evaluate(
+        labels[rows],
+        proba,
+        run.classes,
+        groups,
+        run.card.get("positive"),
+        run.card["majority"],
+        threshold=point.threshold if point else None,
+        rule=point.rule if point else None,
+    )
     warning = small_test(lesions_in_test(labels[rows], groups, np.full(len(groups), TEST)))
     if warning:
         metrics["warning"] = warning.replace("the test part", "the scored set")
@@ -157,7 +166,7 @@ def evaluate_run(
         folder / "metrics.json",
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
-    write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes))
+    write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes, run.decide(proba)))
     return metrics
 
 
@@ -165,9 +174,12 @@ def evaluate_run(
 class Prediction:
     ids: list[str]
     proba: np.ndarray
+    """Calibrated as the run was."""
     classes: list[str]
     failed: dict[str, str]
     """Inputs that could not be classified (image id, or a folder with no images) and why."""
+    decisions: np.ndarray
+    """Each image's decided class: at the run's operating point where it has one, else the argmax."""
 
 
 def predict(
@@ -186,7 +198,7 @@ def predict(
     run = load_run(run_dir)
     manifest, failed = read_paths(paths, root)
     if not len(manifest):
-        return Prediction([], np.zeros((0, len(run.classes))), run.classes, failed)
+        return Prediction([], np.zeros((0, len(run.classes))), run.classes, failed, np.array([], dtype=object))
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
         store_path = Path(tmp) / "predict.h5"
         for backbone, recorded in run.card["extraction"].items():  # one pass each: settings may differ
@@ -214,6 +226,7 @@ def predict(
         check_fingerprints(run, store)
         rows = embedded_rows(store, run.inputs.backbones)
         ids = [i for i, ok in zip(store.column("image_id"), rows) if ok]
-        proba = proba_views(run.head, _inputs(store, run, rows, parse_budget(MEMORY_BUDGET))) if ids else None
+        proba = run.proba(_inputs(store, run, rows, parse_budget(MEMORY_BUDGET))) if ids else None
         failed.update(store.failed())
-    return Prediction(ids, proba if proba is not None else np.zeros((0, len(run.classes))), run.classes, failed)
+    proba = proba if proba is not None else np.zeros((0, len(run.classes)))
+    return Prediction(ids, proba, run.classes, failed, run.decide(proba))

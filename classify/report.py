@@ -27,6 +27,8 @@ from features.store import license_caveat  # noqa: E402
 __all__ = [
     "PLOTS",
     "SHARED_PLOTS",
+    "calibration_section",
+    "clinical_section",
     "Plot",
     "ReportParts",
     "confusion_section",
@@ -153,15 +155,17 @@ def write_run_report(
     test_proba: np.ndarray,
     parts: ReportParts,
     extraction: dict[str, dict] | None = None,
+    test_uncalibrated: np.ndarray | None = None,
 ) -> None:
     """report.md and plots/*.png in the run folder: the shared sections and plots, and `parts`;
-    `extraction` (backbone -> its extraction record) names the weights' licences."""
+    `extraction` (backbone -> its extraction record) names the weights' licences; `test_uncalibrated`,
+    the head's own probabilities where the run calibrates them, draws the reliability before it too."""
     plots = run / PLOTS
     plots.mkdir(exist_ok=True)
     classes = metrics["test"]["classes"]
     _confusion(plots / CONFUSION, np.array(metrics["test"]["confusion_matrix"]), classes)
     _roc(plots / ROC, test_labels, test_proba, classes, metrics["test"].get("positive"))
-    _reliability(plots / RELIABILITY, test_labels, test_proba, classes)
+    _reliability(plots / RELIABILITY, test_labels, test_proba, classes, before=test_uncalibrated)
     for plot in parts.plots:
         plot.draw(plots / plot.name)
     write_text(run / "report.md", markdown(metrics, config, counts, parts, extraction or {}))
@@ -174,6 +178,8 @@ def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts, extr
         title_section(config, parts.title),
         license_section(extraction or {}),
         headline_section(metrics, metrics[parts.second], parts.second_label, parts.notes),
+        clinical_section(test, metrics[parts.second], parts.second_label),
+        calibration_section(test, metrics[parts.second], parts.second_label),
         per_class_section(test),
         confusion_section(test),
         data_section(metrics, counts),
@@ -235,6 +241,81 @@ def headline_section(metrics: dict, second: dict, second_label: str, notes: list
             f"Sensitivity for `{test['positive']}` on the test rows: {_fmt(s['0.80'])} at 80 % specificity, "
             f"{_fmt(s['0.90'])} at 90 % specificity.",
         ]
+    return lines
+
+
+def _value(figure: dict | None) -> str:
+    """A {value, ci} figure as `0.812 (0.77-0.85)`."""
+    if not figure:
+        return "n/a"
+    ci = figure.get("ci") or []
+    return f"{_fmt(figure['value'])} ({_fmt(ci[0])}-{_fmt(ci[1])})" if len(ci) == 2 else _fmt(figure["value"])
+
+
+def clinical_section(test: dict, second: dict, second_label: str) -> list[str]:
+    """The positive class against the rest as a clinical paper reports it: sensitivity and specificity at
+    the threshold chosen beforehand (on the out-of-fold rows), specificity at 95 % sensitivity, partial
+    AUC above 80 % TPR; and the malignant-vs-benign roll-up of a multi-class run."""
+    if "pauc_80" not in test:
+        return []
+    lines = ["## Clinical figures", ""]
+    point = test.get("operating_point")
+    if point:
+        lines += [
+            f"Operating point: `{test['positive']}` when its probability is at least {_fmt(point['threshold'])}, "
+            f"the threshold of rule `{point['rule']}` on the out-of-fold predictions of the study rows, fixed "
+            "before any test row was scored; on the test rows its sensitivity and specificity are what they "
+            "are, not the rule's target.",
+            "",
+        ]
+    header = "| | sensitivity at the threshold | specificity at the threshold " if point else "| "
+    lines += [
+        header + "| specificity at 95 % sensitivity | pAUC above 80 % TPR (0-0.2) |",
+        "| --- |" + (" --- | --- |" if point else "") + " --- | --- |",
+    ]
+    for label, m in (("test", test), (second_label, second)):
+        if "pauc_80" not in m:
+            continue
+        at = m.get("operating_point") or {}
+        cells = f" {_value(at.get('sensitivity'))} | {_value(at.get('specificity'))} |" if point else ""
+        lines.append(f"| {label} |{cells} {_value(m['spec_at_95_sens'])} | {_value(m['pauc_80'])} |")
+    rollup = test.get("malignant_vs_benign")
+    if rollup:
+        lines += [
+            "",
+            f"Malignant ({', '.join(rollup['malignant'])}) against benign, test rows: AUC {_fmt(rollup['auc'])}, "
+            f"specificity at 95 % sensitivity {_value(rollup['spec_at_95_sens'])}, pAUC above 80 % TPR "
+            f"{_value(rollup['pauc_80'])}.",
+        ]
+    return lines
+
+
+def calibration_section(test: dict, second: dict, second_label: str) -> list[str]:
+    """ECE and Brier score before and after the run's calibration."""
+    if "calibration" not in test:
+        return []
+    c = test["calibration"]
+    how = {
+        "none": "none: the probabilities are the head's own",
+        "temperature": f"temperature scaling, T = {_fmt(c.get('temperature'), 2)}",
+        "isotonic": "isotonic regression per class",
+    }[c["method"]]
+    lines = [
+        "## Calibration",
+        "",
+        f"Calibration: {how}, fitted on the out-of-fold predictions only; every probability of the run "
+        "(its CSVs, `predict`, `evaluate`) is calibrated.",
+        "",
+        "| | ECE before | ECE after | Brier before | Brier after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, m in (("test", test), (second_label, second)):
+        if "calibration" in m:
+            k = m["calibration"]
+            lines.append(
+                f"| {label} | {_fmt(k['ece_before'])} | {_fmt(k['ece_after'])} | {_fmt(k['brier_before'])} "
+                f"| {_fmt(k['brier_after'])} |"
+            )
     return lines
 
 
@@ -370,14 +451,20 @@ def _roc(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], posit
     _save(fig, path)
 
 
-def _reliability(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> None:
-    confidence = proba.max(axis=1)
-    correct = np.array(classes, dtype=object)[proba.argmax(axis=1)] == y
-    binned = reliability_bins(correct, confidence)  # the bins of the ECE in metrics.json
+def _reliability(
+    path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], before: np.ndarray | None = None
+) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.scatter(binned.confidence, binned.accuracy, s=20 + 200 * binned.size / max(1, len(y)))
-    ax.plot(binned.confidence, binned.accuracy)
+    curves = [("calibrated", proba), ("before calibration", before)] if before is not None else [("", proba)]
+    for label, p in curves:
+        confidence = p.max(axis=1)
+        correct = np.array(classes, dtype=object)[p.argmax(axis=1)] == y
+        binned = reliability_bins(correct, confidence)  # the bins of the ECE in metrics.json
+        dots = ax.scatter(binned.confidence, binned.accuracy, s=20 + 200 * binned.size / max(1, len(y)))
+        ax.plot(binned.confidence, binned.accuracy, color=dots.get_facecolor()[0], label=label or None)
+    if before is not None:
+        ax.legend(loc="upper left")
     ax.set_xlabel("confidence of the predicted class")
     ax.set_ylabel("accuracy")
     ax.set_title("reliability (test)")

@@ -28,9 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from classify.calibration import Calibration
 from classify.heads import Head, get_head
-from classify.inputs import InputSpec, MetaEncoder
+from classify.inputs import InputSpec, MetaEncoder, proba_views
+from classify.operating import OperatingPoint
 from features.splits import TEST, UNUSED, read_split, split_digest
+from features.rows import StoreRows
 from features.store import FeatureStore
 
 if TYPE_CHECKING:  # report.py draws with matplotlib, which loading or applying a run never needs
@@ -159,6 +162,33 @@ class Run:
     @property
     def classes(self) -> list[str]:
         return list(self.card["classes"])
+
+    @property
+    def calibration(self) -> Calibration:
+        """The calibration map fitted with the run (none for a run made before there was one)."""
+        try:
+            return Calibration.from_dict(self.card.get("calibration"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"{self.folder / CARD}: its calibration cannot be read ({exc})") from None
+
+    @property
+    def operating_point(self) -> OperatingPoint | None:
+        """The threshold the run decides its positive class at (None: it decides by the argmax)."""
+        try:
+            return OperatingPoint.from_dict(self.card.get("operating_point"))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RunError(f"{self.folder / CARD}: its operating point cannot be read ({exc})") from None
+
+    def proba(self, x: np.ndarray | StoreRows) -> np.ndarray:
+        """The run's probabilities of inputs `x`: the head's, calibrated as the run was."""
+        return self.calibration.apply(proba_views(self.head, x))
+
+    def decide(self, proba: np.ndarray) -> np.ndarray:
+        """Each row's decided class: at the operating point where the run has one, else the argmax."""
+        point = self.operating_point
+        if point is None:
+            return np.array(self.classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
+        return point.decide(proba, self.classes)
 
 
 def save_run(folder: Path, head: Head, card: dict) -> None:
@@ -302,21 +332,26 @@ def predictions_csv(
     ids: np.ndarray,
     proba: np.ndarray,
     classes: list[str],
-    predicted: bool = False,
+    decisions: np.ndarray | None = None,
     failed: dict[str, str] | None = None,
 ) -> str:
-    """ISIC-style: `image` then one probability column per class (and `predicted` if asked); with
-    `failed`, an `error` column, blank for classified images, and a row with its reason for each image
-    that could not be classified."""
+    """ISIC-style: `image` then one probability column per class; with `decisions`, `predicted` (the
+    most probable class) and `decision` (the run's decision: at its operating point where it has one);
+    with `failed`, an `error` column, blank for classified images, and a row with its reason for each
+    image that could not be classified."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     errors = failed is not None
-    writer.writerow(["image", *classes] + (["predicted"] if predicted else []) + (["error"] if errors else []))
-    for image_id, row in zip(ids, proba):
+    decided = decisions is not None
+    header = ["image", *classes] + (["predicted", "decision"] if decided else []) + (["error"] if errors else [])
+    writer.writerow(header)
+    for k, (image_id, row) in enumerate(zip(ids, proba)):
         cells = [str(image_id), *(f"{p:.6f}" for p in row)]
-        writer.writerow(cells + ([classes[int(np.argmax(row))]] if predicted else []) + ([""] if errors else []))
+        if decided:
+            cells += [classes[int(np.argmax(row))], str(decisions[k])]
+        writer.writerow(cells + ([""] if errors else []))
     for image_id, reason in (failed or {}).items():
-        writer.writerow([image_id, *([""] * len(classes))] + ([""] if predicted else []) + [reason])
+        writer.writerow([image_id, *([""] * len(classes))] + (["", ""] if decided else []) + [reason])
     return buffer.getvalue()
 
 
@@ -389,6 +424,12 @@ class RunRecord:
     """Rows per class in the study and test parts (`split_counts`), for the report."""
     report: ReportParts
     """What this kind of run adds to the shared report (report.study_parts, report.training_parts)."""
+    calibration: Calibration = field(default_factory=Calibration)
+    """The map its probabilities (those of `predictions` included) were calibrated with."""
+    operating_point: OperatingPoint | None = None
+    """Where it decides its positive class (None: by the argmax)."""
+    test_uncalibrated: np.ndarray | None = None
+    """The head's own test probabilities, where `calibration` changed them (the report draws both)."""
     card_extra: dict = field(default_factory=dict)
     """The card's entries of this kind of run (fit: study; finetune: kind, init, unfreeze, best_epoch,
     decision); they may not replace an entry every run has."""
@@ -416,6 +457,8 @@ def write_run(folder: Path, record: RunRecord) -> None:
         "extraction": record.extraction,
         "positive": record.positive,
         "majority": record.majority,
+        "calibration": record.calibration.as_dict(),
+        "operating_point": record.operating_point.as_dict() if record.operating_point else None,
     }
     save_run(folder, record.head, {**card, **record.card_extra})
     write_json(folder / "config.json", record.config)
@@ -423,7 +466,12 @@ def write_run(folder: Path, record: RunRecord) -> None:
         write_json(folder / name, data)
     write_json(folder / "metrics.json", record.metrics)
     for part, (ids, proba) in record.predictions.items():
-        write_text(folder / f"{part}_predictions.csv", predictions_csv(ids, proba, classes))
+        decisions = (
+            record.operating_point.decide(proba, classes)
+            if record.operating_point
+            else np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
+        )
+        write_text(folder / f"{part}_predictions.csv", predictions_csv(ids, proba, classes, decisions))
     if record.failed:
         write_text(folder / FAILED_FILE, _failed_csv(record.failed))
         log.warning("%d images could not be used (listed in %s)", len(record.failed), folder / FAILED_FILE)
@@ -436,6 +484,7 @@ def write_run(folder: Path, record: RunRecord) -> None:
         test_proba=record.predictions["test"][1],
         parts=record.report,
         extraction=record.extraction,
+        test_uncalibrated=record.test_uncalibrated if record.calibration.method != "none" else None,
     )
 
 
@@ -450,7 +499,15 @@ def _failed_csv(failed: dict[str, str]) -> str:
 
 def _check_record(record: RunRecord, classes: list[str]) -> None:
     """A record that would write a run `load_run` or `predict` misreads is refused before any file."""
-    reserved = set(CARD_KEYS) | {"format_version", "store", "split_digest", "positive", "majority"}
+    reserved = set(CARD_KEYS) | {
+        "format_version",
+        "store",
+        "split_digest",
+        "positive",
+        "majority",
+        "calibration",
+        "operating_point",
+    }
     clash = sorted(reserved & set(record.card_extra))
     if clash:
         raise ValueError(f"card_extra would replace {', '.join(clash)}, which every run's card holds")

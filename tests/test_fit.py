@@ -74,7 +74,7 @@ def test_fit_writes_a_complete_honest_run(tmp_path, store, cli):
     assert not {group_of[i] for i in ids[split == TEST]} & {group_of[i] for i in ids[split >= 0]}
     assert load_run(run).card["split_digest"] == split_digest(ids, split)
     header = (run / "test_predictions.csv").read_text().splitlines()[0]
-    assert header == "image,mel,nv"
+    assert header == "image,mel,nv,predicted,decision"
     study = json.loads((run / "study.json").read_text())
     assert len(study["trials"]) == 3
     # the reported out-of-fold predictions are the best trial's own: refitting its parameters fold by

@@ -169,7 +169,7 @@ def test_each_kind_writes_its_own_files_and_report_sections(tmp_path, refit):
         assert (finetune / name).is_file(), name
     assert not (fit / "failed.csv").exists() and not (fit / "history.json").exists()
     header = (fit / "test_predictions.csv").read_text().splitlines()[0]
-    assert header == "image," + ",".join(refit["classes"])
+    assert header == "image," + ",".join(refit["classes"]) + ",predicted,decision"
     # a reason with a comma stays one field
     with open(finetune / "failed.csv", newline="") as handle:
         assert list(csv.reader(handle)) == [["image", "reason"], ["img9999", "cannot be decoded: truncated, 0 bytes"]]

@@ -1,0 +1,221 @@
+"""The clinical figures (issue 16): the operating point chosen on the out-of-fold predictions and applied
+unchanged to test rows, `predict` and `evaluate`; specificity at 95 % sensitivity and partial AUC as
+ISIC 2024 scores it; calibration fitted out of fold; the malignant-vs-benign roll-up."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import synthetic_store
+from sklearn.metrics import auc, roc_curve
+
+from classify.calibration import Calibration, brier_score, fit_calibration
+from classify.metrics import WeightedRoc, evaluate, expected_calibration_error, pauc_above_tpr, spec_at_sens
+from classify.operating import choose_threshold, decide, parse_rule
+from classify.runs import load_run
+from features.store import FeatureStore
+
+FAST = ("--folds", "3", "--trials", "2")
+
+
+def _rows(path: Path) -> dict[str, dict[str, str]]:
+    return {row["image"]: row for row in csv.DictReader(open(path))}
+
+
+def isic_2024_pauc(solution: np.ndarray, submission: np.ndarray, min_tpr: float = 0.80) -> float:
+    """The ISIC 2024 challenge's scorer (its published metric, as written there): the oracle."""
+    v_gt = abs(np.asarray(solution) - 1)
+    v_pred = np.array([1.0 - x for x in submission])
+    max_fpr = abs(1 - min_tpr)
+    fpr, tpr, _ = roc_curve(v_gt, v_pred, sample_weight=None)
+    stop = np.searchsorted(fpr, max_fpr, "right")
+    x_interp = [fpr[stop - 1], fpr[stop]]
+    y_interp = [tpr[stop - 1], tpr[stop]]
+    tpr = np.append(tpr[:stop], np.interp(max_fpr, x_interp, y_interp))
+    fpr = np.append(fpr[:stop], max_fpr)
+    return auc(fpr, tpr)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_threshold_free_figures_match_the_challenge_scorer_and_roc_curve(seed):
+    rng = np.random.default_rng(seed)
+    truth = rng.random(300) < 0.3
+    score = np.round(np.clip(rng.normal(0.4 + 0.25 * truth, 0.2), 0, 1), 2)  # rounded: ties too
+    fpr, tpr = WeightedRoc(truth, score).curve()
+    assert pauc_above_tpr(fpr, tpr) == pytest.approx(isic_2024_pauc(truth.astype(int), score), abs=1e-12)
+    ref_fpr, ref_tpr, _ = roc_curve(truth, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr)
+    np.testing.assert_allclose(tpr, ref_tpr)
+    assert spec_at_sens(fpr, tpr) == pytest.approx(1 - ref_fpr[ref_tpr >= 0.95].min())
+    # a perfect ranking: the whole area (0.2) and full specificity; a weighting is a resample
+    fpr, tpr = WeightedRoc(truth, truth.astype(float)).curve()
+    assert pauc_above_tpr(fpr, tpr) == pytest.approx(0.2) and spec_at_sens(fpr, tpr) == 1.0
+    weight = rng.integers(0, 3, len(truth)).astype(float)
+    fpr, tpr = WeightedRoc(truth, score).curve(weight)
+    ref_fpr, ref_tpr, _ = roc_curve(truth, score, sample_weight=weight)  # (which drops rows of weight 0)
+    assert auc(fpr, tpr) == pytest.approx(auc(ref_fpr, ref_tpr), abs=1e-12)
+    assert spec_at_sens(fpr, tpr) == pytest.approx(1 - ref_fpr[ref_tpr >= 0.95].min(), abs=1e-12)
+
+
+def test_thresholds_meet_their_rule_on_the_rows_they_are_chosen_on():
+    rng = np.random.default_rng(1)
+    truth = rng.random(500) < 0.25
+    score = np.clip(rng.normal(0.35 + 0.3 * truth, 0.18), 0, 1)
+    t = choose_threshold("sens=0.95", truth, score)
+    assert np.mean(score[truth] >= t) >= 0.95
+    assert np.mean(score[truth] >= np.nextafter(t, 2)) < 0.95  # the highest such threshold
+    t = choose_threshold("spec=0.9", truth, score)
+    assert np.mean(score[~truth] < t) >= 0.9
+    assert np.mean(score[~truth] < np.sort(score[~truth])[np.sum(score[~truth] < t) - 1]) < 0.9  # the lowest
+    t = choose_threshold("youden", truth, score)
+    youden = np.mean(score[truth] >= t) + np.mean(score[~truth] < t)
+    assert all(np.mean(score[truth] >= u) + np.mean(score[~truth] < u) <= youden + 1e-12 for u in score)
+    assert parse_rule("SENS=0.95") == "sens=0.95" and parse_rule("youden") == "youden"
+    for bad in ("sens", "sens=1.5", "ppv=0.9", "spec=abc"):
+        with pytest.raises(ValueError, match="sens=S or spec=S"):
+            parse_rule(bad)
+    proba = np.array([[0.3, 0.5, 0.2], [0.1, 0.2, 0.7], [0.5, 0.1, 0.4]])
+    assert list(decide(proba, ["bcc", "mel", "nv"], "mel", 0.25)) == ["mel", "nv", "bcc"]
+
+
+def test_temperature_and_isotonic_calibration_fit_out_of_fold_and_round_trip_as_data():
+    rng = np.random.default_rng(0)
+    true = rng.dirichlet([1, 1, 1], 2000)
+    codes = np.array([rng.choice(3, p=p) for p in true])
+    sharp = true**3 / (true**3).sum(axis=1, keepdims=True)  # overconfident: temperature 3 undoes it
+
+    def ece(p):
+        return expected_calibration_error(p.argmax(axis=1) == codes, p.max(axis=1))
+
+    temperature = fit_calibration("temperature", codes, sharp)
+    assert temperature.temperature == pytest.approx(3.0, rel=0.15)
+    after = temperature.apply(sharp)
+    assert (after.argmax(axis=1) == sharp.argmax(axis=1)).all()  # the decisions stay
+    assert ece(after) < ece(sharp) / 2 and brier_score(codes, after) < brier_score(codes, sharp)
+    isotonic = fit_calibration("isotonic", codes, sharp)
+    assert ece(isotonic.apply(sharp)) < ece(sharp) / 2
+    np.testing.assert_allclose(isotonic.apply(sharp).sum(axis=1), 1)
+    for fitted in (temperature, isotonic, Calibration()):
+        again = Calibration.from_dict(json.loads(json.dumps(fitted.as_dict())))
+        np.testing.assert_array_equal(again.apply(sharp), fitted.apply(sharp))
+    binary = np.column_stack([1 - sharp[:, 0], sharp[:, 0]])
+    iso2 = fit_calibration("isotonic", (codes == 0).astype(int), binary).apply(binary)
+    np.testing.assert_allclose(iso2.sum(axis=1), 1)
+
+
+def test_fit_sets_the_operating_point_out_of_fold_and_predict_and_evaluate_keep_it(tmp_path, cli):
+    store = synthetic_store(tmp_path / "s.h5", n=240, separation=1.2)  # overlapping classes: a real choice
+    run = tmp_path / "run"
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)
+    assert code == 0, err
+    card = load_run(run).card
+    point, metrics = card["operating_point"], json.loads((run / "metrics.json").read_text())
+    assert (point["rule"], point["positive"], card["calibration"]["method"]) == ("sens=0.95", "mel", "temperature")
+    # the threshold is the rule's on the out-of-fold predictions, as written (calibrated) in the run
+    samples = FeatureStore(store).samples()
+    label_of = dict(zip(samples.image_id, samples.label))
+    group_of = dict(zip(samples.image_id, samples.group))
+    cv = _rows(run / "cv_predictions.csv")
+    truth = np.array([label_of[i] == "mel" for i in cv])
+    score = np.array([float(r["mel"]) for r in cv.values()])
+    assert point["threshold"] == pytest.approx(choose_threshold("sens=0.95", truth, score), abs=1e-6)
+    assert metrics["cv"]["operating_point"]["sensitivity"]["value"] >= 0.95
+    # the test rows are scored at that fixed threshold: sensitivity and specificity from the CSV
+    test = _rows(run / "test_predictions.csv")
+    truth = np.array([label_of[i] == "mel" for i in test])
+    score = np.array([float(r["mel"]) for r in test.values()])
+    decided = np.array([r["decision"] == "mel" for r in test.values()])
+    np.testing.assert_array_equal(decided, score >= point["threshold"])
+    op = metrics["test"]["operating_point"]
+    assert op["threshold"] == point["threshold"] and op["rule"] == "sens=0.95"
+    assert op["sensitivity"]["value"] == pytest.approx(np.mean(decided[truth]), abs=1e-6)
+    assert op["specificity"]["value"] == pytest.approx(np.mean(~decided[~truth]), abs=1e-6)
+    lo, hi = op["sensitivity"]["ci"]
+    assert lo <= op["sensitivity"]["value"] <= hi
+    assert metrics["test"]["pauc_80"]["value"] == pytest.approx(isic_2024_pauc(truth.astype(int), score), abs=2e-6)
+    assert 0 <= metrics["test"]["spec_at_95_sens"]["value"] <= 1
+    calibration = metrics["cv"]["calibration"]
+    assert calibration["method"] == "temperature" and calibration["ece_after"] <= calibration["ece_before"] + 1e-9
+    assert {"ece_before", "ece_after", "brier_before", "brier_after"} <= set(metrics["test"]["calibration"])
+    # evaluate on the run's own test rows: the same calibrated probabilities and the same figures
+    code, _, err = cli("evaluate", "--run", run)
+    assert code == 0, err
+    again = json.loads((run / "evaluations" / "test" / "metrics.json").read_text())
+    assert again["operating_point"] == op and again["pauc_80"] == metrics["test"]["pauc_80"]
+    evaluated = _rows(run / "evaluations" / "test" / "predictions.csv")
+    assert {i: r["decision"] for i, r in evaluated.items()} == {i: r["decision"] for i, r in test.items()}
+    assert all(abs(float(evaluated[i]["mel"]) - float(test[i]["mel"])) < 1e-6 for i in test)
+    assert len({group_of[i] for i in test}) == metrics["test"]["lesions"]
+
+
+def test_options_of_the_operating_point_and_calibration(tmp_path, cli):
+    store = synthetic_store(tmp_path / "s.h5", n=240)
+    run = tmp_path / "youden"
+    code, _, err = cli(
+        "fit",
+        "--features",
+        store,
+        "--head",
+        "linear",
+        "--out",
+        run,
+        *FAST,
+        "--operating-point",
+        "youden",
+        "--calibrate",
+        "isotonic",
+    )
+    assert code == 0, err
+    card = load_run(run).card
+    assert card["operating_point"]["rule"] == "youden" and card["calibration"]["method"] == "isotonic"
+    run = tmp_path / "argmax"
+    code, _, err = cli(
+        "fit",
+        "--features",
+        store,
+        "--head",
+        "linear",
+        "--out",
+        run,
+        *FAST,
+        "--operating-point",
+        "none",
+        "--calibrate",
+        "none",
+    )
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert load_run(run).card["operating_point"] is None and "operating_point" not in metrics["test"]
+    assert "pauc_80" in metrics["test"]  # threshold-free: always, with a positive class
+    rows = _rows(run / "test_predictions.csv")
+    assert all(r["decision"] == r["predicted"] for r in rows.values())
+    bad = ("--operating-point", "x")
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", tmp_path / "x", *bad)
+    assert code == 2 and "sens=S or spec=S" in err and "Traceback" not in err
+    no_mel = synthetic_store(tmp_path / "n.h5", n=240, classes=("bkl", "nv"))
+    code, _, err = cli(
+        "fit", "--features", no_mel, "--head", "linear", "--out", tmp_path / "y", "--operating-point", "spec=0.9"
+    )
+    assert code == 2 and "--positive" in err
+
+
+def test_a_multi_class_run_rolls_up_malignant_against_benign():
+    rng = np.random.default_rng(0)
+    classes = ["bcc", "bkl", "mel", "nv"]
+    y = np.array(classes, dtype=object)[rng.integers(0, 4, 400)]
+    proba = rng.dirichlet([1, 1, 1, 1], 400)
+    proba[np.arange(400), [classes.index(c) for c in y]] += 1
+    proba /= proba.sum(axis=1, keepdims=True)
+    m = evaluate(y, proba, classes, np.arange(400) // 2, "mel", "nv")
+    rollup = m["malignant_vs_benign"]
+    assert rollup["malignant"] == ["bcc", "mel"]
+    malignant = np.isin(y, ["bcc", "mel"])
+    score = proba[:, 0] + proba[:, 2]
+    assert rollup["pauc_80"]["value"] == pytest.approx(isic_2024_pauc(malignant.astype(int), score), abs=1e-12)
+    two = np.where(malignant, "mel", "nv")
+    binary = np.column_stack([score, 1 - score])
+    assert "malignant_vs_benign" not in evaluate(two, binary, ["mel", "nv"], np.arange(400) // 2, "mel", "nv")
