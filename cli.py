@@ -144,7 +144,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from classify.predict import evaluate_run
 
-    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget)
+    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget, args.subgroups)
     where = "test rows" if args.features is None else args.features
     if metrics.get("warning"):
         print(f"WARNING: {metrics['warning']}")
@@ -511,6 +511,12 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CLASSES",
         help="classes counted malignant in the malignant-vs-benign figures of a multi-class run",
     )
+    parser.add_argument(
+        "--subgroups",
+        default=f.subgroups,
+        metavar="COLUMNS",
+        help="metadata columns (e.g. sex,age,localization) whose groups get their own test figures",
+    )
     parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
     parser.add_argument(
         "--memory-budget",
@@ -536,6 +542,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--label-map", default="", help="store_label=run_label,... when the stores name classes differently"
+    )
+    parser.add_argument(
+        "--subgroups",
+        default="",
+        metavar="COLUMNS",
+        help="metadata columns of the store (e.g. fitzpatrick,sex) whose groups get their own figures",
     )
     parser.add_argument(
         "--memory-budget",

@@ -31,6 +31,7 @@ from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, stor
 from classify.metrics import MALIGNANT, default_positive, evaluate, expected_calibration_error
 from classify.operating import DEFAULT_RULE, OperatingPoint, choose_threshold, parse_rule
 from classify.report import study_parts
+from classify.subgroups import subgroup_figures
 from classify.runs import RunRecord, extraction_record, jsonable, write_run
 from classify.study import (
     JOURNAL,
@@ -116,6 +117,8 @@ class FitConfig:
     (classify/calibration.py)."""
     malignant: str = ",".join(MALIGNANT)
     """Classes counted malignant in the malignant-vs-benign figures of a multi-class run."""
+    subgroups: str = ""
+    """Comma-separated metadata columns whose groups get their own test figures (classify/subgroups.py)."""
 
 
 @dataclass
@@ -173,6 +176,17 @@ def study_name(store: FeatureStore, spec: InputSpec, split: SplitSpec, head: str
     }
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{head}.{'+'.join(spec.backbones)}.{digest}"
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _test_meta(store: FeatureStore, data: Data, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The metadata columns' values of the test rows, row for row."""
+    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
+    rows = np.array([row_of[i] for i in data.ids[data.test]], dtype=np.int64)
+    return {c: values[rows] for c, values in store_meta(store, columns).items()}
 
 
 def _operating_rule(cfg: FitConfig, positive: str | None) -> str:
@@ -240,9 +254,7 @@ def fit(cfg: FitConfig) -> dict:
         raise FitError("--out RUN: name the run folder")
     head_cls = get_head(cfg.head)
     store = FeatureStore(cfg.features)
-    spec = InputSpec(
-        _backbones(store, cfg.backbone), cfg.views, tuple(c.strip() for c in cfg.meta.split(",") if c.strip())
-    )
+    spec = InputSpec(_backbones(store, cfg.backbone), cfg.views, _columns(cfg.meta))
     if cfg.protocol not in PROTOCOLS:
         raise FitError(f"--protocol {cfg.protocol!r}: choose {', '.join(PROTOCOLS)}")
     if not 0 < cfg.test_fraction < 1:
@@ -279,6 +291,7 @@ def fit(cfg: FitConfig) -> dict:
     if positive is not None and positive not in classes:
         raise FitError(f"--positive {positive!r}: not a class of this store ({', '.join(classes)})")
     rule = _operating_rule(cfg, positive)
+    store_meta(store, _columns(cfg.subgroups))  # a column the store lacks: refused before any trial
     run = Path(cfg.out)
     name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
     if cfg.trials == 0 and cfg.storage is None and not (run / JOURNAL).is_file():
@@ -433,6 +446,17 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
             "protocol": resolved["protocol"],
         },
     }
+    if cfg.subgroups:
+        metrics["test"]["subgroups"] = subgroup_figures(
+            _test_meta(store, data, _columns(cfg.subgroups)),
+            test_y,
+            test_proba,
+            classes,
+            test_g,
+            positive=settled.positive,
+            threshold=figures["threshold"],
+            seed=cfg.seed,
+        )
     if resolved["warning"]:
         metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
     metrics["left_out"] = resolved["left_out"]

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from classify.inputs import store_meta
 from classify.metrics import evaluate
+from classify.subgroups import subgroup_figures
 from classify.runs import (
     Run,
     RunError,
@@ -97,7 +99,11 @@ def seen_rows(split: RunSplit, ids: np.ndarray, sha256: np.ndarray) -> dict[str,
 
 
 def evaluate_run(
-    run_dir: str | Path, features: str | None = None, label_map: str = "", memory_budget: str = MEMORY_BUDGET
+    run_dir: str | Path,
+    features: str | None = None,
+    label_map: str = "",
+    memory_budget: str = MEMORY_BUDGET,
+    subgroups: str = "",
 ) -> dict:
     """Metrics of a run on its own test rows, or on every labelled row of another store that the run has
     not seen (an image it trained or was tuned on, by id or by file content, is never scored as new);
@@ -106,6 +112,8 @@ def evaluate_run(
     own = features is None
     store = FeatureStore(features or run.card["store"])
     check_fingerprints(run, store)
+    columns = tuple(c.strip() for c in subgroups.split(",") if c.strip())
+    meta = store_meta(store, columns)  # a column the store lacks: refused before anything is scored
     rows = embedded_rows(store, run.inputs.backbones)
     mapping = parse_label_map(label_map)
     labels = np.array([mapping.get(v, v) for v in store.column("label")], dtype=object)
@@ -155,6 +163,16 @@ def evaluate_run(
         threshold=point.threshold if point else None,
         rule=point.rule if point else None,
     )
+    if columns:
+        metrics["subgroups"] = subgroup_figures(
+            {c: v[rows] for c, v in meta.items()},
+            labels[rows],
+            proba,
+            run.classes,
+            groups,
+            positive=run.card.get("positive"),
+            threshold=point.threshold if point else None,
+        )
     warning = small_test(lesions_in_test(labels[rows], groups, np.full(len(groups), TEST)))
     if warning:
         metrics["warning"] = warning.replace("the test part", "the scored set")

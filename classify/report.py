@@ -29,6 +29,7 @@ __all__ = [
     "SHARED_PLOTS",
     "calibration_section",
     "clinical_section",
+    "subgroups_section",
     "Plot",
     "ReportParts",
     "confusion_section",
@@ -180,6 +181,7 @@ def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts, extr
         headline_section(metrics, metrics[parts.second], parts.second_label, parts.notes),
         clinical_section(test, metrics[parts.second], parts.second_label),
         calibration_section(test, metrics[parts.second], parts.second_label),
+        subgroups_section(test),
         per_class_section(test),
         confusion_section(test),
         data_section(metrics, counts),
@@ -317,6 +319,41 @@ def calibration_section(test: dict, second: dict, second_label: str) -> list[str
                 f"| {_fmt(k['brier_after'])} |"
             )
     return lines
+
+
+def subgroups_section(scored: dict) -> list[str]:
+    """Per metadata column, the figures of each of its groups, the widest sensitivity gap first."""
+    from classify.subgroups import MIN_LESIONS, worst_gap
+
+    columns = scored.get("subgroups") or {}
+    if not columns:
+        return []
+    lines = ["## Subgroups (test rows)", ""]
+    for column, rows in columns.items():
+        gap = worst_gap(rows)
+        if gap:
+            by_group = {r["group"]: r["sensitivity"]["value"] for r in rows if r["sensitivity"]}
+            lines.append(
+                f"**{column}**: worst-group gap in sensitivity at the operating point {_fmt(gap['gap'])} "
+                f"(`{gap['lowest']}` {_fmt(by_group[gap['lowest']])}, `{gap['highest']}` "
+                f"{_fmt(by_group[gap['highest']])})."
+            )
+        else:
+            lines.append(f"**{column}**: fewer than two groups can be judged, so no gap is given.")
+        lines += [
+            "",
+            f"| {column} | images | lesions | positive rate | AUC | balanced accuracy | sensitivity | specificity |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in rows:
+            rate = _fmt(r["positive_rate"]) if r["positive_rate"] is not None else "n/a"
+            if r["judged"]:
+                judged = " | ".join(_value(r[k]) for k in ("auc", "balanced_accuracy", "sensitivity", "specificity"))
+            else:
+                judged = f"too few to judge (< {MIN_LESIONS} lesions of a class) | | |"
+            lines.append(f"| {r['group']} | {r['images']} | {r['lesions']} | {rate} | {judged} |")
+        lines.append("")
+    return lines[:-1]
 
 
 def per_class_section(test: dict) -> list[str]:

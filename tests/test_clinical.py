@@ -219,3 +219,43 @@ def test_a_multi_class_run_rolls_up_malignant_against_benign():
     two = np.where(malignant, "mel", "nv")
     binary = np.column_stack([score, 1 - score])
     assert "malignant_vs_benign" not in evaluate(two, binary, ["mel", "nv"], np.arange(400) // 2, "mel", "nv")
+
+
+def test_ages_are_banded_numbers_quartered_and_blanks_a_group_of_their_own():
+    from classify.subgroups import bin_values
+
+    ages = np.array(["12", "30", "49.5", "50", "69", "70", "", "85"], dtype=object)
+    assert list(bin_values("age", ages)) == ["<30", "30-49", "30-49", "50-69", "50-69", ">=70", "missing", ">=70"]
+    sizes = np.array([str(v) for v in range(1, 41)] + ["unknown"], dtype=object)
+    binned = bin_values("diameter", sizes)
+    assert len(set(binned)) == 5 and binned[-1] == "missing"  # four quartiles and the blank
+    assert list(bin_values("fitzpatrick", np.array(["1", "2", "6", ""]))) == ["1", "2", "6", "missing"]
+
+
+def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_elsewhere(tmp_path, cli):
+    store = synthetic_store(tmp_path / "s.h5", n=400)
+    run = tmp_path / "run"
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST, "--subgroups", "site,age")
+    assert code == 0, err
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = metrics["test"]
+    for column in ("site", "age"):
+        rows = test["subgroups"][column]
+        assert sum(r["images"] for r in rows) == test["n"]
+        for r in rows:
+            assert (r["auc"] is None) == (not r["judged"])
+    site = {r["group"]: r for r in test["subgroups"]["site"]}
+    assert set(site) == {"back", "face"} and all(r["judged"] for r in site.values())
+    assert site["back"]["sensitivity"]["value"] >= 0 and len(site["back"]["auc"]["ci"]) == 2
+    assert {r["group"] for r in test["subgroups"]["age"]} <= {"<30", "30-49", "50-69", ">=70", "missing"}
+    report = (run / "report.md").read_text()
+    assert "## Subgroups (test rows)" in report and "worst-group gap in sensitivity" in report
+    other = synthetic_store(tmp_path / "o.h5", n=200, prefix="ext")
+    code, _, err = cli("evaluate", "--run", run, "--features", other, "--subgroups", "site")
+    assert code == 0, err
+    external = json.loads((run / "evaluations" / "o" / "metrics.json").read_text())
+    assert sum(r["images"] for r in external["subgroups"]["site"]) == external["n"] == 200
+    code, _, err = cli("evaluate", "--run", run, "--subgroups", "skin_type")
+    assert code == 2 and "skin_type" in err and "site" in err
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", tmp_path / "x", "--subgroups", "tone")
+    assert code == 2 and "tone" in err and not (tmp_path / "x" / "metrics.json").exists()
