@@ -157,6 +157,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from classify.compare import compare_runs, comparison_markdown
+
+    result = compare_runs(args.runs)
+    text = comparison_markdown(result)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(text, end="")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from classify.predict import predict
     from classify.runs import predictions_csv
@@ -533,6 +548,14 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run folders (`fit` or `finetune`); the first is the reference"
+    )
+    parser.add_argument("--out", default=None, help="write the comparison as markdown to FILE.md too")
+    parser.add_argument("--json", default=None, help="write every figure as JSON to FILE")
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from features.rows import MEMORY_BUDGET
 
@@ -713,6 +736,12 @@ COMMANDS.update(
             cmd_predict,
             _predict_arguments,
             "python cli.py predict --run demo/run-linear --images new_images/ --out predictions.csv",
+        ),
+        "compare": Command(
+            "runs side by side on the same test rows, with paired lesion-grouped differences",
+            cmd_compare,
+            _compare_arguments,
+            "python cli.py compare demo/run-linear demo/run-xgboost --out comparison.md --json comparison.json",
         ),
         "finetune": Command(
             "train the top blocks of a backbone with the head, from a fit run's head",

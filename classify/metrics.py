@@ -19,6 +19,8 @@ __all__ = [
     "clinical_figures",
     "ECE_BINS",
     "MAX_CANDIDATES",
+    "ResampledScores",
+    "resample_weights",
     "POSITIVE_NAMES",
     "Reliability",
     "SPECIFICITIES",
@@ -126,29 +128,41 @@ def grouped_bootstrap(
 
     A resample draws each lesion some number of times; its rows are those of the drawn lesions, each
     as many times as its lesion was drawn. That is the same as weighting every row by its lesion's
-    count, which is how it is computed: the scores are sorted once per class, and each resample costs a
-    few weighted sums over the rows, not a sort (200,000 rows take seconds, not minutes). A resample
-    that lacks a class of `y` is skipped."""
-    rng = np.random.default_rng(seed)
-    unique, index = np.unique(groups, return_inverse=True)
-    y = np.asarray(y, dtype=object)
-    present, y_code = np.unique(y, return_inverse=True)
-    correct = np.array(classes, dtype=object)[proba.argmax(axis=1)] == y
-    columns = range(1) if len(classes) == 2 else range(len(classes))  # binary: both AUCs are one number
-    ranked = [_RankedScores(y == c, proba[:, k]) for k, c in enumerate(classes) if k in columns]
+    count, which is how it is computed (`ResampledScores`: 200,000 rows take seconds, not minutes). A
+    resample that lacks a class of `y` is skipped."""
+    scores = ResampledScores(y, proba, classes)
     ba, auc = [], []
-    for _ in range(reps):
-        weight = np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))[index].astype(float)
-        total = np.bincount(y_code, weights=weight, minlength=len(present))
-        if (total == 0).any():
-            continue
-        ba.append(float(np.mean(np.bincount(y_code, weights=weight * correct, minlength=len(present)) / total)))
-        aucs = [a for a in (r.auc(weight) for r in ranked) if not np.isnan(a)]
-        auc.append(float(np.mean(aucs)) if aucs else float("nan"))
+    for weight in resample_weights(groups, reps, seed):
+        figures = scores(weight)
+        if figures is not None:
+            ba.append(figures[0])
+            auc.append(figures[1])
     return {
         "balanced_accuracy": [float(v) for v in np.nanpercentile(ba, [2.5, 97.5])] if ba else [],
         "auc": [float(v) for v in np.nanpercentile(auc, [2.5, 97.5])] if auc else [],
     }
+
+
+class ResampledScores:
+    """Balanced accuracy (of the argmax) and macro AUC of one set of predictions under any weighting of
+    its rows: the scores are sorted once per class, and each weighting costs a few weighted sums, not a
+    sort. The same weightings applied to two runs' predictions give a paired bootstrap."""
+
+    def __init__(self, y: np.ndarray, proba: np.ndarray, classes: list[str]):
+        y = np.asarray(y, dtype=object)
+        self.present, self.y_code = np.unique(y, return_inverse=True)
+        self.correct = np.array(classes, dtype=object)[proba.argmax(axis=1)] == y
+        columns = range(1) if len(classes) == 2 else range(len(classes))  # binary: both AUCs are one number
+        self.ranked = [_RankedScores(y == c, proba[:, k]) for k, c in enumerate(classes) if k in columns]
+
+    def __call__(self, weight: np.ndarray) -> tuple[float, float] | None:
+        """(balanced accuracy, AUC) under `weight`; None when a class of `y` has no weight."""
+        total = np.bincount(self.y_code, weights=weight, minlength=len(self.present))
+        if (total == 0).any():
+            return None
+        hits = np.bincount(self.y_code, weights=weight * self.correct, minlength=len(self.present))
+        aucs = [a for a in (r.auc(weight) for r in self.ranked) if not np.isnan(a)]
+        return float(np.mean(hits / total)), float(np.mean(aucs)) if aucs else float("nan")
 
 
 class _RankedScores:

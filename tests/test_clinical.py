@@ -259,3 +259,34 @@ def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_els
     assert code == 2 and "skin_type" in err and "site" in err
     code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", tmp_path / "x", "--subgroups", "tone")
     assert code == 2 and "tone" in err and not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_compare_two_runs_paired_and_runs_on_other_rows_refused(tmp_path, cli):
+    store = synthetic_store(tmp_path / "s.h5", n=240, separation=1.5)
+    runs = {}
+    for name, extra in (("plain", ()), ("with-meta", ("--meta", "age,site"))):  # two models, one split
+        runs[name] = tmp_path / name
+        code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", runs[name], *FAST, *extra)
+        assert code == 0, err
+    out, as_json = tmp_path / "c.md", tmp_path / "c.json"
+    code, stdout, err = cli("compare", runs["plain"], runs["with-meta"], "--out", out, "--json", as_json)
+    assert code == 0, err
+    result = json.loads(as_json.read_text())
+    (d,) = result["against_first"]
+    test = {h: json.loads((r / "metrics.json").read_text())["test"] for h, r in runs.items()}
+    assert d["delta_auc"]["value"] == pytest.approx(test["with-meta"]["auc"] - test["plain"]["auc"])
+    assert d["delta_balanced_accuracy"]["value"] == pytest.approx(
+        test["with-meta"]["balanced_accuracy"] - test["plain"]["balanced_accuracy"]
+    )
+    for key in ("delta_auc", "delta_balanced_accuracy"):
+        lo, hi = d[key]["ci"]
+        assert lo <= d[key]["value"] <= hi and 0 < d[key]["p_value"] <= 1
+    # paired: the difference varies less than the two runs' own figures would if drawn apart
+    spread = [r["auc"]["ci"][1] - r["auc"]["ci"][0] for r in result["runs"]]
+    assert d["delta_auc"]["ci"][1] - d["delta_auc"]["ci"][0] < np.hypot(*spread)
+    assert "paired" in out.read_text() and "AUC difference" in stdout
+    other = tmp_path / "other-seed"
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", other, *FAST, "--seed", "1")
+    assert code == 0, err
+    code, _, err = cli("compare", runs["plain"], other)
+    assert code == 2 and "other test rows" in err and "Traceback" not in err

@@ -19,6 +19,7 @@ from classify.report import study_parts, training_parts
 from classify.runs import (
     CARD,
     EXTRACTION_KEYS,
+    RunError,
     RunRecord,
     extraction_record,
     jsonable,
@@ -255,3 +256,30 @@ def test_the_report_names_the_weights_licence_and_warns_of_a_closed_one():
     assert "timm:convnext_tiny `apache-2.0`" in open_ and "Warning" not in open_
     closed = "\n".join(license_section({"a": {"license": "apache-2.0"}, "b": {"license": "cc-by-nc-4.0"}}))
     assert "Warning: the b weights" in closed and "commercial" in closed and "the a weights" not in closed
+
+
+def test_compare_takes_fit_and_finetune_runs_of_the_same_rows_and_refuses_others(tmp_path, refit):
+    from dataclasses import replace
+
+    from classify.compare import compare_runs
+
+    write_run(tmp_path / "fit", _record(refit, "fit"))
+    write_run(tmp_path / "finetune", _record(refit, "finetune"))
+    result = compare_runs([tmp_path / "fit", tmp_path / "finetune"])
+    (d,) = result["against_first"]
+    assert d["delta_auc"]["value"] == 0 and d["delta_auc"]["p_value"] == 1.0  # the same head twice
+    assert result["runs"][0]["auc"]["value"] == pytest.approx(refit["metrics"]["test"]["auc"])
+    assert result["runs"][0]["auc"]["ci"] == pytest.approx(refit["metrics"]["test"]["ci95"]["auc"])
+    record = _record(refit, "fit")
+    other_files = np.array(["0" * 64] * len(record.ids))
+    write_run(tmp_path / "other-files", replace(record, sha256=other_files))
+    with pytest.raises(RunError, match="other files"):
+        compare_runs([tmp_path / "fit", tmp_path / "other-files"])
+    folds = record.folds.copy()
+    folds[np.flatnonzero(folds == TEST)[0]] = 0  # one test image moved into the study rows
+    test = folds == TEST
+    predictions = {"test": (record.ids[test], refit["proba"]["test"][1:])}
+    moved = replace(record, folds=folds, predictions=predictions, test_labels=refit["y"][test])
+    write_run(tmp_path / "other-rows", moved)
+    with pytest.raises(RunError, match="other test rows"):
+        compare_runs([tmp_path / "fit", tmp_path / "other-rows"])
