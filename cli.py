@@ -150,7 +150,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"WARNING: {metrics['warning']}")
     print(
         f"{args.run} on {where}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
-        f"n={metrics['n']} ({metrics['lesions']} lesions); metrics in {Path(args.run) / 'evaluations'}"
+        f"n={metrics['n']} ({metrics['lesions']} lesions); report: {Path(metrics['folder']) / 'report.md'}"
     )
     for reason, n in metrics["excluded"].items():
         print(f"  left out, seen by the run: {n} images {reason}")

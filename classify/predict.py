@@ -7,6 +7,7 @@ preprocessing, precision, views) against the ones the run was trained on before 
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "Prediction",
     "check_fingerprints",
     "evaluate_run",
+    "new_folder",
     "parse_label_map",
     "predict",
     "seen_rows",
@@ -177,15 +179,39 @@ def evaluate_run(
     if warning:
         metrics["warning"] = warning.replace("the test part", "the scored set")
     metrics["excluded"] = excluded
-    name = "test" if own else Path(store.path).stem
-    folder = run.folder / "evaluations" / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = new_folder(run.folder / "evaluations", "test" if own else Path(store.path).stem)
+    metrics["folder"] = str(folder)
     write_json(
         folder / "metrics.json",
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
     write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes, run.decide(proba)))
+    from classify.report import write_evaluation_report  # matplotlib only when a report is written
+
+    run_test = json.loads((run.folder / "metrics.json").read_text())["test"]
+    where = "its own test rows" if own else f"{store.path} (every labelled image the run has not seen)"
+    write_evaluation_report(
+        folder,
+        metrics=metrics,
+        run_test=run_test,
+        title=f"{run.folder} on {where}",
+        labels=labels[rows],
+        proba=proba,
+    )
     return metrics
+
+
+def new_folder(parent: Path, name: str) -> Path:
+    """A folder under `parent` that no earlier evaluation used: `name`, else `name-2`, `name-3`, ..."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 10_000):
+        folder = parent / (name if k == 1 else f"{name}-{k}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RunError(f"{parent}: no free folder name for {name}; move earlier evaluations away")
 
 
 @dataclass

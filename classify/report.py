@@ -46,6 +46,7 @@ __all__ = [
     "title_section",
     "training_parts",
     "training_section",
+    "write_evaluation_report",
     "write_run_report",
 ]
 
@@ -192,6 +193,63 @@ def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts, extr
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
 
+def write_evaluation_report(
+    folder: Path,
+    *,
+    metrics: dict,
+    run_test: dict,
+    title: str,
+    labels: np.ndarray,
+    proba: np.ndarray,
+) -> None:
+    """report.md and plots/*.png of one `evaluate`: the scored rows' figures beside the run's own test
+    figures (the same metrics, so that a drop on external data shows at a glance), its clinical,
+    calibration and subgroup sections, and its plots."""
+    plots = folder / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    classes = metrics["classes"]
+    _confusion(plots / CONFUSION, np.array(metrics["confusion_matrix"]), classes)
+    _roc(plots / ROC, labels, proba, classes, metrics.get("positive"))
+    _reliability(plots / RELIABILITY, labels, proba, classes)
+    here, own = "this evaluation", "the run's test rows"
+    rows = [
+        ("images (lesions)", lambda m: f"{m['n']} ({m['lesions']})"),
+        ("balanced accuracy (95 % CI)", lambda m: _ci(m, "balanced_accuracy")),
+        ("AUC (95 % CI)", lambda m: _ci(m, "auc")),
+        ("accuracy", lambda m: _fmt(m["accuracy"])),
+        ("ECE", lambda m: _fmt(m["ece"])),
+        ("sensitivity at the operating point", lambda m: _value((m.get("operating_point") or {}).get("sensitivity"))),
+        ("specificity at the operating point", lambda m: _value((m.get("operating_point") or {}).get("specificity"))),
+        ("specificity at 95 % sensitivity", lambda m: _value(m.get("spec_at_95_sens"))),
+        ("pAUC above 80 % TPR", lambda m: _value(m.get("pauc_80"))),
+    ]
+    warned = [f"> **Warning: {metrics['warning']}.**", ""] if metrics.get("warning") else []
+    excluded = metrics.get("excluded") or {}
+    lines = [
+        f"# Evaluation: {title}",
+        "",
+        *warned,
+        f"| | {here} | {own} |",
+        "| --- | --- | --- |",
+        *(f"| {name} | {show(metrics)} | {show(run_test)} |" for name, show in rows),
+        "",
+        "Intervals: 95 % bootstrap over lesions. The run's calibration and operating point apply unchanged.",
+        "Left out, seen by the run: "
+        + (", ".join(f"{n} {reason}" for reason, n in excluded.items()) if excluded else "none")
+        + ".",
+    ]
+    sections = [
+        lines,
+        clinical_section(metrics, run_test, own),
+        subgroups_section(metrics, "scored rows"),
+        per_class_section(metrics, "scored rows"),
+        confusion_section(metrics, "scored rows"),
+        plots_section(list(SHARED_PLOTS)),
+        ["Files: `metrics.json` (every figure), `predictions.csv` (with the run's decision)."],
+    ]
+    write_text(folder / "report.md", "\n\n".join("\n".join(section) for section in sections if section) + "\n")
+
+
 def title_section(config: dict, title: str) -> list[str]:
     return [
         f"# Run report: {title}",
@@ -321,14 +379,14 @@ def calibration_section(test: dict, second: dict, second_label: str) -> list[str
     return lines
 
 
-def subgroups_section(scored: dict) -> list[str]:
+def subgroups_section(scored: dict, rows_named: str = "test rows") -> list[str]:
     """Per metadata column, the figures of each of its groups, the widest sensitivity gap first."""
     from classify.subgroups import MIN_LESIONS, worst_gap
 
     columns = scored.get("subgroups") or {}
     if not columns:
         return []
-    lines = ["## Subgroups (test rows)", ""]
+    lines = [f"## Subgroups ({rows_named})", ""]
     for column, rows in columns.items():
         gap = worst_gap(rows)
         if gap:
@@ -356,9 +414,9 @@ def subgroups_section(scored: dict) -> list[str]:
     return lines[:-1]
 
 
-def per_class_section(test: dict) -> list[str]:
+def per_class_section(test: dict, rows_named: str = "test rows") -> list[str]:
     lines = [
-        "## Per class (test rows)",
+        f"## Per class ({rows_named})",
         "",
         "| class | support | sensitivity | specificity | precision | AUC |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -371,9 +429,9 @@ def per_class_section(test: dict) -> list[str]:
     return lines
 
 
-def confusion_section(test: dict) -> list[str]:
+def confusion_section(test: dict, rows_named: str = "test rows") -> list[str]:
     lines = [
-        "Confusion matrix (rows: true class, columns: predicted), test rows:",
+        f"Confusion matrix (rows: true class, columns: predicted), {rows_named}:",
         "",
         "| | " + " | ".join(test["classes"]) + " |",
         "| --- |" + " --- |" * len(test["classes"]),

@@ -255,6 +255,14 @@ def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_els
     assert code == 0, err
     external = json.loads((run / "evaluations" / "o" / "metrics.json").read_text())
     assert sum(r["images"] for r in external["subgroups"]["site"]) == external["n"] == 200
+    report = (run / "evaluations" / "o" / "report.md").read_text()
+    assert "| | this evaluation | the run's test rows |" in report and "## Subgroups (scored rows)" in report
+    assert f"| images (lesions) | 200 ({external['lesions']}) | {test['n']} ({test['lesions']}) |" in report
+    for plot in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
+        assert (run / "evaluations" / "o" / "plots" / plot).stat().st_size > 1000
+    code, out, err = cli("evaluate", "--run", run, "--features", other)  # again: a new folder, the first kept
+    assert code == 0 and str(run / "evaluations" / "o-2" / "report.md") in out
+    assert json.loads((run / "evaluations" / "o" / "metrics.json").read_text())["subgroups"]
     code, _, err = cli("evaluate", "--run", run, "--subgroups", "skin_type")
     assert code == 2 and "skin_type" in err and "site" in err
     code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", tmp_path / "x", "--subgroups", "tone")

@@ -150,11 +150,13 @@ def test_evaluate_block_by_block_matches_in_memory(tmp_path, store):
     whole_csv = (run / "evaluations" / "test" / "predictions.csv").read_text()
     blocks = evaluate_run(run, memory_budget=TINY_BUDGET)
     assert blocks["auc"] == pytest.approx(whole["auc"]) and blocks["n"] == whole["n"]
-    rows = [line.split(",") for line in (run / "evaluations" / "test" / "predictions.csv").read_text().splitlines()]
+    assert Path(blocks["folder"]) == run / "evaluations" / "test-2"  # a new folder: the first one stays
+    rows = [line.split(",") for line in (Path(blocks["folder"]) / "predictions.csv").read_text().splitlines()]
     expected = [line.split(",") for line in whole_csv.splitlines()]
     assert [r[0] for r in rows] == [r[0] for r in expected]
+    assert rows[0][-2:] == ["predicted", "decision"]
     np.testing.assert_allclose(
-        np.array([r[1:] for r in rows[1:]], float), np.array([r[1:] for r in expected[1:]], float), atol=2e-6
+        np.array([r[1:-2] for r in rows[1:]], float), np.array([r[1:-2] for r in expected[1:]], float), atol=2e-6
     )
 
 
