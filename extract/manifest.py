@@ -1,8 +1,12 @@
 """Data sets in: what images there are, where they lie, their labels, lesion groups and metadata.
 
 `read_manifest` accepts a folder with one subfolder per class, a CSV manifest (columns named as in
-`COLUMNS`), the official `HAM10000_metadata.csv` (a CSV manifest by those names) or an ISIC one-hot
-ground-truth CSV (`image,MEL,NV,...`). Mistakes in the manifest itself (no image column, duplicate ids,
+`COLUMNS`), the official `HAM10000_metadata.csv` (a CSV manifest by those names), an ISIC one-hot
+ground-truth CSV (`image,MEL,NV,...`, joined with the ISIC 2019 metadata CSV lying next to it) and the
+published CSVs of the field's data sets as they are downloaded (`LAYOUTS`: ISIC 2020, PAD-UFES-20,
+Fitzpatrick17k, DDI), each recognised by its columns. Whatever the source, the rows come out in common
+names: `group` (lesion or patient) and the metadata columns `fitzpatrick`, `age`, `sex`, `site`, so that
+subgroup analyses and splits read one set like another. Mistakes in the manifest itself (no image column, duplicate ids,
 a missing --images folder) are errors before any work starts; a missing image file is not: it fails at
 load time and is listed with the other unreadable images.
 """
@@ -13,18 +17,29 @@ import csv
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from extract.images import IMAGE_SUFFIXES
 from features.store import Samples
 
 __all__ = [
     "COLUMNS",
+    "DDI",
+    "FITZPATRICK17K",
+    "ISIC_2019_METADATA",
+    "ISIC_2020",
+    "LAYOUTS",
+    "PAD_UFES_20",
     "READERS",
+    "SEX",
+    "SIDECARS",
+    "SKIN_TYPE",
+    "Layout",
     "Manifest",
     "ManifestError",
+    "Recode",
     "read_csv",
     "read_folder",
     "read_manifest",
@@ -203,6 +218,148 @@ def _distinct(paths) -> list[Path]:
     return files
 
 
+# ------------------------------------------------------------------------------ published layouts
+
+
+@dataclass(frozen=True)
+class Recode:
+    """Published values of one column rewritten to common ones (keys lower-case: matching ignores case).
+
+    `closed`: every non-blank value must be a key, else the row is an error; for codes whose meaning is
+    fixed (a label of 1/0, True/False), where an unknown value is a broken file and not a new class.
+    An open recode rewrites the values it knows and keeps the rest as given."""
+
+    values: Mapping[str, str]
+    closed: bool = False
+
+    def __call__(self, value: str, *, where: str, column: str) -> str:
+        if not value:
+            return value
+        known = self.values.get(value.lower())
+        if known is not None:
+            return known
+        if self.closed:
+            raise ManifestError(
+                f"{where}: {column} {value!r} is not one of {', '.join(self.values)}; correct the row "
+                f"(or rename the column to read the file as a plain CSV manifest)"
+            )
+        return value
+
+
+SKIN_TYPE = Recode({"-1": "", **{f"{t}{s}": str(t) for t in range(1, 7) for s in ("", ".0")}})
+"""Fitzpatrick skin type as a digit 1-6 and blank when unknown: Fitzpatrick17k writes unknown as -1 (as a
+number it would sit below type I in any analysis), PAD-UFES-20 writes types as floats (`3.0`)."""
+
+SEX = Recode({"female": "female", "male": "male"})
+"""Sex lower-case as HAM10000 and ISIC write it (PAD-UFES-20 writes FEMALE/MALE): one subgroup per sex
+across data sets."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one published CSV maps onto a manifest: which of its columns is the image file, the label and
+    the group, which are renamed to the common metadata names, and which values are rewritten.
+
+    Column names are as published and matched ignoring case. A named column that the file lacks reads as
+    blank (so ISIC 2020's test.csv, without `target`, reads as unlabelled); an unnamed group is the image
+    itself. Columns not named here are kept as metadata under their own names."""
+
+    name: str
+    """What the manifest's `kind` says (the extract log prints it)."""
+    recognise: tuple[str, ...] = ()
+    """Columns that must all be present for a file to be read this way."""
+    file: str = ""
+    image_id: str | None = None
+    """Column of the image id, else the file name without its suffix."""
+    label: str | None = None
+    one_hot: tuple[str, ...] = ()
+    """Class columns of a one-hot ground truth: the label is the name of the column holding the 1."""
+    group: str | None = None
+    meta: Mapping[str, str] = field(default_factory=dict)
+    """Common metadata name -> published column."""
+    recode: Mapping[str, Recode] = field(default_factory=dict)
+    """Published column -> how its values are rewritten."""
+
+    def matches(self, header: Sequence[str]) -> bool:
+        names = {h.strip().lower() for h in header}
+        return bool(self.recognise) and all(c.lower() in names for c in self.recognise)
+
+
+ISIC_2020 = Layout(
+    name="ISIC 2020",
+    recognise=("image_name", "patient_id", "anatom_site_general_challenge"),
+    file="image_name",
+    label="target",
+    group="patient_id",
+    meta={"age": "age_approx", "site": "anatom_site_general_challenge", "sex": "sex"},
+    recode={"target": Recode({"1": "malignant", "0": "benign"}, closed=True), "sex": SEX},
+)
+"""ISIC 2020 `train.csv` (and `test.csv`, unlabelled). The label is `target`, the column the challenge
+scores, written malignant/benign (the words of its `benign_malignant` column and of DDI's label, so that
+the sets share a label vocabulary); `diagnosis` and `benign_malignant` stay metadata. Grouped by patient:
+the set has up to ~100 images per patient, and a patient's other moles leak into a test split."""
+
+PAD_UFES_20 = Layout(
+    name="PAD-UFES-20",
+    recognise=("img_id", "patient_id", "lesion_id", "diagnostic", "fitspatrick"),
+    file="img_id",
+    label="diagnostic",
+    group="patient_id",
+    meta={"fitzpatrick": "fitspatrick", "age": "age", "sex": "gender", "site": "region"},
+    recode={"fitspatrick": SKIN_TYPE, "gender": SEX},
+)
+"""PAD-UFES-20 `metadata.csv` (smartphone photographs; images found by name anywhere under the data
+folder: `images/` or the published `imgs_part_1..3/`). Labels as given (ACK, BCC, MEL, NEV, SCC, SEK),
+as every reader here stores labels. Grouped by patient, not lesion: a patient's several lesions share skin,
+age and camera, so a lesion split would still leak; `lesion_id` stays metadata. `fitspatrick` (their
+spelling) becomes `fitzpatrick`."""
+
+FITZPATRICK17K = Layout(
+    name="Fitzpatrick17k",
+    recognise=("md5hash", "fitzpatrick_scale", "label"),
+    file="md5hash",
+    label="label",
+    meta={"fitzpatrick": "fitzpatrick_scale"},
+    recode={"fitzpatrick_scale": SKIN_TYPE, "fitzpatrick_centaur": SKIN_TYPE},
+)
+"""Fitzpatrick17k `fitzpatrick17k.csv` (images named `<md5hash>.jpg`). The label is `label`, the 114
+conditions as published; `nine_partition_label` and `three_partition_label` stay metadata, to train on
+instead by renaming. Each image is its own group: no patient ids are published."""
+
+DDI = Layout(
+    name="DDI",
+    recognise=("ddi_file", "skin_tone", "malignant"),
+    file="DDI_file",
+    label="malignant",
+    meta={"fitzpatrick": "skin_tone"},
+    recode={"malignant": Recode({"true": "malignant", "false": "benign"}, closed=True)},
+)
+"""Diverse Dermatology Images `ddi_metadata.csv`. The label is `malignant` written malignant/benign;
+`disease` stays metadata. `skin_tone` is published in three bands and kept as they are: 12 (Fitzpatrick
+I-II), 34 (III-IV), 56 (V-VI), so the `fitzpatrick` of DDI rows is a band, never a single type. Each image
+is its own group: no patient ids are published."""
+
+LAYOUTS: tuple[Layout, ...] = (ISIC_2020, PAD_UFES_20, FITZPATRICK17K, DDI)
+"""Published CSVs recognised by their columns, first match wins; anything else is a CSV manifest."""
+
+ISIC_2019_METADATA = Layout(
+    name="ISIC 2019 metadata",
+    recognise=("image", "age_approx", "anatom_site_general", "sex"),
+    file="image",
+    group="lesion_id",
+    meta={"age": "age_approx", "site": "anatom_site_general", "sex": "sex"},
+    recode={"sex": SEX},
+)
+"""ISIC 2019 `ISIC_2019_Training_Metadata.csv` (`lesion_id` blank for many images: each its own group;
+the test set's metadata has no `lesion_id` at all). Read only as the sidecar of a one-hot ground truth,
+never as --data on its own: it has no labels, and a manifest of one's own with these columns plus `label`
+must not lose them."""
+
+SIDECARS: tuple[Layout, ...] = (ISIC_2019_METADATA,)
+"""Metadata CSVs joined, by image id, to a one-hot ground truth lying in the same folder: ISIC publishes
+labels and metadata as two files."""
+
+
 def _pick(header: list[str], role: str) -> str | None:
     lowered = {name.strip().lower(): name for name in header}
     return next((lowered[c] for c in COLUMNS[role] if c in lowered), None)
@@ -223,40 +380,86 @@ def _one_hot_columns(header: list[str], rows: list[dict[str, str]], file_col: st
     return classes
 
 
-def read_csv(path: Path, images: Path | None) -> Manifest:
-    """A CSV manifest, HAM10000_metadata.csv or an ISIC one-hot ground truth."""
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        header = [h for h in (reader.fieldnames or [])]
-        rows = list(reader)
+        header = list(reader.fieldnames or [])
+        return header, list(reader)
+
+
+def _read_header(path: Path) -> list[str]:
+    """The first row of a CSV, or nothing for a file that is not one (a sibling looked at in passing)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return next(csv.reader(handle), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _plain_layout(path: Path, header: list[str], rows: list[dict[str, str]]) -> Layout:
+    """A CSV manifest by the names in `COLUMNS`, or an ISIC one-hot ground truth."""
     file_col = _pick(header, "file")
     if file_col is None:
         raise ManifestError(
             f"{path}: no image column; expected one of {', '.join(COLUMNS['file'])} "
             f"(found: {', '.join(header) or 'nothing'})"
         )
-    root = images if images is not None else path.parent
-    resolve = _Resolver(root)
-    id_col = _pick(header, "image_id") or file_col
     one_hot = _one_hot_columns(header, rows, file_col)
-    label_col = None if one_hot else _pick(header, "label")
-    group_col = _pick(header, "group")
-    used = {file_col, id_col, label_col, group_col, *(one_hot or [])}
-    manifest = Manifest(source=str(path), kind="isic-one-hot" if one_hot else "csv", root=root)
-    manifest.meta = {c: [] for c in header if c not in used}
+    return Layout(
+        name="isic-one-hot" if one_hot else "csv",
+        file=file_col,
+        image_id=_pick(header, "image_id"),
+        label=None if one_hot else _pick(header, "label"),
+        one_hot=tuple(one_hot or ()),
+        group=_pick(header, "group"),
+    )
+
+
+def _parse(path: Path, header: list[str], rows: list[dict[str, str]], layout: Layout) -> Manifest:
+    """The rows as `layout` reads them, with `path` holding each row's file entry as written (not yet
+    looked up under the data root)."""
+    actual = {h.strip().lower(): h for h in header}
+    find = lambda name: actual.get(name.strip().lower()) if name else None  # noqa: E731
+    file_col = find(layout.file)
+    id_col = find(layout.image_id) or file_col
+    label_col, group_col = find(layout.label), find(layout.group)
+    renamed = {find(column): name for name, column in layout.meta.items() if find(column)}
+    recode = {find(column): r for column, r in layout.recode.items() if find(column)}
+    used = {file_col, id_col, label_col, group_col, *layout.one_hot}
+    taken = set(renamed.values())
+    meta = {  # a column named like a common name that another column takes is kept as `<name> (published)`
+        column: renamed.get(column) or (f"{column} (published)" if column in taken else column)
+        for column in header
+        if column not in used
+    }
+    manifest = Manifest(source=str(path), kind=layout.name, meta={name: [] for name in meta.values()})
     for line, row in enumerate(rows, start=2):
-        value = (row.get(file_col) or "").strip()
-        if not value:
+
+        def value(column: str | None) -> str:
+            text = (row.get(column) or "").strip() if column else ""
+            rewrite = recode.get(column)
+            return rewrite(text, where=f"{path}, line {line}", column=column) if rewrite else text
+
+        entry = value(file_col)
+        if not entry:
             raise ManifestError(f"{path}, line {line}: empty {file_col!r}")
-        manifest.image_id.append(_strip_suffix(Path((row.get(id_col) or value).strip()).name))
-        manifest.path.append(_relative(resolve(value), root))
-        if one_hot:
-            manifest.label.append(next(c for c in one_hot if float(row[c]) == 1.0))
+        manifest.image_id.append(_strip_suffix(Path(value(id_col) or entry).name))
+        manifest.path.append(entry)
+        if layout.one_hot:
+            manifest.label.append(next(c for c in layout.one_hot if float(row[c]) == 1.0))
         else:
-            manifest.label.append((row.get(label_col) or "").strip() if label_col else "")
-        manifest.group.append((row.get(group_col) or "").strip() if group_col else "")
-        for column, values in manifest.meta.items():
-            values.append((row.get(column) or "").strip())
+            manifest.label.append(value(label_col))
+        manifest.group.append(value(group_col))
+        for column, name in meta.items():
+            manifest.meta[name].append(value(column))
+    return manifest
+
+
+def _locate(manifest: Manifest, path: Path, root: Path) -> Manifest:
+    """Each row's file entry looked up under `root` (see `_Resolver`); ambiguous names are an error."""
+    resolve = _Resolver(root)
+    manifest.root = root
+    manifest.path = [_relative(resolve(entry), root) for entry in manifest.path]
     if resolve.ambiguous:
         listed = "; ".join(
             f"{value} matches {', '.join(_relative(f, root) for f in files)}"
@@ -268,6 +471,43 @@ def read_csv(path: Path, images: Path | None) -> Manifest:
             "in the CSV, or point --images at the folder that holds only this data set"
         )
     return manifest
+
+
+def _join_sidecar(manifest: Manifest, path: Path) -> Manifest:
+    """Groups and metadata of a one-hot ground truth from the first CSV next to it that is a sidecar
+    (`SIDECARS`) and holds any of its image ids; rows it lacks keep blanks (their group: the image)."""
+    for sibling in sorted(path.parent.glob("*.csv")):
+        header = _read_header(sibling) if sibling != path else []
+        sidecar = next((layout for layout in SIDECARS if layout.matches(header)), None)
+        if sidecar is None:
+            continue
+        extra = _parse(sibling, *_read_table(sibling), sidecar)
+        at: dict[str, int] = {}
+        for row, image_id in enumerate(extra.image_id):
+            at.setdefault(image_id, row)
+        rows = [at.get(image_id) for image_id in manifest.image_id]
+        if all(row is None for row in rows):
+            continue
+        take = lambda values: [values[r] if r is not None else "" for r in rows]  # noqa: E731
+        manifest.group = [g or joined for g, joined in zip(manifest.group, take(extra.group))]
+        manifest.meta.update({name: take(values) for name, values in extra.meta.items()})
+        manifest.kind = f"{manifest.kind} + {sidecar.name} ({sibling.name})"
+        missing = rows.count(None)
+        if missing:
+            log.warning("%s: %d of %d images have no row in %s", path, missing, len(rows), sibling)
+        return manifest
+    return manifest
+
+
+def read_csv(path: Path, images: Path | None) -> Manifest:
+    """A published data set's CSV (`LAYOUTS`), else a CSV manifest, HAM10000_metadata.csv or an ISIC
+    one-hot ground truth (with its sidecar metadata)."""
+    header, rows = _read_table(path)
+    layout = next((layout for layout in LAYOUTS if layout.matches(header)), None) or _plain_layout(path, header, rows)
+    manifest = _parse(path, header, rows, layout)
+    if layout.one_hot:
+        manifest = _join_sidecar(manifest, path)
+    return _locate(manifest, path, images if images is not None else path.parent)
 
 
 READERS: list[tuple[Callable[[Path], bool], Callable[[Path, Path | None], Manifest]]] = [
