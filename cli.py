@@ -144,7 +144,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from classify.predict import evaluate_run
 
-    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget, args.subgroups)
+    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget, args.subgroups, fmt=args.format)
     where = "test rows" if args.features is None else args.features
     if metrics.get("warning"):
         print(f"WARNING: {metrics['warning']}")
@@ -173,15 +173,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from classify.isic import challenge_csv, challenge_for
     from classify.predict import predict
-    from classify.runs import predictions_csv
+    from classify.runs import predictions_csv, read_card
 
+    challenge = challenge_for(args.format, [str(c) for c in read_card(Path(args.run))["classes"]])
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
-    Path(args.out).write_text(
-        predictions_csv(
-            np.array(result.ids, dtype=object), result.proba, result.classes, result.decisions, failed=result.failed
-        )
-    )
+    ids = np.array(result.ids, dtype=object)
+    if challenge is not None:  # the scorer's columns only: failed images are listed on stderr below
+        Path(args.out).write_text(challenge_csv(challenge, ids, result.proba, result.classes))
+    else:
+        Path(args.out).write_text(predictions_csv(ids, result.proba, result.classes, result.decisions, result.failed))
     print(f"wrote {args.out}: {len(result.ids)} images classified, {len(result.failed)} could not be")
     for image_id, reason in result.failed.items():
         print(f"  failed: {image_id}: {reason}", file=sys.stderr)
@@ -572,11 +574,24 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMNS",
         help="metadata columns of the store (e.g. fitzpatrick,sex) whose groups get their own figures",
     )
+    _format_argument(parser)
     parser.add_argument(
         "--memory-budget",
         type=memory_budget,
         default=MEMORY_BUDGET,
         help="embeddings larger than this are scored block by block (1GB, 800MB, 50%%)",
+    )
+
+
+def _format_argument(parser: argparse.ArgumentParser) -> None:
+    from classify.isic import FORMATS
+
+    parser.add_argument(
+        "--format",
+        default="csv",
+        choices=list(FORMATS),
+        help="csv (probabilities, predicted, decision, error) or the columns an ISIC challenge's scorer reads: "
+        "isic (the first challenge that takes the run's classes) or one by name",
     )
 
 
@@ -594,6 +609,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", default="predictions.csv", help="ISIC-style CSV of probabilities, the predicted class and failures"
     )
+    _format_argument(parser)
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from classify.inputs import store_meta
+from classify.isic import challenge_csv, challenge_for
 from classify.metrics import evaluate
 from classify.subgroups import subgroup_figures
 from classify.runs import (
@@ -106,11 +107,14 @@ def evaluate_run(
     label_map: str = "",
     memory_budget: str = MEMORY_BUDGET,
     subgroups: str = "",
+    *,
+    fmt: str = "csv",
 ) -> dict:
     """Metrics of a run on its own test rows, or on every labelled row of another store that the run has
     not seen (an image it trained or was tuned on, by id or by file content, is never scored as new);
     embeddings larger than `memory_budget` are read and scored block by block."""
     run = load_run(run_dir)
+    challenge = challenge_for(fmt, run.classes)  # classes that do not map: refused before any work
     own = features is None
     store = FeatureStore(features or run.card["store"])
     check_fingerprints(run, store)
@@ -186,6 +190,8 @@ def evaluate_run(
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
     write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes, run.decide(proba)))
+    if challenge is not None:  # the scorer's own columns, beside the toolkit's CSV
+        write_text(folder / "predictions.isic.csv", challenge_csv(challenge, ids[rows], proba, run.classes))
     from classify.report import write_evaluation_report  # matplotlib only when a report is written
 
     run_test = json.loads((run.folder / "metrics.json").read_text())["test"]

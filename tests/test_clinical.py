@@ -298,3 +298,41 @@ def test_compare_two_runs_paired_and_runs_on_other_rows_refused(tmp_path, cli):
     assert code == 0, err
     code, _, err = cli("compare", runs["plain"], other)
     assert code == 2 and "other test rows" in err and "Traceback" not in err
+
+
+def test_isic_format_is_what_the_challenge_scorer_reads(tmp_path, cli):
+    """`--format isic`: every category of ISIC 2018 task 3 present, as the challenge's own scorer
+    (isic-challenge-scoring) reads it and scores it like this toolkit does; the toolkit's own CSV is
+    refused by that scorer, which is why the format exists."""
+    import io
+
+    from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
+    from isic_challenge_scoring.types import ScoreError
+
+    ham = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # the scorer needs every category in the truth
+    store = synthetic_store(tmp_path / "s.h5", n=700, classes=ham)
+    run = tmp_path / "run"
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST, "--allow-small-test")
+    assert code == 0, err
+    code, out, err = cli("evaluate", "--run", run, "--format", "isic")
+    assert code == 0, err
+    folder = run / "evaluations" / "test"
+    submission = (folder / "predictions.isic.csv").read_text()
+    assert submission.splitlines()[0] == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC"
+    samples = FeatureStore(store).samples()
+    label_of = dict(zip(samples.image_id, samples.label))
+    ids = [line.split(",")[0] for line in submission.splitlines()[1:]]
+    categories = ["MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC"]
+    truth = "image," + ",".join(categories) + "\n"
+    truth += "".join(
+        i + "," + ",".join("1.0" if label_of[i].upper() == c else "0.0" for c in categories) + "\n" for i in ids
+    )
+    score = ClassificationScore.from_stream(io.StringIO(truth), io.StringIO(submission), ClassificationMetric.AUC)
+    ours = json.loads((folder / "metrics.json").read_text())["per_class"]
+    for c in ham:
+        assert score.per_category.loc[c.upper(), "auc"] == pytest.approx(ours[c]["auc"], abs=1e-4)
+    with pytest.raises(ScoreError, match="column"):
+        own = (folder / "predictions.csv").read_text()
+        ClassificationScore.from_stream(io.StringIO(truth), io.StringIO(own), ClassificationMetric.AUC)
+    code, _, err = cli("evaluate", "--run", run, "--format", "isic2020")
+    assert code == 2 and "not a category of ISIC 2020" in err and "Traceback" not in err

@@ -263,7 +263,16 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
     for image_id, row in got.items():
         assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
         assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c])) and row["error"] == ""
+        assert row["decision"] == expected[image_id]["decision"]  # the run's stored threshold, applied again
     assert FeatureStore(store).backbones == [TINY]
+    # the challenge's columns (every ISIC 2018 category) for its scorer, nothing else
+    isic = tmp_path / "isic.csv"
+    code, _, err = cli("predict", "--run", run, "--images", folder, "--out", isic, "--workers", "0", "--format", "isic")
+    assert code == 0, err
+    lines = isic.read_text().splitlines()
+    assert lines[0] == "image,MEL,NV,BCC,AKIEC,BKL,DF,VASC" and len(lines) == 1 + len(expected)
+    row = _read_csv(isic)[next(iter(expected))]
+    assert float(row["MEL"]) == pytest.approx(float(got[row["image"]]["mel"]), abs=1e-6) and row["BCC"] == "0.000000"
     # --strict: any failure is status 1; nothing classified is status 1 whatever the options
     code, _, _ = cli("predict", "--run", run, "--images", folder, "--out", out, "--workers", "0", "--strict")
     assert code == 1
