@@ -21,13 +21,12 @@ from features.store import FeatureStore, journal_folder
 
 VIT = "timm:vit_tiny_patch16_224"
 """A timm transformer beside the torchvision CNN, with options of its own (each rank builds it alike)."""
-COMMON = [
-    *("--backbone", f"{TINY},{VIT}", "--weights", "none", "--input-size", "0,32", "--pool", "auto,token+avg"),
-    *("--precision", "fp32", "--batch-size", "2", "--flush-rows", "2"),
-]
+COMMON = ["--weights", "none", "--precision", "fp32", "--batch-size", "2", "--flush-rows", "2"]
+CNN = ("--backbone", TINY)
+BOTH = ("--backbone", f"{TINY},{VIT}", "--input-size", "0,32", "--pool", "auto,token+avg")
 
 
-def _torchrun(manifest: Path, out: Path, **popen) -> list[str]:
+def _torchrun(manifest: Path, out: Path, backbones: tuple[str, ...] = CNN) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -45,6 +44,7 @@ def _torchrun(manifest: Path, out: Path, **popen) -> list[str]:
         "--out",
         str(out),
         *COMMON,
+        *backbones,
     ]
 
 
@@ -52,7 +52,7 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _single(manifest: Path, out: Path) -> FeatureStore:
+def _single(manifest: Path, out: Path, backbones: tuple[str, ...] = CNN) -> FeatureStore:
     done = subprocess.run(
         [
             sys.executable,
@@ -63,6 +63,7 @@ def _single(manifest: Path, out: Path) -> FeatureStore:
             "--out",
             str(out),
             *COMMON,
+            *backbones,
             "--workers",
             "0",
         ],
@@ -77,11 +78,11 @@ def _single(manifest: Path, out: Path) -> FeatureStore:
 def _same(a: FeatureStore, b: FeatureStore) -> None:
     assert a.samples().image_id == b.samples().image_id
     assert a.samples().sha256 == b.samples().sha256
-    for backbone in (TINY, VIT):
+    for backbone in a.backbones:
         np.testing.assert_allclose(a.embeddings(backbone), b.embeddings(backbone), atol=1e-5)
         assert a.done(backbone).all()
         assert a.backbone_attrs(backbone)["fingerprint"] == b.backbone_attrs(backbone)["fingerprint"]
-    assert a.dim(VIT) == 2 * 192
+    assert a.backbones == b.backbones
 
 
 def _shard_lines(stderr: str) -> dict[int, tuple[int, int]]:
@@ -90,21 +91,23 @@ def _shard_lines(stderr: str) -> dict[int, tuple[int, int]]:
 
 
 def test_two_processes_make_the_single_process_store(tmp_path):
+    """With a timm ViT beside the CNN, each with options of its own: every rank builds both alike."""
     manifest = csv_data_set(tmp_path, 9)
-    single = _single(manifest, tmp_path / "single.h5")
-    done = subprocess.run(_torchrun(manifest, tmp_path / "dist.h5"), capture_output=True, text=True, env=_env())
+    single = _single(manifest, tmp_path / "single.h5", BOTH)
+    done = subprocess.run(_torchrun(manifest, tmp_path / "dist.h5", BOTH), capture_output=True, text=True, env=_env())
     assert done.returncode == 0, done.stderr
     _same(FeatureStore(tmp_path / "dist.h5"), single)
+    assert single.backbones == sorted([TINY, VIT]) and single.dim(VIT) == 2 * 192
     assert _shard_lines(done.stderr) == {0: (5, 5), 1: (4, 4)}  # explicit, disjoint, no padding
     assert not (tmp_path / "dist.h5.shards").exists()
     # more images later: only the new ones are sharded and embedded, appended after the old rows
     more = csv_data_set(tmp_path, 4, name="more.csv", start=9)
     both = tmp_path / "both.csv"
     both.write_text(manifest.read_text() + "".join(more.read_text().splitlines(keepends=True)[1:]))
-    again = subprocess.run(_torchrun(both, tmp_path / "dist.h5"), capture_output=True, text=True, env=_env())
+    again = subprocess.run(_torchrun(both, tmp_path / "dist.h5", BOTH), capture_output=True, text=True, env=_env())
     assert again.returncode == 0, again.stderr
     assert _shard_lines(again.stderr) == {0: (2, 2), 1: (2, 2)}
-    _same(FeatureStore(tmp_path / "dist.h5"), _single(both, tmp_path / "single-both.h5"))
+    _same(FeatureStore(tmp_path / "dist.h5"), _single(both, tmp_path / "single-both.h5", BOTH))
 
 
 def test_a_killed_rank_is_resumed_by_rerunning_the_command(tmp_path):
