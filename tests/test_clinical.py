@@ -22,6 +22,12 @@ from features.store import FeatureStore
 FAST = ("--folds", "3", "--trials", "2")
 
 
+def _fit(cli, store: Path, run: Path, *extra: str) -> None:
+    """A linear fit of `store` into `run` (a quick study) that must succeed."""
+    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST, *extra)
+    assert code == 0, err
+
+
 def _rows(path: Path) -> dict[str, dict[str, str]]:
     return {row["image"]: row for row in csv.DictReader(open(path))}
 
@@ -110,8 +116,7 @@ def test_temperature_and_isotonic_calibration_fit_out_of_fold_and_round_trip_as_
 def test_fit_sets_the_operating_point_out_of_fold_and_predict_and_evaluate_keep_it(tmp_path, cli):
     store = synthetic_store(tmp_path / "s.h5", n=240, separation=1.2)  # overlapping classes: a real choice
     run = tmp_path / "run"
-    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)
-    assert code == 0, err
+    _fit(cli, store, run)
     card = load_run(run).card
     point, metrics = card["operating_point"], json.loads((run / "metrics.json").read_text())
     assert (point["rule"], point["positive"], card["calibration"]["method"]) == ("sens=0.95", "mel", "temperature")
@@ -155,39 +160,11 @@ def test_fit_sets_the_operating_point_out_of_fold_and_predict_and_evaluate_keep_
 def test_options_of_the_operating_point_and_calibration(tmp_path, cli):
     store = synthetic_store(tmp_path / "s.h5", n=240)
     run = tmp_path / "youden"
-    code, _, err = cli(
-        "fit",
-        "--features",
-        store,
-        "--head",
-        "linear",
-        "--out",
-        run,
-        *FAST,
-        "--operating-point",
-        "youden",
-        "--calibrate",
-        "isotonic",
-    )
-    assert code == 0, err
+    _fit(cli, store, run, "--operating-point", "youden", "--calibrate", "isotonic")
     card = load_run(run).card
     assert card["operating_point"]["rule"] == "youden" and card["calibration"]["method"] == "isotonic"
     run = tmp_path / "argmax"
-    code, _, err = cli(
-        "fit",
-        "--features",
-        store,
-        "--head",
-        "linear",
-        "--out",
-        run,
-        *FAST,
-        "--operating-point",
-        "none",
-        "--calibrate",
-        "none",
-    )
-    assert code == 0, err
+    _fit(cli, store, run, "--operating-point", "none", "--calibrate", "none")
     metrics = json.loads((run / "metrics.json").read_text())
     assert load_run(run).card["operating_point"] is None and "operating_point" not in metrics["test"]
     assert "pauc_80" in metrics["test"]  # threshold-free: always, with a positive class
@@ -235,8 +212,7 @@ def test_ages_are_banded_numbers_quartered_and_blanks_a_group_of_their_own():
 def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_elsewhere(tmp_path, cli):
     store = synthetic_store(tmp_path / "s.h5", n=400)
     run = tmp_path / "run"
-    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST, "--subgroups", "site,age")
-    assert code == 0, err
+    _fit(cli, store, run, "--subgroups", "site,age")
     metrics = json.loads((run / "metrics.json").read_text())
     test = metrics["test"]
     for column in ("site", "age"):
@@ -274,8 +250,7 @@ def test_compare_two_runs_paired_and_runs_on_other_rows_refused(tmp_path, cli):
     runs = {}
     for name, extra in (("plain", ()), ("with-meta", ("--meta", "age,site"))):  # two models, one split
         runs[name] = tmp_path / name
-        code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", runs[name], *FAST, *extra)
-        assert code == 0, err
+        _fit(cli, store, runs[name], *extra)
     out, as_json = tmp_path / "c.md", tmp_path / "c.json"
     code, stdout, err = cli("compare", runs["plain"], runs["with-meta"], "--out", out, "--json", as_json)
     assert code == 0, err
@@ -294,8 +269,7 @@ def test_compare_two_runs_paired_and_runs_on_other_rows_refused(tmp_path, cli):
     assert d["delta_auc"]["ci"][1] - d["delta_auc"]["ci"][0] < np.hypot(*spread)
     assert "paired" in out.read_text() and "AUC difference" in stdout
     other = tmp_path / "other-seed"
-    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", other, *FAST, "--seed", "1")
-    assert code == 0, err
+    _fit(cli, store, other, "--seed", "1")
     code, _, err = cli("compare", runs["plain"], other)
     assert code == 2 and "other test rows" in err and "Traceback" not in err
 
@@ -312,8 +286,7 @@ def test_isic_format_is_what_the_challenge_scorer_reads(tmp_path, cli):
     ham = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # the scorer needs every category in the truth
     store = synthetic_store(tmp_path / "s.h5", n=700, classes=ham)
     run = tmp_path / "run"
-    code, _, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST, "--allow-small-test")
-    assert code == 0, err
+    _fit(cli, store, run, "--allow-small-test")
     code, out, err = cli("evaluate", "--run", run, "--format", "isic")
     assert code == 0, err
     folder = run / "evaluations" / "test"
