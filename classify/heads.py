@@ -9,7 +9,7 @@ that an Optuna pruner can stop a bad trial early.
 
 Streamed inputs (`StoreRows`, a store larger than the memory budget) are learnt from in blocks by
 the heads that can (XGBoost through its external-memory pages, the MLP through a block loader); the
-linear head says it cannot.
+linear and kNN heads say they cannot.
 
 torch is imported where the MLP needs it, not here: it adds about 0.5 GB of resident memory (and
 seconds of start-up) that linear and XGBoost fits do without, which matters for stores near the budget.
@@ -59,6 +59,7 @@ __all__ = [
     "Allowed",
     "Head",
     "HeadError",
+    "KnnHead",
     "LinearHead",
     "MLPHead",
     "Report",
@@ -67,6 +68,7 @@ __all__ = [
     "inner_split",
     "integer",
     "number",
+    "one_of",
     "register",
 ]
 
@@ -756,3 +758,163 @@ class _Reporter(xgb.callback.TrainingCallback):
             (losses,) = evals_log["val"].values()
             self.report(epoch // self.every, -float(min(losses)))  # the best so far, as early stopping keeps
         return False
+
+
+# ----------------------------------------------------------------------------------------- knn
+
+METRICS = ("cosine", "euclidean")
+WEIGHTS = ("uniform", "distance")
+
+
+def one_of(*values: str) -> Allowed:
+    """One of a few names."""
+    return Allowed(lambda value: isinstance(value, str) and value in values, " or ".join(values))
+
+
+@register
+class KnnHead(Head):
+    """k nearest training rows on standardised embeddings (by the training rows' mean and standard
+    deviation, as the linear head), by cosine (standardised, then L2-normalised) or euclidean distance.
+    A row's class probabilities are the weighted shares of the classes among its neighbours, lightly
+    smoothed. Classes are balanced as in the other heads: each neighbour's vote is weighted by its
+    row's class weight ("balanced": the inverse frequency of its class in the training rows), times its
+    sample weight and, with `weights="distance"`, by 1 / distance; so a rare class is not outvoted by
+    the majority merely for being rare. Rows of weight zero are left out of the neighbours, as if
+    dropped. `n_neighbors` larger than the training rows means all of them.
+
+    `streams` is False: every training row is searched for every query, so they are held in memory in
+    any case, and a streamed fit would only read the store into that same matrix. Predictions go block
+    by block over the queries (`BLOCK_ELEMENTS`), so memory stays bounded for any number of queries.
+    `random_state` is stored and unused (the neighbours are deterministic); every head takes it
+    because the fit and the study pass the run's seed to each."""
+
+    name = "knn"
+    streams = False  # see the docstring: the training rows are the model, in memory whatever the input
+
+    FITTED = ("train_", "codes_", "weight_", "mean_", "scale_")
+    PARAMS = {
+        "n_neighbors": integer(1),
+        "metric": one_of(*METRICS),
+        "weights": one_of(*WEIGHTS),
+        "class_weight": CLASS_WEIGHT,
+        "random_state": SEED,
+    }
+
+    BLOCK_ELEMENTS: ClassVar[int] = 2**22
+    """Query rows x training rows per block of distances: 16 MB of float32 distances plus 32 MB of the
+    indices that `argpartition` returns, whatever the number of queries."""
+    SMOOTHING: ClassVar[float] = 1e-3
+    """Added to every class's share (then renormalised); see `_proba` for why."""
+    TINY: ClassVar[float] = 1e-12
+    """The smallest distance a distance weight divides by: a query equal to a training row (distance 0)
+    gets that row's vote ~1e12 times any other's, scikit-learn's rule for exact matches."""
+
+    def __init__(
+        self,
+        *,
+        n_neighbors: int = 15,
+        metric: str = "cosine",
+        weights: str = "uniform",
+        class_weight: str | dict | None = "balanced",
+        random_state: int = 0,
+    ) -> None:
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.weights = weights
+        self.class_weight = class_weight
+        self.random_state = random_state
+
+    @classmethod
+    def search_space(cls, trial: optuna.Trial) -> dict:
+        # k up to 100 on any store: the search space cannot see the rows, and Optuna needs one range per
+        # parameter across trials; fit uses min(k, training rows). Log-uniform: k=3 vs 6 differs as
+        # much as 30 vs 60.
+        return {
+            "n_neighbors": trial.suggest_int("n_neighbors", 1, 100, log=True),
+            "metric": trial.suggest_categorical("metric", list(METRICS)),
+            "weights": trial.suggest_categorical("weights", list(WEIGHTS)),
+        }
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        groups: np.ndarray | None = None,
+        sample_weight: np.ndarray | None = None,
+        report: Report | None = None,
+    ) -> "KnnHead":
+        """Keep the standardised training rows; `groups` (no inner validation to split) and `report` (no
+        steps to report) are taken for the common interface and unused."""
+        if isinstance(X, StoreRows):
+            raise HeadError(f"{self.name} head: it holds every training row in memory; it cannot fit on streamed rows")
+        X, codes, weights = self._prepare(X, y, groups, sample_weight)
+        kept = weights > 0  # a zero-weight row would only take a neighbour's place without a vote
+        if not np.any(kept):
+            raise HeadError(f"{self.name} head: every row has weight zero (class_weight x sample_weight)")
+        X = X[kept]
+        self.mean_ = X.mean(axis=0)
+        self.scale_ = X.std(axis=0)
+        self.scale_[self.scale_ == 0] = 1.0
+        self.train_ = self._standardised(X)
+        self.codes_, self.weight_ = codes[kept], weights[kept]
+        return self
+
+    def _standardised(self, X: np.ndarray) -> np.ndarray:
+        z = ((np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_).astype(np.float32)
+        if self.metric == "cosine":  # unit rows: the dot product is the cosine
+            norms = np.linalg.norm(z, axis=1, keepdims=True)
+            z /= np.where(norms > 0, norms, 1.0)
+        return z
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        queries = self._standardised(X)
+        train, n_classes = self.train_, len(self.classes_)
+        k = min(self.n_neighbors, len(train))
+        squares = np.einsum("ij,ij->i", train, train) if self.metric == "euclidean" else None
+        block = max(1, self.BLOCK_ELEMENTS // len(train))
+        proba = np.empty((len(queries), n_classes))
+        for start in range(0, len(queries), block):
+            q = queries[start : start + block]
+            dot = q @ train.T
+            if squares is None:
+                distance = 1.0 - dot  # cosine distance
+            else:
+                distance = np.einsum("ij,ij->i", q, q)[:, None] - 2.0 * dot + squares[None, :]
+            del dot
+            nearest = np.argpartition(distance, k - 1, axis=1)[:, :k] if k < len(train) else None
+            if nearest is None:
+                nearest = np.broadcast_to(np.arange(len(train)), distance.shape)
+            d = np.maximum(np.take_along_axis(distance, nearest, axis=1).astype(np.float64), 0.0)
+            vote = self.weight_[nearest]
+            if self.weights == "distance":
+                vote = vote / np.maximum(d if squares is None else np.sqrt(d), self.TINY)
+            cells = np.arange(len(q))[:, None] * n_classes + self.codes_[nearest]  # (query, class) cells
+            votes = np.bincount(cells.ravel(), vote.ravel(), len(q) * n_classes).reshape(len(q), n_classes)
+            share = votes / votes.sum(axis=1, keepdims=True)
+            # A share is often exactly 0 (no neighbour of that class). Smoothing keeps every probability
+            # above 0, so the logs that temperature calibration and the log loss take stay finite instead
+            # of hinging on a clipping constant; it is monotone in the share, so the ranking the AUC and
+            # the operating points read, and the argmax, are the shares' own.
+            proba[start : start + len(q)] = (share + self.SMOOTHING) / (1.0 + n_classes * self.SMOOTHING)
+        return proba
+
+    def save(self, folder: Path) -> list[str]:
+        np.savez(
+            folder / "head.npz",
+            mean=self.mean_,
+            scale=self.scale_,
+            train=self.train_,
+            codes=self.codes_,
+            weight=self.weight_,
+        )
+        return ["head.npz"]
+
+    @classmethod
+    def load(cls, folder: Path, params: dict, classes: list[str]) -> "KnnHead":
+        head = cls(**params)
+        with np.load(folder / "head.npz", allow_pickle=False) as z:
+            head.mean_, head.scale_, head.train_ = z["mean"], z["scale"], z["train"]
+            head.codes_, head.weight_ = z["codes"], z["weight"]
+        head.classes_, head.n_features_in_ = np.array(classes, dtype=object), head.train_.shape[1]
+        return head

@@ -11,13 +11,15 @@ import torch
 import xgboost as xgb
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
-from sklearn.metrics import balanced_accuracy_score, recall_score
+from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 from sklearn.model_selection import GroupKFold, cross_val_predict
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
-from classify.heads import HEADS, HeadError, LinearHead, MLPHead, XGBoostHead, inner_split, get_head
+from conftest import synthetic_store
+
+from classify.heads import HEADS, HeadError, KnnHead, LinearHead, MLPHead, XGBoostHead, inner_split, get_head
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -26,6 +28,7 @@ SMALL = {
     "mlp": {"hidden": (32,), "epochs": 30, "patience": 5, "lr": 5e-3, "device": "cpu"},
     # n_jobs=1: xgboost's and torch's OpenMP threads fight on a small machine (100x slower)
     "xgboost": {"n_estimators": 50, "early_stopping_rounds": 10, "device": "cpu", "n_jobs": 1},
+    "knn": {"n_neighbors": 5},
 }
 NAMES = list(SMALL)
 
@@ -159,6 +162,7 @@ CHECKED = {
     # enough epochs for check_classifiers_train's accuracy bar on its small blobs
     "mlp": {"hidden": (16,), "epochs": 40, "patience": 5, "lr": 1e-2, "batch_size": 32, "device": "cpu"},
     "xgboost": {"n_estimators": 10, "early_stopping_rounds": 5, "device": "cpu", "n_jobs": 1},
+    "knn": {},
 }
 COUNTS_ROWS = "'balanced' class weights count rows (as scikit-learn's class_weight does), not weights"
 EXPECTED_FAILED = {
@@ -171,6 +175,11 @@ EXPECTED_FAILED = {
     },
     "xgboost": {
         "check_sample_weight_equivalence_on_dense_data": f"{COUNTS_ROWS}; the inner validation split is of rows",
+    },
+    "knn": {
+        "check_sample_weight_equivalence_on_dense_data": (
+            f"{COUNTS_ROWS}; a repeated row fills two of the k neighbour places, a row of weight 2 one"
+        ),
     },
 }
 
@@ -232,6 +241,9 @@ def test_every_head_is_checked_by_scikit_learn():
         ("xgboost", "max_bin", 1, "an integer >= 2"),
         ("xgboost", "val_fraction", 1.0, "a number in (0, 1)"),
         ("xgboost", "random_state", -1, "an integer in [0, 4294967295]"),
+        ("knn", "n_neighbors", 0, "an integer >= 1"),
+        ("knn", "metric", "manhattan", "cosine or euclidean"),
+        ("knn", "weights", "gaussian", "uniform or distance"),
     ],
 )
 def test_a_bad_parameter_is_one_line_naming_it_and_its_range(name, param, value, allowed):
@@ -330,6 +342,12 @@ def test_save_load_round_trip_gives_the_same_probabilities(name, tmp_path):
         assert files == ["head.pt"]
         state = torch.load(tmp_path / "head.pt", map_location="cpu", weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
+    elif name == "knn":
+        assert files == ["head.npz"]
+        with np.load(tmp_path / "head.npz", allow_pickle=False) as z:
+            assert set(z.files) == {"mean", "scale", "train", "codes", "weight"}
+            assert all(z[k].dtype.kind in "fi" for k in z.files)  # reading every array needs no pickle
+            assert z["train"].dtype == np.float32 and len(z["train"]) == len(z["codes"]) == len(y)
     else:
         assert "head.ubj" in files
 
@@ -426,6 +444,7 @@ def test_linear_never_reports():
                 "reg_lambda": 2.0,
             },
         ),
+        ("knn", {"n_neighbors": 15, "metric": "euclidean", "weights": "distance"}),
     ],
 )
 def test_search_space_builds_the_head(name, fixed):
@@ -457,12 +476,111 @@ def test_search_space_params_fit_a_linear_head():
     assert LinearHead(**params).fit(x, y).predict(x).shape == (60,)
 
 
+# ------------------------------------------------------------------------------- knn
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+def test_knn_learns_and_beats_the_majority_baseline(metric, weights):
+    classes = ["nv", "mel", "bcc"]
+    x, y = blobs([150, 40, 20], classes, separation=3.0, seed=20)  # imbalanced: nv is the majority
+    xt, yt = blobs(60, classes, separation=3.0, seed=20, noise=1)  # same problem, fresh balanced rows
+    head = KnnHead(n_neighbors=15, metric=metric, weights=weights).fit(x, y)
+    proba = head.predict_proba(xt)
+    assert np.all(proba > 0) and np.allclose(proba.sum(axis=1), 1.0)  # smoothed: no probability is 0
+    assert roc_auc_score(yt, proba, multi_class="ovr", labels=list(head.classes_)) > 0.9
+    predicted = head.predict(xt)
+    majority = balanced_accuracy_score(yt, np.full(len(yt), "nv", dtype=object))
+    assert majority == pytest.approx(1 / 3)
+    assert balanced_accuracy_score(yt, predicted) > majority + 0.4
+    assert np.mean(predicted == "bcc") > 0.25  # the rarest class is predicted, not outvoted
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_with_distance_weights_a_training_row_predicts_its_own_class(metric):
+    x, y = blobs(60, ["nv", "mel"], separation=1.0, seed=21)  # overlapping: neighbours disagree
+    uniform = KnnHead(n_neighbors=15, metric=metric).fit(x, y)
+    assert np.mean(uniform.predict(x) == y) < 0.95  # so the next line says something
+    distance = KnnHead(n_neighbors=15, metric=metric, weights="distance").fit(x, y)
+    assert np.array_equal(distance.predict(x), y)
+
+
+def test_knn_votes_are_weighted_by_inverse_class_frequency():
+    # one feature, so standardising keeps the order: the 3 nearest rows to 0 are nv, nv, mel
+    nv = [-0.1, 0.1, *np.linspace(50, 65, 16)]
+    x = np.array([*nv, 0.25, -60.0], dtype=np.float32)[:, None]
+    y = np.array(["nv"] * 18 + ["mel"] * 2, dtype=object)
+    eps = KnnHead.SMOOTHING
+    balanced = KnnHead(n_neighbors=3, metric="euclidean").fit(x, y)
+    nv_vote, mel_vote = 2 * 20 / (2 * 18), 20 / (2 * 2)  # "balanced": n / (classes x rows of the class)
+    mel = mel_vote / (nv_vote + mel_vote)
+    np.testing.assert_allclose(balanced.predict_proba([[0.0]]), np.array([[mel + eps, 1 - mel + eps]]) / (1 + 2 * eps))
+    assert balanced.predict([[0.0]])[0] == "mel"
+    plain = KnnHead(n_neighbors=3, metric="euclidean", class_weight=None).fit(x, y)
+    np.testing.assert_allclose(plain.predict_proba([[0.0]]), np.array([[1 / 3 + eps, 2 / 3 + eps]]) / (1 + 2 * eps))
+    assert plain.predict([[0.0]])[0] == "nv"
+
+
+def test_knn_with_more_neighbours_than_rows_votes_with_every_row():
+    x, y = blobs([15, 5], ["nv", "mel"], seed=22)
+    head = KnnHead(n_neighbors=100).fit(x, y)
+    # every row votes, each class with the same total weight: a coin toss everywhere
+    np.testing.assert_allclose(head.predict_proba(x), 0.5)
+
+
+def test_knn_predicts_block_by_block_with_the_same_result(monkeypatch):
+    x, y = blobs(50, ["nv", "mel", "bcc"], separation=2.0, seed=23)
+    xt, _ = blobs(30, ["nv", "mel", "bcc"], separation=2.0, seed=23, noise=1)
+    head = KnnHead(n_neighbors=7, metric="euclidean", weights="distance").fit(x, y)
+    whole = head.predict_proba(xt)
+    seen = []
+    argpartition = np.argpartition
+
+    def counting(distance, *args, **kwargs):
+        seen.append(distance.shape)
+        return argpartition(distance, *args, **kwargs)
+
+    monkeypatch.setattr(KnnHead, "BLOCK_ELEMENTS", 7 * len(y))  # 7 queries a block
+    monkeypatch.setattr(np, "argpartition", counting)
+    blocked = head.predict_proba(xt)
+    np.testing.assert_array_equal(blocked, whole)
+    assert seen == [(7, len(y))] * 12 + [(6, len(y))]  # 90 queries
+
+
+def test_knn_round_trip_keeps_sample_weights_and_the_metric(tmp_path):
+    x, y = blobs(40, ["nv", "mel"], separation=1.5, seed=24)
+    w = np.random.default_rng(0).uniform(0.2, 3.0, len(y))
+    w[::5] = 0.0  # left out of the neighbours
+    head = KnnHead(n_neighbors=9, metric="euclidean", weights="distance").fit(x, y, sample_weight=w)
+    assert len(head.train_) == np.count_nonzero(w)
+    head.save(tmp_path)
+    for path in tmp_path.glob("*.npz"):
+        np.load(path, allow_pickle=False).close()
+    params = json.loads(json.dumps(head.get_params()))
+    loaded = KnnHead.load(tmp_path, params, [str(c) for c in head.classes_])
+    xt, _ = blobs(30, ["nv", "mel"], separation=1.5, seed=24, noise=1)
+    np.testing.assert_array_equal(loaded.predict_proba(xt), head.predict_proba(xt))
+
+
+def test_knn_fit_through_the_cli(tmp_path, cli):
+    store = synthetic_store(tmp_path / "s.h5", n=240)
+    run = tmp_path / "run"
+    code, _, err = cli("fit", "--features", store, "--head", "knn", "--out", run, "--folds", "3", "--trials", "3")
+    assert code == 0, err
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    assert test["balanced_accuracy"] > test["baseline"]["balanced_accuracy"]
+    assert test["auc"] > 0.5
+    config = json.loads((run / "config.json").read_text())
+    assert config["head"] == "knn" and {"n_neighbors", "metric", "weights"} <= set(config["params"])
+
+
 # ------------------------------------------------------------------------------- registry and errors
 
 
 def test_registry_names_and_get_head():
-    assert set(HEADS) == {"linear", "mlp", "xgboost"}
+    assert set(HEADS) == {"linear", "mlp", "xgboost", "knn"}
     assert get_head("linear") is LinearHead and get_head("mlp") is MLPHead and get_head("xgboost") is XGBoostHead
+    assert get_head("knn") is KnnHead
     for name, cls in HEADS.items():
         assert cls.name == name
 
@@ -472,7 +590,7 @@ def test_unknown_head_error_lists_the_known_ones():
         get_head("svm")
     message = str(info.value)
     assert "svm" in message
-    for name in ("linear", "mlp", "xgboost"):
+    for name in ("linear", "mlp", "xgboost", "knn"):
         assert name in message
 
 
