@@ -2,7 +2,8 @@
 
 Commands: `backbones` (what can embed images), `extract` (images to a feature store), `fit` (a tuned
 head and its report), `evaluate` (a run on its test rows or another store), `predict` (new images),
-`finetune` (the backbone's top blocks trained with the head).
+`compare` (runs on the same test rows, paired), `audit` (duplicates and leaks in a store), `finetune` (the
+backbone's top blocks trained with the head).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ USER_ERRORS = {
     "classify.runs": ("RunError",),
     "classify.study": ("StudyError",),
     "classify.finetune": ("FinetuneError",),
+    "classify.audit": ("AuditError",),
 }
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback.
 By module and name: a module that was never imported cannot have raised its error."""
@@ -169,6 +171,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(text, end="")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from classify.audit import audit, audit_lines, default_out, write_audit
+
+    result = audit(args.features, backbone=args.backbone, threshold=args.threshold)
+    out = write_audit(result, args.out or default_out(args.features))
+    print("\n".join(audit_lines(result, out)))
     return 0
 
 
@@ -558,6 +569,24 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default=None, help="write every figure as JSON to FILE")
 
 
+def _audit_arguments(parser: argparse.ArgumentParser) -> None:
+    from features.duplicates import DEFAULT_THRESHOLD
+
+    parser.add_argument("--features", required=True, help="the feature store to audit")
+    parser.add_argument(
+        "--backbone", default=None, help="whose embeddings are compared; needed only when the store holds several"
+    )
+    parser.add_argument(
+        "--threshold",
+        type=number(0, 1, open_low=True),
+        default=DEFAULT_THRESHOLD,
+        help="cosine similarity at or above which two images are near-duplicates, in (0, 1]",
+    )
+    parser.add_argument(
+        "--out", default=None, help="folder for pairs.csv, clusters.csv, summary.md (default: <store stem>-audit/)"
+    )
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from features.rows import MEMORY_BUDGET
 
@@ -758,6 +787,12 @@ COMMANDS.update(
             cmd_compare,
             _compare_arguments,
             "python cli.py compare demo/run-linear demo/run-xgboost --out comparison.md --json comparison.json",
+        ),
+        "audit": Command(
+            "exact and near-duplicate images in a store, their clusters, split leaks and label conflicts",
+            cmd_audit,
+            _audit_arguments,
+            "python cli.py audit --features demo/isic_cc0.h5 --threshold 0.95 --out demo/isic_cc0-audit",
         ),
         "finetune": Command(
             "train the top blocks of a backbone with the head, from a fit run's head",
