@@ -540,6 +540,13 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         help="classes counted malignant in the malignant-vs-benign figures of a multi-class run",
     )
     parser.add_argument(
+        "--group-duplicates",
+        type=number(0, 1),
+        default=f.group_duplicates,
+        metavar="T",
+        help="merge the lesion groups of near-duplicates (cosine >= T; `audit` suggests T) before the split (0: off)",
+    )
+    parser.add_argument(
         "--subgroups",
         default=f.subgroups,
         metavar="COLUMNS",

@@ -117,6 +117,9 @@ class FitConfig:
     (classify/calibration.py)."""
     malignant: str = ",".join(MALIGNANT)
     """Classes counted malignant in the malignant-vs-benign figures of a multi-class run."""
+    group_duplicates: float = 0.0
+    """Cosine threshold: near-duplicate images (and copies of one file) have their lesion groups merged
+    before the split is made, so no cluster straddles it (features/duplicates.py; 0: off)."""
     subgroups: str = ""
     """Comma-separated metadata columns whose groups get their own test figures (classify/subgroups.py)."""
 
@@ -262,7 +265,10 @@ def fit(cfg: FitConfig) -> dict:
     if cfg.folds < 2:
         raise FitError(f"--folds {cfg.folds}: cross-validation needs at least 2 folds")
     budget = parse_budget(cfg.memory_budget)
-    split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed)
+    if not 0 <= cfg.group_duplicates <= 1:
+        raise FitError(f"--group-duplicates {cfg.group_duplicates}: a cosine similarity from 0 (off) to 1")
+    dup_backbone = spec.backbones[0] if cfg.group_duplicates else ""
+    split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed, cfg.group_duplicates, dup_backbone)
     split = split_for(store, split_spec)
     data = load_data(store, spec, split, budget)
     dropped = left_out(store)

@@ -34,6 +34,7 @@ __all__ = [
     "left_out",
     "lesions_in_test",
     "make_split",
+    "merged_groups",
     "read_split",
     "small_test",
     "spec_from_name",
@@ -57,10 +58,17 @@ class SplitSpec:
     test_fraction: float = 0.2
     folds: int = 5
     seed: int = 0
+    duplicates: float = 0.0
+    """Cosine threshold of near-duplicates whose lesion groups are merged before the split is dealt out
+    (`fit --group-duplicates`; 0: off), so that a re-cropped or re-compressed copy filed under another
+    lesion id can never sit on the other side."""
+    duplicates_backbone: str = ""
+    """Whose embeddings judge the near-duplicates."""
 
     @property
     def name(self) -> str:
-        return f"grouped-test{round(self.test_fraction * 100)}-k{self.folds}-seed{self.seed}"
+        name = f"grouped-test{round(self.test_fraction * 100)}-k{self.folds}-seed{self.seed}"
+        return name + (f"-dup{self.duplicates:g}-{self.duplicates_backbone}" if self.duplicates else "")
 
 
 class SplitError(ValueError):
@@ -169,8 +177,35 @@ def split_for(store: FeatureStore, spec: SplitSpec) -> np.ndarray:
     stored = read_split(store, spec.name)
     if stored is not None:
         return stored
-    labels = np.where(usable_rows(store), store.column("label"), "")
-    return make_split(labels, store.column("group"), spec)
+    usable = usable_rows(store)
+    labels = np.where(usable, store.column("label"), "")
+    groups = store.column("group")
+    if spec.duplicates:
+        groups = merged_groups(store, spec.duplicates_backbone, spec.duplicates, usable & (labels != ""))
+    return make_split(labels, groups, spec)
+
+
+def merged_groups(store: FeatureStore, backbone: str, threshold: float, rows: np.ndarray) -> np.ndarray:
+    """The store's groups with every cluster of duplicates among `rows` (the same file by SHA-256, or
+    embeddings of cosine similarity >= threshold) made one group: all the lesion groups a cluster touches
+    are joined (a group is named after its first member group)."""
+    from features.duplicates import clusters, exact_pairs, store_near_pairs
+
+    groups = np.asarray(store.column("group"), dtype=object)
+    rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows)
+    rows = rows[store.done(backbone)[rows]]
+    near = store_near_pairs(store, backbone, rows, threshold)
+    sha = np.where(np.isin(np.arange(len(groups)), rows), store.column("sha256"), "")
+    exact_first, exact_second = exact_pairs(sha)
+    names, index = np.unique(groups.astype(str), return_inverse=True)
+    first = index[np.concatenate([near.first, exact_first]).astype(np.int64)]
+    second = index[np.concatenate([near.second, exact_second]).astype(np.int64)]
+    component = clusters(len(names), first, second)  # over groups: 0 for a group in no pair
+    merged = names.astype(object)
+    for c in np.unique(component[component > 0]):
+        members = np.flatnonzero(component == c)
+        merged[members] = names[members.min()]
+    return merged[index]
 
 
 def split_digest(ids: np.ndarray | list[str], split: np.ndarray) -> str:
@@ -191,10 +226,13 @@ def lesions_in_test(labels: np.ndarray, groups: np.ndarray, split: np.ndarray) -
 
 def spec_from_name(name: str) -> SplitSpec:
     """The recipe back from a split's name (`grouped-test20-k5-seed0`)."""
-    match = re.fullmatch(r"grouped-test(\d+)-k(\d+)-seed(-?\d+)", name)
+    match = re.fullmatch(r"grouped-test(\d+)-k(\d+)-seed(-?\d+)(?:-dup([0-9.e-]+)-(.+))?", name)
     if not match:
         raise ValueError(f"not a split name: {name!r}")
-    return SplitSpec(int(match.group(1)) / 100, int(match.group(2)), int(match.group(3)))
+    spec = SplitSpec(int(match.group(1)) / 100, int(match.group(2)), int(match.group(3)))
+    if match.group(4):
+        spec = SplitSpec(spec.test_fraction, spec.folds, spec.seed, float(match.group(4)), match.group(5))
+    return spec
 
 
 def small_test(lesions: dict[str, int]) -> str:

@@ -224,3 +224,29 @@ def test_several_backbones_need_one_named(tmp_path: Path, cli):
     ]
     code, _, err = cli("audit", "--features", tmp_path / "two.h5", "--backbone", "b", "--out", tmp_path / "o")
     assert code == 0, err
+
+
+def test_fit_group_duplicates_keeps_a_planted_copy_on_the_side_of_its_original(tmp_path, cli):
+    """A test image's embedding planted on a study row of another lesion (a re-filed copy): the plain
+    split leaves the pair straddling it; `fit --group-duplicates` merges the two lesions first, so both
+    land on one side, and the split's name says so."""
+    from classify.runs import load_run, read_run_split
+
+    path = synthetic_store(tmp_path / "s.h5", n=240)
+    store = FeatureStore(path)
+    split = split_for(store, SplitSpec(folds=3))
+    ids, groups = store.column("image_id"), store.column("group")
+    original = int(np.flatnonzero(split == TEST)[0])
+    copy = int(next(r for r in np.flatnonzero(split >= 0) if groups[r] != groups[original]))
+    with h5py.File(path, "r+") as f:
+        data = f["embeddings/fake/data"]
+        data[copy] = data[original]
+    plain, merged = tmp_path / "plain", tmp_path / "merged"
+    for run, extra in ((plain, ()), (merged, ("--group-duplicates", "0.999"))):
+        quick = ("--folds", "3", "--trials", "1", *extra)
+        code, _, err = cli("fit", "--features", path, "--head", "linear", "--out", run, *quick)
+        assert code == 0, err
+    side = {run: dict(zip(read_run_split(run).image_id, read_run_split(run).fold)) for run in (plain, merged)}
+    assert (side[plain][ids[original]] == TEST) != (side[plain][ids[copy]] == TEST)  # the leak
+    assert (side[merged][ids[original]] == TEST) == (side[merged][ids[copy]] == TEST)
+    assert load_run(merged).card["split"] == "grouped-test20-k3-seed0-dup0.999-fake"
