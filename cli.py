@@ -146,7 +146,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from classify.predict import evaluate_run
 
-    metrics = evaluate_run(args.run, args.features, args.label_map, args.memory_budget, args.subgroups, fmt=args.format)
+    metrics = evaluate_run(
+        args.run,
+        args.features,
+        args.label_map,
+        args.memory_budget,
+        args.subgroups,
+        fmt=args.format,
+        near_duplicates=args.near_duplicates,
+    )
     where = "test rows" if args.features is None else args.features
     if metrics.get("warning"):
         print(f"WARNING: {metrics['warning']}")
@@ -156,6 +164,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     for reason, n in metrics["excluded"].items():
         print(f"  left out, seen by the run: {n} images {reason}")
+    near = metrics.get("near_duplicates")
+    if near:
+        print(f"  scored apart: {near['images']} near-duplicates of training images (cosine >= {near['threshold']:g})")
     return 0
 
 
@@ -595,6 +606,7 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    from features.duplicates import DEFAULT_THRESHOLD
     from features.rows import MEMORY_BUDGET
 
     parser.add_argument("--run", required=True, help="run folder from `fit` or `finetune`")
@@ -609,6 +621,13 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         default="",
         metavar="COLUMNS",
         help="metadata columns of the store (e.g. fitzpatrick,sex) whose groups get their own figures",
+    )
+    parser.add_argument(
+        "--near-duplicates",
+        type=number(0, 1),
+        default=DEFAULT_THRESHOLD,
+        metavar="T",
+        help="with --features: images whose embedding has cosine >= T to a training image are scored apart (0: off)",
     )
     _format_argument(parser)
     parser.add_argument(

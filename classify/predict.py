@@ -19,6 +19,7 @@ from classify.inputs import store_meta
 from classify.isic import challenge_csv, challenge_for
 from classify.metrics import evaluate
 from classify.subgroups import subgroup_figures
+from features.duplicates import DEFAULT_THRESHOLD
 from classify.runs import (
     Run,
     RunError,
@@ -109,6 +110,7 @@ def evaluate_run(
     subgroups: str = "",
     *,
     fmt: str = "csv",
+    near_duplicates: float = DEFAULT_THRESHOLD,
 ) -> dict:
     """Metrics of a run on its own test rows, or on every labelled row of another store that the run has
     not seen (an image it trained or was tuned on, by id or by file content, is never scored as new);
@@ -156,6 +158,16 @@ def evaluate_run(
             else ""
         )
         raise RunError(f"{store.path}: no labelled rows to evaluate on{why}")
+    near = np.zeros(len(ids), dtype=bool)
+    if not own and near_duplicates:
+        near = rows & (near_training(run, store, rows) >= near_duplicates)
+        if near.all() or not (rows & ~near).any():
+            raise RunError(
+                f"{store.path}: every unseen labelled image is a near-duplicate (cosine >= {near_duplicates:g}) of "
+                "an image the run trained on; nothing external is left to score"
+            )
+    apart = _near_duplicate_figures(run, store, near, labels, near_duplicates, memory_budget) if near.any() else None
+    rows &= ~near
     proba = run.proba(_inputs(store, run, rows, parse_budget(memory_budget)))
     groups = store.column("group")[rows]
     point = run.operating_point
@@ -183,6 +195,8 @@ def evaluate_run(
     if warning:
         metrics["warning"] = warning.replace("the test part", "the scored set")
     metrics["excluded"] = excluded
+    if apart is not None:
+        metrics["near_duplicates"] = apart
     folder = new_folder(run.folder / "evaluations", "test" if own else Path(store.path).stem)
     metrics["folder"] = str(folder)
     write_json(
@@ -205,6 +219,42 @@ def evaluate_run(
         proba=proba,
     )
     return metrics
+
+
+def near_training(run: Run, store: FeatureStore, rows: np.ndarray) -> np.ndarray:
+    """Per store row (0 outside `rows`), the highest cosine similarity of its embedding (the run's first
+    backbone's) to any image the run trained or was tuned on, read from the run's own store; all 0, with
+    a warning, when that store is not here."""
+    from features.duplicates import BLOCK_ROWS, nearest_similarity, store_blocks
+
+    best = np.zeros(len(rows))
+    path = Path(run.card["store"])
+    if not path.is_file():
+        log.warning("%s: the run's store is not here; near-duplicates of its training images are not checked", path)
+        return best
+    own = FeatureStore(path)
+    backbone = run.inputs.backbones[0]
+    split = run_split(run)
+    trained = np.flatnonzero(np.isin(own.column("image_id"), split.image_id[split.seen]) & own.done(backbone))
+    queries = np.flatnonzero(rows)
+    best[queries] = nearest_similarity(
+        store_blocks(store, backbone, queries, BLOCK_ROWS), store_blocks(own, backbone, trained, BLOCK_ROWS)
+    )
+    return best
+
+
+def _near_duplicate_figures(
+    run: Run, store: FeatureStore, near: np.ndarray, labels: np.ndarray, threshold: float, budget: str
+) -> dict:
+    """The external images that are near-duplicates of training images, scored apart: how many, and
+    their figures where both classes are among them."""
+    figures: dict = {"threshold": threshold, "images": int(near.sum()), "ids": store.column("image_id")[near].tolist()}
+    y = labels[near]
+    if len(set(y)) >= 2:
+        proba = run.proba(_inputs(store, run, near, parse_budget(budget)))
+        m = evaluate(y, proba, run.classes, store.column("group")[near], run.card.get("positive"), run.card["majority"])
+        figures.update({k: m[k] for k in ("n", "lesions", "balanced_accuracy", "auc", "ci95")})
+    return figures
 
 
 def new_folder(parent: Path, name: str) -> Path:

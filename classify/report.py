@@ -238,6 +238,18 @@ def write_evaluation_report(
         + (", ".join(f"{n} {reason}" for reason, n in excluded.items()) if excluded else "none")
         + ".",
     ]
+    near = metrics.get("near_duplicates")
+    if near:
+        scored = (
+            f" Scored apart: AUC {_ci(near, 'auc')}, balanced accuracy {_ci(near, 'balanced_accuracy')}."
+            if "auc" in near
+            else ""
+        )
+        lines.append(
+            f"Near-duplicates of images the run trained on (cosine >= {near['threshold']:g} of the embeddings): "
+            f"{near['images']}, left out of the figures above (an external image is only external if it is "
+            f"unseen).{scored}"
+        )
     sections = [
         lines,
         clinical_section(metrics, run_test, own),

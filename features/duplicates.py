@@ -31,6 +31,7 @@ __all__ = [
     "exact_pairs",
     "group_agreement",
     "near_pairs",
+    "nearest_similarity",
     "pair_similarity",
     "store_blocks",
     "store_near_pairs",
@@ -125,6 +126,22 @@ def store_near_pairs(
     rows = np.asarray(rows, dtype=np.int64)
     found = near_pairs(store_blocks(store, backbone, rows, block_rows), threshold)
     return Pairs(rows[found.first], rows[found.second], found.similarity)
+
+
+def nearest_similarity(
+    queries: Callable[[int], Iterable[np.ndarray]], reference: Callable[[int], Iterable[np.ndarray]]
+) -> np.ndarray:
+    """For every query row, its highest cosine similarity to any reference row (-1 with no reference),
+    both read in blocks (`array_blocks`, `store_blocks`): two blocks in memory at a time."""
+    best = []
+    for block in queries(0):
+        a = unit_rows(block)
+        top = np.full(len(a), -1.0, dtype=np.float32)
+        for other in reference(0):
+            if len(other):
+                top = np.maximum(top, (a @ unit_rows(other).T).max(axis=1))
+        best.append(top)
+    return np.concatenate(best) if best else np.zeros(0, np.float32)
 
 
 def pair_similarity(

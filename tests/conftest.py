@@ -64,6 +64,7 @@ def synthetic_store(
     views: int = 1,
     backbone: str = "fake",
     prefix: str = "img",
+    draw: int | None = None,
 ) -> Path:
     """A format-1 store of random embeddings with class structure, lesion groups and metadata. Image ids
     are `<prefix>NNNN`, and each row's "file hash" is the hash of its id (so that stores with other
@@ -79,7 +80,10 @@ def synthetic_store(
     groups = [f"L{i // per_group:04d}" for i in range(n)]
     centres = rng.normal(0, 1, (len(classes), dim)) * separation / np.sqrt(dim)
     codes = np.array([classes.index(c) for c in labels])
-    x = centres[codes] + rng.normal(0, 1, (n, dim))
+    # `draw`: another draw of the same classes (other images of one population, as an external set is);
+    # by default the draw of `seed`, so that two stores of one seed hold the same embeddings
+    noise = rng if draw is None else np.random.default_rng([seed, draw])
+    x = centres[codes] + noise.normal(0, 1, (n, dim))
     if views > 1:
         x = x[:, None, :] + rng.normal(0, 0.3, (n, views, dim))
     samples = Samples(

@@ -226,7 +226,7 @@ def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_els
     assert {r["group"] for r in test["subgroups"]["age"]} <= {"<30", "30-49", "50-69", ">=70", "missing"}
     report = (run / "report.md").read_text()
     assert "## Subgroups (test rows)" in report and "worst-group gap in sensitivity" in report
-    other = synthetic_store(tmp_path / "o.h5", n=200, prefix="ext")
+    other = synthetic_store(tmp_path / "o.h5", n=200, prefix="ext", draw=1)
     code, _, err = cli("evaluate", "--run", run, "--features", other, "--subgroups", "site")
     assert code == 0, err
     external = json.loads((run / "evaluations" / "o" / "metrics.json").read_text())
@@ -309,3 +309,31 @@ def test_isic_format_is_what_the_challenge_scorer_reads(tmp_path, cli):
         ClassificationScore.from_stream(io.StringIO(truth), io.StringIO(own), ClassificationMetric.AUC)
     code, _, err = cli("evaluate", "--run", run, "--format", "isic2020")
     assert code == 2 and "not a category of ISIC 2020" in err and "Traceback" not in err
+
+
+def test_external_images_that_copy_training_images_are_scored_apart(tmp_path, cli):
+    """An external store in which some images are near-copies of images the run trained on (another id,
+    another file, nearly the same embedding): they are counted, scored apart, and kept out of the
+    external figures; an external store of nothing else has nothing external to score."""
+    import h5py
+
+    from classify.runs import read_run_split
+
+    store = synthetic_store(tmp_path / "s.h5", n=240)
+    run = tmp_path / "run"
+    _fit(cli, store, run)
+    other = synthetic_store(tmp_path / "o.h5", n=100, prefix="ext", draw=1)
+    split = read_run_split(run)
+    trained = np.flatnonzero(np.isin(FeatureStore(store).column("image_id"), split.image_id[split.seen]))[:30]
+    with h5py.File(other, "r+") as f, h5py.File(store, "r") as g:
+        data = f["embeddings/fake/data"]
+        data[:30] = g["embeddings/fake/data"][trained] + 0.01  # 30 re-filed near-copies
+    code, out, err = cli("evaluate", "--run", run, "--features", other)
+    assert code == 0, err
+    metrics = json.loads((run / "evaluations" / "o" / "metrics.json").read_text())
+    near = metrics["near_duplicates"]
+    assert near["images"] == 30 and metrics["n"] == 70 and near["ids"] == [f"ext{i:04d}" for i in range(30)]
+    assert 0 <= near["auc"] <= 1 and "30 near-duplicates of training images" in out  # scored: both classes
+    assert "Near-duplicates of images the run trained on" in (run / "evaluations" / "o" / "report.md").read_text()
+    code, _, err = cli("evaluate", "--run", run, "--features", other, "--near-duplicates", "0")
+    assert code == 0 and json.loads((run / "evaluations" / "o-2" / "metrics.json").read_text())["n"] == 100

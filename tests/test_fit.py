@@ -195,7 +195,7 @@ def test_a_tampered_head_file_is_refused(tmp_path, store, cli):
 def test_external_validation_checks_fingerprints_and_labels(tmp_path, store, cli):
     run = tmp_path / "run"
     assert cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)[0] == 0
-    other = synthetic_store(tmp_path / "other.h5", n=60, classes=("melanoma", "nevus"), prefix="ext")
+    other = synthetic_store(tmp_path / "other.h5", n=60, classes=("melanoma", "nevus"), prefix="ext", draw=1)
     code, _, err = cli("evaluate", "--run", run, "--features", other)
     assert code == 2 and "melanoma" in err and "--label-map" in err
     code, out, err = cli("evaluate", "--run", run, "--features", other, "--label-map", "melanoma=mel,nevus=nv")
