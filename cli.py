@@ -197,16 +197,31 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from classify.isic import challenge_csv, challenge_for
     from classify.predict import predict
-    from classify.runs import predictions_csv, read_card
+    from classify.ood import OOD_FILE
+    from classify.runs import RunError, predictions_csv, read_card
 
-    challenge = challenge_for(args.format, [str(c) for c in read_card(Path(args.run))["classes"]])
+    card = read_card(Path(args.run))
+    challenge = challenge_for(args.format, [str(c) for c in card["classes"]])
+    if args.abstain_ood and OOD_FILE not in card["files"]:
+        raise RunError(
+            f"--abstain-ood: {args.run} has no out-of-distribution description (a run of streamed embeddings, "
+            "a fine-tuned run, or one made before there were any); fit it again, or drop the option"
+        )
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     ids = np.array(result.ids, dtype=object)
+    decisions = result.decisions
+    if args.abstain_ood:
+        decisions = np.where(result.in_distribution, decisions.astype(object), "abstain").astype(object)
     if challenge is not None:  # the scorer's columns only: failed images are listed on stderr below
         Path(args.out).write_text(challenge_csv(challenge, ids, result.proba, result.classes))
     else:
-        Path(args.out).write_text(predictions_csv(ids, result.proba, result.classes, result.decisions, result.failed))
+        ood = {"ood_score": result.ood_score, "in_distribution": result.in_distribution} if result.has_ood else {}
+        Path(args.out).write_text(predictions_csv(ids, result.proba, result.classes, decisions, result.failed, **ood))
+    flagged = int(np.sum(~result.in_distribution))
     print(f"wrote {args.out}: {len(result.ids)} images classified, {len(result.failed)} could not be")
+    if flagged:
+        action = "decision abstain" if args.abstain_ood else "in_distribution false"
+        print(f"  {flagged} look unlike the run's training images (out of distribution: {action})")
     for image_id, reason in result.failed.items():
         print(f"  failed: {image_id}: {reason}", file=sys.stderr)
     if not result.ids:
@@ -666,6 +681,11 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _format_argument(parser)
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if any image could not be used")
+    parser.add_argument(
+        "--abstain-ood",
+        action="store_true",
+        help="decision `abstain` for images out of the run's distribution (ood_score beyond its threshold)",
+    )
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")

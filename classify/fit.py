@@ -5,7 +5,9 @@ The protocol (../shared/DESIGN.md): a lesion-grouped, stratified split is made o
 feature store; the study only sees the study rows, scored by grouped K-fold cross-validation; the best
 parameters are refitted on all study rows and scored once on the test rows. For stores larger than the
 memory budget (streamed from disk) the `holdout` protocol scores fold 0 only and keeps the best trial's
-own model, fitted on the other folds (docs/evaluation.md says why).
+own model, fitted on the other folds (docs/evaluation.md says why). The run also keeps a description
+of its study rows' embeddings that flags images unlike them (classify/ood.py), except for streamed
+stores, whose embeddings are never all in memory.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from filelock import FileLock
 from classify.calibration import CALIBRATIONS, Calibration, brier_score, fit_calibration
 from classify.heads import HEADS, Head, get_head
 from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, store_meta
+from classify.ood import OOD_PERCENTILE, Ood, fit_ood, out_of_fold_threshold
 from classify.metrics import MALIGNANT, default_positive, evaluate, expected_calibration_error
 from classify.operating import DEFAULT_RULE, OperatingPoint, choose_threshold, parse_rule
 from classify.report import study_parts
@@ -46,7 +49,7 @@ from classify.study import (
     storage_for,
 )
 from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, small_test, split_counts, split_for
-from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
+from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget, read_embeddings
 from features.store import FeatureStore, StoreError, stored_name
 
 __all__ = [
@@ -463,6 +466,17 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
             threshold=figures["threshold"],
             seed=cfg.seed,
         )
+    ood = _ood(store, data, settled.spec)
+    if ood is not None:
+        test_scores = ood.score(_embeddings(store, data, settled.spec, data.test))
+        flagged = int(np.sum(~ood.in_distribution(test_scores)))
+        metrics["test"]["ood"] = {
+            "threshold": ood.threshold,
+            "percentile": OOD_PERCENTILE,
+            "flagged": flagged,
+            "rows": len(test_scores),
+            "share": flagged / max(len(test_scores), 1),
+        }
     if resolved["warning"]:
         metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
     metrics["left_out"] = resolved["left_out"]
@@ -506,6 +520,7 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
             calibration=calibration,
             operating_point=operating,
             test_uncalibrated=raw_test,
+            ood=ood,
             card_extra={"study": settled.name},
             extra_files={
                 "study.json": {
@@ -517,6 +532,24 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
         ),
     )
     return jsonable(metrics)
+
+
+def _embeddings(store: FeatureStore, data: Data, spec: InputSpec, rows: np.ndarray) -> np.ndarray:
+    """The backbone embeddings (the views' mean, no metadata) of `data`'s rows `rows`, row for row."""
+    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
+    picked = np.array([row_of[i] for i in data.ids[rows]], dtype=np.int64)
+    return read_embeddings(store, spec.backbones, all_views=False)[picked]
+
+
+def _ood(store: FeatureStore, data: Data, spec: InputSpec) -> Ood | None:
+    """The out-of-distribution description of the study rows, its threshold set out of fold over the
+    study folds (classify/ood.py); None, with a log line, for streamed embeddings, which this would load
+    whole."""
+    if isinstance(data.x, StoreRows):
+        log.info("embeddings streamed from disk: the run gets no out-of-distribution description")
+        return None
+    x, y, folds = _embeddings(store, data, spec, data.study), data.y[data.study], data.folds[data.study]
+    return fit_ood(x, y, threshold=out_of_fold_threshold(x, y, folds))
 
 
 def _final_model(cfg: FitConfig, data: Data, settled: Settled) -> tuple[Head, np.ndarray, np.ndarray]:

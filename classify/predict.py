@@ -33,7 +33,7 @@ from classify.runs import (
     write_text,
 )
 from features.splits import TEST, lesions_in_test, small_test
-from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget
+from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget, read_embeddings
 from features.store import FeatureStore, StoreError, describe_mismatch
 
 __all__ = [
@@ -280,6 +280,13 @@ class Prediction:
     """Inputs that could not be classified (image id, or a folder with no images) and why."""
     decisions: np.ndarray
     """Each image's decided class: at the run's operating point where it has one, else the argmax."""
+    ood_score: np.ndarray
+    """Each image's out-of-distribution score (classify/ood.py; NaN where the run has no description)."""
+    in_distribution: np.ndarray
+    """Whether the score is within the run's threshold (True everywhere for a run without a description:
+    nothing can be flagged)."""
+    has_ood: bool = False
+    """Whether the run has an out-of-distribution description (the two fields above mean something)."""
 
 
 def predict(
@@ -298,7 +305,9 @@ def predict(
     run = load_run(run_dir)
     manifest, failed = read_paths(paths, root)
     if not len(manifest):
-        return Prediction([], np.zeros((0, len(run.classes))), run.classes, failed, np.array([], dtype=object))
+        none = np.zeros(0)
+        empty = np.array([], dtype=object)
+        return Prediction([], np.zeros((0, len(run.classes))), run.classes, failed, empty, none, none.astype(bool))
     with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
         store_path = Path(tmp) / "predict.h5"
         for backbone, recorded in run.card["extraction"].items():  # one pass each: settings may differ
@@ -327,6 +336,11 @@ def predict(
         rows = embedded_rows(store, run.inputs.backbones)
         ids = [i for i, ok in zip(store.column("image_id"), rows) if ok]
         proba = run.proba(_inputs(store, run, rows, parse_budget(MEMORY_BUDGET))) if ids else None
+        ood = run.ood
+        scores = np.full(len(ids), np.nan)
+        if ood is not None and ids:
+            scores = ood.score(read_embeddings(store, run.inputs.backbones, all_views=False)[rows])
         failed.update(store.failed())
     proba = proba if proba is not None else np.zeros((0, len(run.classes)))
-    return Prediction(ids, proba, run.classes, failed, run.decide(proba))
+    inside = ood.in_distribution(scores) if ood is not None else np.ones(len(ids), dtype=bool)
+    return Prediction(ids, proba, run.classes, failed, run.decide(proba), scores, inside, ood is not None)

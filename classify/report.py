@@ -39,6 +39,7 @@ __all__ = [
     "headline",
     "headline_section",
     "markdown",
+    "ood_section",
     "per_class_section",
     "plots_section",
     "study_parts",
@@ -182,6 +183,7 @@ def markdown(metrics: dict, config: dict, counts: dict, parts: ReportParts, extr
         headline_section(metrics, metrics[parts.second], parts.second_label, parts.notes),
         clinical_section(test, metrics[parts.second], parts.second_label),
         calibration_section(test, metrics[parts.second], parts.second_label),
+        ood_section(test),
         subgroups_section(test),
         per_class_section(test),
         confusion_section(test),
@@ -389,6 +391,23 @@ def calibration_section(test: dict, second: dict, second_label: str) -> list[str
                 f"| {_fmt(k['brier_after'])} |"
             )
     return lines
+
+
+def ood_section(test: dict) -> list[str]:
+    """How many test rows the run's out-of-distribution flag would set aside: images of the run's own
+    population should rarely be flagged (the threshold is set at a percentile of unseen study rows)."""
+    ood = test.get("ood")
+    if not ood:
+        return []
+    return [
+        "## Out of distribution",
+        "",
+        f"Out of distribution: {ood['flagged']} of {ood['rows']} test rows ({100 * ood['share']:.1f} %) score "
+        f"beyond the threshold ({ood['percentile']:g}th percentile of the out-of-fold scores, "
+        f"{_fmt(ood['threshold'], 1)}: the smallest squared Mahalanobis distance of a row's embedding to a "
+        "class mean). `predict` flags new images beyond it (`in_distribution` false; with `--abstain-ood` "
+        "their decision is `abstain`).",
+    ]
 
 
 def subgroups_section(scored: dict, rows_named: str = "test rows") -> list[str]:

@@ -3,7 +3,8 @@
 `run.json` is the run's card: head name and parameters, classes, the inputs (backbones, views,
 metadata encoder), the split it was tested on, and per backbone the extraction identity (weights,
 precision, views, fingerprint) that `predict` must reproduce. It also records the SHA-256 of each head
-file. Loading checks those hashes before reading anything, and every head format holds data only
+file, and of `ood.npz` beside them (the out-of-distribution description, classify/ood.py) where the
+run has one. Loading checks those hashes before reading anything, and every head format holds data only
 (npz without pickle, tensors with weights_only, XGBoost UBJSON), so a run folder from someone else
 cannot run code here, and a tampered one is refused.
 
@@ -31,6 +32,7 @@ import numpy as np
 from classify.calibration import Calibration
 from classify.heads import Head, get_head
 from classify.inputs import InputSpec, MetaEncoder, proba_views
+from classify.ood import OOD_FILE, Ood
 from classify.operating import OperatingPoint
 from features.splits import TEST, UNUSED, read_split, split_digest
 from features.rows import StoreRows
@@ -179,6 +181,17 @@ class Run:
         except (ValueError, KeyError, TypeError) as exc:
             raise RunError(f"{self.folder / CARD}: its operating point cannot be read ({exc})") from None
 
+    @property
+    def ood(self) -> Ood | None:
+        """The run's out-of-distribution description (None for a run without one: streamed embeddings,
+        `finetune`, or made before there were any); its file was checked against the card's hash."""
+        if OOD_FILE not in self.card["files"]:
+            return None
+        try:
+            return Ood.load(self.folder / HEAD_FOLDER / OOD_FILE)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunError(f"{self.folder / HEAD_FOLDER / OOD_FILE}: cannot be read as data ({exc})") from None
+
     def proba(self, x: np.ndarray | StoreRows) -> np.ndarray:
         """The run's probabilities of inputs `x`: the head's, calibrated as the run was."""
         return self.calibration.apply(proba_views(self.head, x))
@@ -191,11 +204,16 @@ class Run:
         return point.decide(proba, self.classes)
 
 
-def save_run(folder: Path, head: Head, card: dict) -> None:
-    """Write the head's files and the card (last, with the files' hashes)."""
+def save_run(folder: Path, head: Head, card: dict, *, ood: Ood | None = None) -> None:
+    """Write the head's files, `ood` (as ood.npz beside them, hashed with them) and the card (last, with
+    the files' hashes)."""
     head_dir = folder / HEAD_FOLDER
     head_dir.mkdir(parents=True, exist_ok=True)
-    files = head.save(head_dir)
+    files = list(head.save(head_dir))
+    (head_dir / OOD_FILE).unlink(missing_ok=True)  # an earlier fit's, in a folder written again
+    if ood is not None:
+        ood.save(head_dir / OOD_FILE)
+        files.append(OOD_FILE)
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -334,24 +352,37 @@ def predictions_csv(
     classes: list[str],
     decisions: np.ndarray | None = None,
     failed: dict[str, str] | None = None,
+    *,
+    ood_score: np.ndarray | None = None,
+    in_distribution: np.ndarray | None = None,
 ) -> str:
     """ISIC-style: `image` then one probability column per class; with `decisions`, `predicted` (the
     most probable class) and `decision` (the run's decision: at its operating point where it has one);
-    with `failed`, an `error` column, blank for classified images, and a row with its reason for each
-    image that could not be classified."""
+    with `ood_score` and `in_distribution`, those columns (the out-of-distribution score and whether it
+    is within the run's threshold: true/false); with `failed`, an `error` column, blank for classified
+    images, and a row with its reason for each image that could not be classified."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     errors = failed is not None
     decided = decisions is not None
-    header = ["image", *classes] + (["predicted", "decision"] if decided else []) + (["error"] if errors else [])
+    flagged = ood_score is not None and in_distribution is not None
+    header = (
+        ["image", *classes]
+        + (["predicted", "decision"] if decided else [])
+        + (["ood_score", "in_distribution"] if flagged else [])
+        + (["error"] if errors else [])
+    )
     writer.writerow(header)
     for k, (image_id, row) in enumerate(zip(ids, proba)):
         cells = [str(image_id), *(f"{p:.6f}" for p in row)]
         if decided:
             cells += [classes[int(np.argmax(row))], str(decisions[k])]
+        if flagged:
+            cells += [f"{ood_score[k]:.6g}", "true" if in_distribution[k] else "false"]
         writer.writerow(cells + ([""] if errors else []))
+    blank = len(classes) + (2 if decided else 0) + (2 if flagged else 0)
     for image_id, reason in (failed or {}).items():
-        writer.writerow([image_id, *([""] * len(classes))] + (["", ""] if decided else []) + [reason])
+        writer.writerow([image_id, *([""] * blank), reason])
     return buffer.getvalue()
 
 
@@ -437,6 +468,8 @@ class RunRecord:
     """Further JSON files by name (fit: study.json; finetune: history.json)."""
     failed: dict[str, str] = field(default_factory=dict)
     """Images that could not be used and why: RUN/failed.csv when there are any."""
+    ood: Ood | None = None
+    """The out-of-distribution description of the study rows' embeddings (None: the run has none)."""
 
 
 def write_run(folder: Path, record: RunRecord) -> None:
@@ -460,7 +493,7 @@ def write_run(folder: Path, record: RunRecord) -> None:
         "calibration": record.calibration.as_dict(),
         "operating_point": record.operating_point.as_dict() if record.operating_point else None,
     }
-    save_run(folder, record.head, {**card, **record.card_extra})
+    save_run(folder, record.head, {**card, **record.card_extra}, ood=record.ood)
     write_json(folder / "config.json", record.config)
     for name, data in record.extra_files.items():
         write_json(folder / name, data)

@@ -264,7 +264,21 @@ def test_predict_reproduces_the_run_and_lists_bad_images(tmp_path, cli):
         assert abs(float(row["mel"]) - float(expected[image_id]["mel"])) < 1e-5
         assert row["predicted"] == max(("mel", "nv"), key=lambda c: float(row[c])) and row["error"] == ""
         assert row["decision"] == expected[image_id]["decision"]  # the run's stored threshold, applied again
+        assert float(row["ood_score"]) >= 0 and row["in_distribution"] in ("true", "false")
     assert FeatureStore(store).backbones == [TINY]
+    # out of distribution: a uniform grey picture is no lesion; --abstain-ood makes flagged rows abstain
+    from PIL import Image
+
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (224, 224), (128, 128, 128)).save(grey)
+    code, stdout, err = cli(
+        "predict", "--run", run, "--images", folder, grey, "--out", out, "--workers", "0", "--abstain-ood"
+    )
+    assert code == 0, err
+    flagged = {i: r for i, r in _read_csv(out).items() if r["in_distribution"] == "false"}
+    assert "grey" in flagged, _read_csv(out)["grey"]
+    assert all(r["decision"] == "abstain" for r in flagged.values())
+    assert all(r["decision"] != "abstain" for i, r in _read_csv(out).items() if i not in flagged)
     # the challenge's columns (every ISIC 2018 category) for its scorer, nothing else
     isic = tmp_path / "isic.csv"
     code, _, err = cli("predict", "--run", run, "--images", folder, "--out", isic, "--workers", "0", "--format", "isic")
