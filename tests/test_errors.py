@@ -282,7 +282,8 @@ def test_sigint_during_fit_is_one_line_and_the_rerun_finishes_the_study(tmp_path
         "--study",
         "s",
     ]
-    proc = subprocess.Popen([*command, "--trials", "500"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # more trials than could ever finish before the signal, however slowly this test reads the pipe
+    proc = subprocess.Popen([*command, "--trials", "100000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:
         seen.append(line)
