@@ -282,8 +282,16 @@ def test_sigint_during_fit_is_one_line_and_the_rerun_finishes_the_study(tmp_path
         "--study",
         "s",
     ]
-    # more trials than could ever finish before the signal, however slowly this test reads the pipe
-    proc = subprocess.Popen([*command, "--trials", "100000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    # more trials than could ever finish before the signal, however slowly this test reads the pipe; and
+    # Ctrl-C's default restored in the child: a shell's background job (`.ci/run &`) starts with SIGINT
+    # ignored, which Python then keeps, and the signal would never arrive
+    proc = subprocess.Popen(
+        [*command, "--trials", "100000"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     seen = []
     for line in proc.stderr:
         seen.append(line)
