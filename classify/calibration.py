@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CALIBRATIONS", "Calibration", "brier_score", "fit_calibration"]
+__all__ = ["CALIBRATIONS", "Calibration", "brier_score", "fit_calibration", "top_label_ece"]
 
 CALIBRATIONS = ("none", "temperature", "isotonic")
 EPS = 1e-12
@@ -73,7 +73,8 @@ class Calibration:
         return cls(values["method"], float(values.get("temperature", 1.0)), steps)
 
 
-def _ece(codes: np.ndarray, proba: np.ndarray) -> float:
+def top_label_ece(codes: np.ndarray, proba: np.ndarray) -> float:
+    """The top-label ECE of rows whose true class index is `codes` (metrics' binning)."""
     from classify.metrics import expected_calibration_error
 
     return expected_calibration_error(proba.argmax(axis=1) == codes, proba.max(axis=1))
@@ -101,7 +102,8 @@ def fit_calibration(method: str, codes: np.ndarray, proba: np.ndarray) -> Calibr
         fitted = Calibration("temperature", float(np.exp(found.x)))
         # The log-loss's T can still leave the binned calibration error worse on these very rows (a
         # head whose errors are not a matter of scale); then it is not applied (T = 1).
-        return fitted if _ece(codes, fitted.apply(proba)) <= _ece(codes, proba) else Calibration("temperature")
+        better = top_label_ece(codes, fitted.apply(proba)) <= top_label_ece(codes, proba)
+        return fitted if better else Calibration("temperature")
     if method == "isotonic":
         from sklearn.isotonic import IsotonicRegression
 

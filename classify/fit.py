@@ -27,11 +27,11 @@ import numpy as np
 import optuna
 from filelock import FileLock
 
-from classify.calibration import CALIBRATIONS, Calibration, brier_score, fit_calibration
+from classify.calibration import CALIBRATIONS, Calibration, brier_score, fit_calibration, top_label_ece
 from classify.heads import HEADS, Head, get_head
 from classify.inputs import InputSpec, MetaEncoder, fit_views, proba_views, store_meta
 from classify.ood import OOD_PERCENTILE, Ood, fit_ood, out_of_fold_threshold
-from classify.metrics import MALIGNANT, default_positive, evaluate, expected_calibration_error
+from classify.metrics import MALIGNANT, default_positive, evaluate
 from classify.operating import DEFAULT_RULE, OperatingPoint, choose_threshold, parse_rule
 from classify.report import study_parts
 from classify.subgroups import subgroup_figures
@@ -582,16 +582,11 @@ def calibration_figures(
 ) -> dict:
     """What the calibration did to these rows: ECE and Brier score before and after."""
     codes = np.array([classes.index(c) for c in y])
-    labels = np.array(classes, dtype=object)
-
-    def ece(proba: np.ndarray) -> float:
-        return expected_calibration_error(labels[proba.argmax(axis=1)] == y, proba.max(axis=1))
-
     return {
         "method": calibration.method,
         **({"temperature": calibration.temperature} if calibration.method == "temperature" else {}),
-        "ece_before": ece(raw),
-        "ece_after": ece(calibrated),
+        "ece_before": top_label_ece(codes, raw),
+        "ece_after": top_label_ece(codes, calibrated),
         "brier_before": brier_score(codes, raw),
         "brier_after": brier_score(codes, calibrated),
     }
