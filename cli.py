@@ -578,6 +578,13 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="COLUMNS",
         help="metadata columns (e.g. sex,age,localization) whose groups get their own test figures",
     )
+    parser.add_argument(
+        "--fractions",
+        default=f.fractions,
+        metavar="SHARES",
+        help="label efficiency: also fit on these shares of the study lesions (e.g. 0.1,0.25,0.5,1), each a run "
+        "under RUN/fractions/, scored on the same test rows; the report tabulates and plots them",
+    )
     parser.add_argument("--device", default=f.device, help="auto | cpu | cuda for the MLP and XGBoost heads")
     parser.add_argument(
         "--memory-budget",

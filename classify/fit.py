@@ -48,7 +48,17 @@ from classify.study import (
     progress,
     storage_for,
 )
-from features.splits import TEST, UNUSED, SplitSpec, left_out, lesions_in_test, small_test, split_counts, split_for
+from features.splits import (
+    TEST,
+    UNUSED,
+    SplitSpec,
+    left_out,
+    lesions_in_test,
+    small_test,
+    split_counts,
+    split_for,
+    study_subset,
+)
 from features.rows import MEMORY_BUDGET, StoreRows, embedded_rows, load_inputs, parse_budget, read_embeddings
 from features.store import FeatureStore, StoreError, stored_name
 
@@ -60,6 +70,7 @@ __all__ = [
     "Settled",
     "fit",
     "load_data",
+    "parse_fractions",
     "study_name",
 ]
 
@@ -125,6 +136,13 @@ class FitConfig:
     before the split is made, so no cluster straddles it (features/duplicates.py; 0: off)."""
     subgroups: str = ""
     """Comma-separated metadata columns whose groups get their own test figures (classify/subgroups.py)."""
+    fractions: str = ""
+    """Label efficiency: comma-separated shares of the study lesions (e.g. `0.1,0.25,0.5,1`), each below 1
+    fitted by the same recipe as a run of its own under RUN/fractions/<share>/ and scored on the same test
+    rows; the run itself is the share 1, and its report holds the table and plot of all of them."""
+    fraction: float = 1.0
+    """The share of the study lesions this run learns from (`study_subset`: nested, lesion-grouped, per
+    class and fold); set by --fractions for its runs."""
 
 
 @dataclass
@@ -249,6 +267,49 @@ def _finished(study: optuna.Study, since: int = 0) -> int:
     return sum(t.state.is_finished() and t.number >= since for t in study.get_trials(deepcopy=False))
 
 
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """--fractions as sorted distinct shares in (0, 1], always with 1 (the run itself); () when empty."""
+    try:
+        shares = {float(v) for v in text.split(",") if v.strip()}
+    except ValueError:
+        shares = {-1.0}
+    if any(not 0 < f <= 1 for f in shares):
+        raise FitError(f"--fractions {text}: comma-separated shares of the study lesions in (0, 1], e.g. 0.1,0.25,1")
+    return tuple(sorted(shares | {1.0})) if shares else ()
+
+
+def _fraction_runs(cfg: FitConfig, fractions: tuple[float, ...]) -> list[dict]:
+    """Fit each share below 1 as its own run (RUN/fractions/<share>/, study `<name>-frac<share>`), by the
+    same recipe; their metrics (empty for a worker that only adds trials)."""
+    done = []
+    for share in fractions:
+        if share < 1:
+            log.info("label efficiency: fitting %g of the study lesions", share)
+            done.append(
+                fit(
+                    dataclasses.replace(
+                        cfg,
+                        out=str(Path(cfg.out) / "fractions" / f"{share:g}"),
+                        fractions="",
+                        fraction=share,
+                        study=f"{cfg.study}-frac{share:g}" if cfg.study else None,
+                    )
+                )
+            )
+    return [m for m in done if m]
+
+
+def efficiency_row(metrics: dict, folder: str) -> dict:
+    """One row of the label-efficiency table: the share, the study rows it learned from, the test figures."""
+    test = metrics["test"]
+    return {
+        **metrics["fraction"],
+        "run": folder,
+        **{k: test[k] for k in ("auc", "balanced_accuracy", "n")},
+        "ci95": {k: test["ci95"].get(k) for k in ("auc", "balanced_accuracy")},
+    }
+
+
 def _redact(url: str | None) -> str | None:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url) if url else url
 
@@ -273,6 +334,14 @@ def fit(cfg: FitConfig) -> dict:
     dup_backbone = spec.backbones[0] if cfg.group_duplicates else ""
     split_spec = SplitSpec(cfg.test_fraction, cfg.folds, cfg.seed, cfg.group_duplicates, dup_backbone)
     split = split_for(store, split_spec)
+    fractions = parse_fractions(cfg.fractions)
+    if not 0 < cfg.fraction <= 1:
+        raise FitError(f"fraction {cfg.fraction}: a share of the study lesions in (0, 1]")
+    outside = 0
+    if cfg.fraction < 1:  # the same test rows; the study rows of the share only
+        kept = study_subset(split, store.column("label"), store.column("group"), cfg.fraction, cfg.seed)
+        outside = int(np.sum((split >= 0) & ~kept))
+        split = np.where((split >= 0) & ~kept, UNUSED, split).astype(np.int8)
     data = load_data(store, spec, split, budget)
     dropped = left_out(store)
     not_embedded = int(np.sum((split != UNUSED) & ~embedded_rows(store, spec.backbones)))
@@ -303,6 +372,8 @@ def fit(cfg: FitConfig) -> dict:
     store_meta(store, _columns(cfg.subgroups))  # a column the store lacks: refused before any trial
     run = Path(cfg.out)
     name = cfg.study or study_name(store, spec, split_spec, head_cls.name)
+    if cfg.fraction < 1 and not cfg.study:
+        name += f"-frac{cfg.fraction:g}"
     if cfg.trials == 0 and cfg.storage is None and not (run / JOURNAL).is_file():
         raise FitError(f"--trials 0: {run} holds no study to report on; add trials first (--trials N)")
     if dropped:
@@ -314,6 +385,9 @@ def fit(cfg: FitConfig) -> dict:
         )
     if warning:
         log.warning("%s (--allow-small-test: every figure of this run is marked)", warning)
+    if outside:
+        dropped[f"study rows outside the {cfg.fraction:g} share of the study lesions"] = outside
+    efficiency = _fraction_runs(cfg, fractions)
     log.info(
         "%s: %d study rows in %d folds, %d test rows (%s); head %s; study %s; %s; trials scored by %s",
         store.path,
@@ -393,7 +467,7 @@ def fit(cfg: FitConfig) -> dict:
             name=name,
             resolved=resolved,
         )
-        metrics = _final(cfg, store, data, settled)
+        metrics = _final(cfg, store, data, settled, efficiency)
     log.info("fit took %.0f s", time.monotonic() - started)
     return metrics
 
@@ -418,8 +492,9 @@ class Settled:
     """What the options resolved to: protocol, memory budget, streaming, rows left out, the warning."""
 
 
-def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) -> dict:
-    """The final model and its figures, and every file of the run folder (through `write_run`)."""
+def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled, efficiency: list[dict]) -> dict:
+    """The final model and its figures, and every file of the run folder (through `write_run`);
+    `efficiency`: the metrics of the label-efficiency runs of smaller shares (--fractions)."""
     run, classes = Path(cfg.out), settled.classes
     majority = max(classes, key=lambda c: (np.sum(data.y[data.study] == c), c))
     head, scored, raw_cv = _final_model(cfg, data, settled)
@@ -477,6 +552,18 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled) ->
             "rows": len(test_scores),
             "share": flagged / max(len(test_scores), 1),
         }
+    if cfg.fraction < 1 or efficiency:
+        study_groups = data.groups[data.study]
+        metrics["fraction"] = {
+            "share": cfg.fraction,
+            "study_images": len(study_groups),
+            "study_lesions": len(set(study_groups)),
+        }
+    if efficiency:
+        metrics["label_efficiency"] = [
+            *(efficiency_row(m, f"fractions/{m['fraction']['share']:g}") for m in efficiency),
+            efficiency_row(metrics, "."),
+        ]
     if resolved["warning"]:
         metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
     metrics["left_out"] = resolved["left_out"]

@@ -38,6 +38,7 @@ __all__ = [
     "files_section",
     "headline",
     "headline_section",
+    "label_efficiency_section",
     "markdown",
     "ood_section",
     "per_class_section",
@@ -53,6 +54,7 @@ __all__ = [
 
 PLOTS = "plots"
 CONFUSION, ROC, RELIABILITY = "confusion_matrix.png", "roc_curves.png", "reliability.png"
+EFFICIENCY = "label_efficiency.png"
 SHARED_PLOTS = ((CONFUSION, "confusion matrix"), (ROC, "ROC curves"), (RELIABILITY, "reliability"))
 """Every run's plots (file under plots/, alt text), in the report's order."""
 
@@ -120,14 +122,18 @@ def study_parts(metrics: dict, config: dict, trials: list[dict]) -> ReportParts:
         label = "cross-validation (out of fold)"
     scored = "fold 0 of" if second.get("protocol") == "holdout" else "mean over"
     best = f"The study's best balanced accuracy ({scored} {second['folds']} folds): {_fmt(second['study_best_value'])}."
+    plots = [Plot("optimisation_history.png", "history", functools.partial(_history, trials=trials))]
+    efficiency = metrics.get("label_efficiency") or []
+    if efficiency:
+        plots.append(Plot(EFFICIENCY, "label efficiency", functools.partial(_efficiency, rows=efficiency)))
     return ReportParts(
         title=f"{config['head']} on {config['backbone']}",
         second="cv",
         second_label=label,
         notes=[best],
-        sections=[study_section(config, trials)],
-        plots=[Plot("optimisation_history.png", "history", functools.partial(_history, trials=trials))],
-        files=["`study.json`"],
+        sections=[study_section(config, trials), label_efficiency_section(efficiency)],
+        plots=plots,
+        files=["`study.json`", *(["`fractions/<share>/` (the label-efficiency runs)"] if efficiency else [])],
     )
 
 
@@ -509,6 +515,28 @@ def study_section(config: dict, trials: list[dict]) -> list[str]:
     ]
 
 
+def label_efficiency_section(rows: list[dict]) -> list[str]:
+    """The test figures of the runs on growing shares of the study lesions (`fit --fractions`)."""
+    if not rows:
+        return []
+    lines = [
+        "## Label efficiency (test rows)",
+        "",
+        "The same study recipe (head, trials, folds, seed, calibration, operating point) on nested shares of "
+        "the study lesions, taken whole per class and fold; every run is scored on the same test rows. "
+        "Intervals: 95 %, lesion-grouped bootstrap.",
+        "",
+        "| share of study lesions | lesions | images | AUC | balanced accuracy | run |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['share']:g} | {r['study_lesions']} | {r['study_images']} | {_ci(r, 'auc')} | "
+            f"{_ci(r, 'balanced_accuracy')} | `{r['run']}` |"
+        )
+    return lines
+
+
 def training_section(config: dict, epochs: list[dict]) -> list[str]:
     lines = [
         "## Training",
@@ -609,6 +637,23 @@ def _history(path: Path, trials: list[dict]) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel("cv balanced accuracy")
     ax.set_title("optimisation history")
+    _save(fig, path)
+
+
+def _efficiency(path: Path, rows: list[dict]) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    shares = np.array([r["share"] for r in rows])
+    for key, label in (("auc", "test AUC"), ("balanced_accuracy", "test balanced accuracy")):
+        values = np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=float)
+        interval = np.array([r["ci95"].get(key) or [np.nan, np.nan] for r in rows], dtype=float)
+        error = np.abs(np.stack([values - interval[:, 0], interval[:, 1] - values]))
+        ax.errorbar(shares, values, yerr=np.nan_to_num(error), marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(shares, [f"{s:g}\n({r['study_lesions']})" for s, r in zip(shares, rows)])
+    ax.minorticks_off()
+    ax.set_xlabel("share of the study lesions (lesions)")
+    ax.legend(loc="lower right")
+    ax.set_title("label efficiency (95 % intervals)")
     _save(fig, path)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "split_counts",
     "split_digest",
     "split_for",
+    "study_subset",
     "usable_rows",
 ]
 
@@ -120,6 +121,35 @@ def make_split(labels: np.ndarray, groups: np.ndarray, spec: SplitSpec) -> np.nd
             in_class[fold] += len(members[group])
             fold_images[fold] += len(members[group])
     return split
+
+
+def study_subset(folds: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """The study rows (fold >= 0) of a share `fraction` of the study lesions: the rows of a label-efficiency
+    run (`fit --fractions`). Whole lesion groups are taken, per class and per fold (a group counts for its
+    most frequent label), so every fold keeps every class (at least one group each) and the folds keep
+    their sizes in proportion. The groups of each class and fold are ordered once by a permutation of
+    `seed` that does not depend on `fraction`, and a subset is the first round(fraction x n) of them: the
+    subsets of one seed are nested, so a curve over fractions adds data rather than redrawing it."""
+    folds = np.asarray(folds)
+    labels, groups = np.asarray(labels, dtype=object), np.asarray(groups, dtype=object)
+    study = folds >= 0
+    if fraction >= 1:
+        return study
+    members: dict[str, list[int]] = {}
+    for row in np.flatnonzero(study):
+        members.setdefault(groups[row], []).append(row)
+    cells: dict[tuple[str, int], list[str]] = {}
+    for group, rows in members.items():
+        label = Counter(labels[rows]).most_common(1)[0][0]
+        cells.setdefault((label, int(folds[rows[0]])), []).append(group)
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(folds), dtype=bool)
+    for cell in sorted(cells):
+        ordered = sorted(cells[cell])
+        ordered = [ordered[i] for i in rng.permutation(len(ordered))]
+        for group in ordered[: max(1, round(fraction * len(ordered)))]:
+            keep[members[group]] = True
+    return keep
 
 
 def split_counts(split: np.ndarray, labels: np.ndarray) -> dict[str, dict[str, int]]:
