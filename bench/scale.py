@@ -1,4 +1,5 @@
-"""Scale-out figures: torchrun extraction with 1 and 2 processes, and one study with 1, 2 and 4 workers.
+"""Scale-out figures: torchrun extraction with 1 and 2 processes, one study with 1, 2 and 4 workers, and a
+store larger than memory (a fit, and the duplicate audit).
 
 1. Extraction of the first --images images of ../shared/data/ham10000_mel_nv_150 with --backbone
    (random-init weights unless efficientnet_lite0), by `cli.py extract` in one process and by
@@ -9,8 +10,9 @@
 3. A store larger than memory: wall time and peak resident memory of
    `cli.py fit --head xgboost --trials 2 --memory-budget 1GB` on a synthetic store of --rows x --dim
    float16 embeddings (1,000,000 x 1,024: 2 GB), written first if --large-store does not exist.
+4. `cli.py audit` of that store: every pair of its rows compared (N^2/2), wall time and peak memory.
 
-    python bench/scale.py [--parts extraction,workers,large] [--images 400] [--backbone resnet50]
+    python bench/scale.py [--parts extraction,workers,large,audit] [--images 400] [--backbone resnet50]
                           [--head mlp] [--trials 8] [--large-store FILE --rows 1000000 --dim 1024]
     python bench/scale.py --synthetic-store FILE --rows N --dim D    # only write such a store
 
@@ -201,9 +203,10 @@ def synthetic_store(path: Path, rows: int, dim: int, seed: int = 0, structure: s
     return path
 
 
-def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None:
-    """`fit --head xgboost --trials 2` on a store larger than the budget: wall time, peak RSS."""
-    if not store.is_file():  # in a process of its own: a child forked from a big parent inherits its peak
+def ensure_store(store: Path, rows: int, dim: int, structure: str) -> None:
+    """Write the synthetic store unless it exists, in a process of its own (a child forked from a big
+    parent inherits its peak)."""
+    if not store.is_file():
         started = time.monotonic()
         subprocess.run(
             [
@@ -221,6 +224,22 @@ def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None
             check=True,
         )
         print(f"wrote it in {time.monotonic() - started:.0f} s")
+
+
+def timed(command: list[str], log: Path) -> tuple[float, float]:
+    """Run `command` with its output in `log`: wall seconds and the child's own peak resident GiB."""
+    started = time.monotonic()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident memory (ru_maxrss)
+    if status != 0:
+        raise SystemExit(f"{command[2]} failed (status {status}); see {log}")
+    return time.monotonic() - started, usage.ru_maxrss / 2**20
+
+
+def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None:
+    """`fit --head xgboost --trials 2` on a store larger than the budget: wall time, peak RSS."""
+    ensure_store(store, rows, dim, structure)
     out = store.with_name(store.stem + "-xgboost-run")
     command = [
         sys.executable,
@@ -238,13 +257,7 @@ def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None
         str(out),
     ]
     log = out.with_suffix(".log")
-    started = time.monotonic()
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak resident memory (ru_maxrss)
-    seconds = time.monotonic() - started
-    if status != 0:
-        raise SystemExit(f"fit failed (status {status}); see {log}")
+    seconds, peak = timed(command, log)
     metrics = json.loads((out / "metrics.json").read_text())
     print(
         f"\n| fit --head xgboost --trials 2, {store.name}, --memory-budget {budget} "
@@ -252,14 +265,35 @@ def large(store: Path, rows: int, dim: int, budget: str, structure: str) -> None
     )
     print(
         f"| {store.stat().st_size / 2**30:.2f} GiB store | {seconds / 60:.1f} min | "
-        f"{usage.ru_maxrss / 2**20:.2f} GiB | {metrics['test']['auc']:.3f} |"
+        f"{peak:.2f} GiB | {metrics['test']['auc']:.3f} |"
+    )
+    print(f"command: {' '.join(command[1:])}\nlog: {log}")
+
+
+def audit(store: Path, rows: int, dim: int, structure: str) -> None:
+    """`audit` of the whole store (every pair of rows): wall time, peak RSS, the screen and the pairs."""
+    from features.duplicates import fastest_screen
+
+    ensure_store(store, rows, dim, structure)
+    out = store.with_name(store.stem + "-audit")
+    command = [sys.executable, str(ROOT / "cli.py"), "audit", "--features", str(store), "--out", str(out)]
+    log = out.with_suffix(".log")
+    seconds, peak = timed(command, log)
+    pairs = sum(1 for _ in open(out / "pairs.csv")) - 1
+    screen = fastest_screen()
+    print(
+        f"\n| audit, {store.name} | screen | wall time | peak resident memory | pairs >= 0.95 |\n"
+        f"| --- | --- | --- | --- | --- |\n| {store.stat().st_size / 2**30:.2f} GiB store | {screen.dtype_name} on "
+        f"{screen.device} | {seconds / 60:.1f} min | {peak:.2f} GiB | {pairs} |"
     )
     print(f"command: {' '.join(command[1:])}\nlog: {log}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="extraction,workers,large", help="which of the three to run")
+    parser.add_argument(
+        "--parts", default="extraction,workers,large,audit", help="which of extraction,workers,large,audit to run"
+    )
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--backbone", default="resnet50")
     parser.add_argument("--head", default="mlp")
@@ -290,14 +324,11 @@ def main() -> None:
         workers(work, args.storage, args.head, args.trials)
     elif "workers" in parts:
         print("\nno PostgreSQL (--storage or SKINLESION_TEST_POSTGRES; `source .ci/postgres.sh`): workers skipped")
+    store = args.large_store or work / f"synthetic-{args.structure}.h5"
     if "large" in parts:
-        large(
-            args.large_store or work / f"synthetic-{args.structure}.h5",
-            args.rows,
-            args.dim,
-            args.budget,
-            args.structure,
-        )
+        large(store, args.rows, args.dim, args.budget, args.structure)
+    if "audit" in parts:
+        audit(store, args.rows, args.dim, args.structure)
 
 
 if __name__ == "__main__":

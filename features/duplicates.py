@@ -2,9 +2,11 @@
 
 Two images are near-duplicates when the cosine similarity of their embeddings is at least a threshold.
 The search is blockwise so that a store larger than memory can be searched: rows are L2-normalised a
-block at a time, and each block is multiplied by itself and by every later block (so each pair i < j is
-seen once). Memory holds two blocks and one block x block matrix of similarities, never N x N; the
-blocks are read from the HDF5 file twice over, in nested loops, rather than kept.
+block at a time, and each outer block is multiplied by itself and by every later block (so each pair
+i < j is seen once). Memory holds an outer and an inner block and their matrix of similarities, never
+N x N; the blocks are read from the HDF5 file in nested loops rather than kept. The products are the
+whole cost (N^2/2 dot products), so they run in bfloat16 where the hardware is faster at it, as a
+screen with a proven margin, and the pairs it passes are measured again in float32 (`Screen`).
 
 Exact duplicates (the same file, by SHA-256) need no embeddings at all. Both kinds of pair join rows
 into clusters (connected components, by union-find), which is what a leak or a label conflict is
@@ -14,6 +16,9 @@ threshold.
 
 from __future__ import annotations
 
+import functools
+import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -25,10 +30,14 @@ __all__ = [
     "BLOCK_ROWS",
     "DEFAULT_THRESHOLD",
     "GroupAgreement",
+    "OUTER_BLOCKS",
     "Pairs",
+    "SCREEN_MARGIN",
+    "Screen",
     "array_blocks",
     "clusters",
     "exact_pairs",
+    "fastest_screen",
     "group_agreement",
     "near_pairs",
     "nearest_similarity",
@@ -44,9 +53,9 @@ DEFAULT_THRESHOLD = 0.95
 "the pair is one lesion" (its `lesion_id`): the lowest threshold whose precision is at least 0.9. Below
 it, pairs of different lesions that merely look alike outnumber the true ones, so a flag would mostly be
 wrong, and no lower threshold recovers much of the recall; the figures are in docs/commands.md."""
-BLOCK_ROWS = 2048
-"""Rows per block of the search: a block of 2048 x 1280 float32 is 10 MB, and the block x block
-similarities 16 MB."""
+BLOCK_ROWS = 4096
+"""Rows per inner block of the search (an outer block is OUTER_BLOCKS of them): an outer block of
+16384 x 1280 float32 is 84 MB, and its similarities to one inner block 128 MB in bfloat16."""
 
 
 @dataclass(frozen=True)
@@ -68,27 +77,99 @@ def unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.where(norms > 0, norms, 1)
 
 
-def near_pairs(blocks: Callable[[int], Iterable[np.ndarray]], threshold: float) -> Pairs:
+SCREEN_MARGIN = 0.02
+"""How far below the threshold a bfloat16 screen passes pairs on to be measured in float32. Rounding a unit
+row to bfloat16 moves it by at most 2^-8 of its length, so the product of two rounded rows is within
+about 2 x 2^-8 of the true cosine, and rounding the result adds at most 2^-8 more: under 0.012 in all.
+With this margin no pair at or above the threshold is missed, and the float32 measure decides."""
+OUTER_BLOCKS = 4
+"""Blocks joined into one outer block: every inner block is read once per outer block, so a larger outer
+block reads the file fewer times (a store of N rows is read about N / (OUTER_BLOCKS x block rows) times)."""
+
+
+@dataclass(frozen=True)
+class Screen:
+    """The matrix product that finds candidate pairs: bfloat16 where the hardware multiplies it faster than
+    float32 (a GPU; a CPU with AMX or AVX512-BF16), else float32. Candidates are measured again in float32
+    from the float32 rows, so the screen changes the speed of the search, never its pairs."""
+
+    device: str
+    dtype_name: str
+
+    @property
+    def margin(self) -> float:
+        return SCREEN_MARGIN if self.dtype_name == "bfloat16" else 1e-5  # float32: summation order only
+
+    def candidates(self, a: np.ndarray, b: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """Positions (i, j) of the pairs of rows of `a` and `b` (unit rows) that may reach `threshold`."""
+        import torch
+
+        dtype = getattr(torch, self.dtype_name)
+        ta = torch.from_numpy(a).to(self.device, dtype)
+        tb = ta if b is a else torch.from_numpy(b).to(self.device, dtype)
+        i, j = torch.nonzero(ta @ tb.T >= threshold - self.margin, as_tuple=True)
+        return i.cpu().numpy(), j.cpu().numpy()
+
+
+@functools.cache
+def fastest_screen() -> Screen:
+    """bfloat16 on CUDA; on a CPU whichever of bfloat16 and float32 multiplies a block faster here."""
+    import torch
+
+    if torch.cuda.is_available():
+        return Screen("cuda", "bfloat16")
+    x = torch.randn(1024, 1024)
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = x.to(dtype)
+        a @ a.T  # the first call sets up the kernel
+        started = time.perf_counter()
+        for _ in range(3):
+            a @ a.T
+        seconds[str(dtype).removeprefix("torch.")] = time.perf_counter() - started
+    return Screen("cpu", "bfloat16" if seconds["bfloat16"] < 0.75 * seconds["float32"] else "float32")
+
+
+def near_pairs(
+    blocks: Callable[[int], Iterable[np.ndarray]],
+    threshold: float,
+    *,
+    outer_blocks: int = OUTER_BLOCKS,
+    screen: Screen | None = None,
+) -> Pairs:
     """Every pair of positions i < j whose cosine similarity is >= `threshold`, in (i, j) order.
 
     `blocks(start)` gives the rows from position `start` to the end, as blocks in order (of any sizes):
-    it is called once for the outer loop and once per outer block for the inner one, so that only two
-    blocks are ever in memory."""
+    it is called once for the outer loop, whose blocks are joined `outer_blocks` at a time, and once per
+    outer block for the inner loop over the rows after it, so that only an outer and an inner block are
+    ever in memory. Pairs are screened by `screen` (default: `fastest_screen()`) and measured in float32."""
+    screen = screen or fastest_screen()
     firsts, seconds, sims = [], [], []
+
+    def collect(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int) -> None:
+        i, j = screen.candidates(a, b, threshold)
+        if b is a:
+            i, j = i[i < j], j[i < j]
+        sim = np.einsum("ij,ij->i", a[i], b[j])
+        keep = sim >= threshold
+        firsts.append(a_start + i[keep])
+        seconds.append(b_start + j[keep])
+        sims.append(sim[keep])
+
     start = 0
-    for outer in blocks(0):
-        a = unit_rows(outer)
-        offset = start
-        for inner in blocks(start):
-            b = a if offset == start and len(inner) == len(a) else unit_rows(inner)
-            sim = a @ b.T
-            i, j = np.nonzero(sim >= threshold)
-            keep = start + i < offset + j
-            firsts.append(start + i[keep])
-            seconds.append(offset + j[keep])
-            sims.append(sim[i[keep], j[keep]])
+    outer_iter = iter(blocks(0))
+    while True:
+        joined = list(itertools.islice(outer_iter, outer_blocks))
+        if not joined:
+            break
+        a = unit_rows(np.concatenate(joined))
+        collect(a, a, start, start)
+        offset = start + len(a)
+        for inner in blocks(offset):
+            if len(inner):
+                collect(a, unit_rows(inner), start, offset)
             offset += len(inner)
-        start += len(outer)
+        start += len(a)
     if not firsts:
         return Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     first, second = np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)

@@ -16,6 +16,7 @@ from classify.audit import audit, write_audit
 from features.duplicates import (
     DEFAULT_THRESHOLD,
     Pairs,
+    Screen,
     array_blocks,
     clusters,
     exact_pairs,
@@ -137,12 +138,33 @@ def test_blockwise_search_equals_all_pairs_at_once():
     x[40] = x[2] + 0.01  # pairs across blocks, inside one block, and a zero row (similar to nothing)
     x[5] = x[4] * 3
     x[17] = 0
-    for block_rows in (1, 4, 7, 53, 100):
-        found = near_pairs(array_blocks(x, block_rows), 0.6)
+    for block_rows, outer in ((1, 1), (4, 1), (4, 3), (7, 2), (53, 4), (100, 1)):
+        found = near_pairs(array_blocks(x, block_rows), 0.6, outer_blocks=outer)
         got = set(zip(found.first.tolist(), found.second.tolist()))
         assert got == brute_force(x, 0.6)
         assert {(2, 40), (4, 5)} <= got and len(got) == len(found)
         assert np.all(found.first < found.second) and np.all(found.similarity >= 0.6)
+
+
+def test_the_bfloat16_screen_misses_no_pair_at_the_threshold():
+    # rows whose cosines to row 0 straddle the threshold by less than bfloat16's rounding: the screen
+    # must pass them all on, and the float32 measure decide, exactly as a float32 search does
+    rng = np.random.default_rng(4)
+    dim, threshold = 512, 0.95
+    base = rng.normal(0, 1, dim)
+    base /= np.linalg.norm(base)
+    other = rng.normal(0, 1, (200, dim))
+    other -= np.outer(other @ base, base)
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    cosines = threshold + np.linspace(-0.004, 0.004, 200)
+    x = np.vstack([base, cosines[:, None] * base + np.sqrt(1 - cosines[:, None] ** 2) * other]).astype(np.float32)
+    low = near_pairs(array_blocks(x, 16), threshold, screen=Screen("cpu", "bfloat16"))
+    exact = near_pairs(array_blocks(x, 16), threshold, screen=Screen("cpu", "float32"))
+    expected = brute_force(x, threshold)
+    assert 90 < sum(1 for i, _ in expected if i == 0) < 110
+    assert set(zip(low.first.tolist(), low.second.tolist())) == expected
+    assert set(zip(exact.first.tolist(), exact.second.tolist())) == expected
+    assert np.array_equal(low.similarity, exact.similarity)
 
 
 def test_the_search_over_a_store_reads_blocks_and_equals_all_pairs(tmp_path: Path):
