@@ -93,6 +93,15 @@ class Audit:
         study = set(self.cluster[kept & (split >= 0)].tolist())
         return sorted(test & study)
 
+    def repeated_in_test(self, name: str) -> list[int]:
+        """Clusters with two or more members in the test part of split `name` (and none in its study part):
+        not a leak, but one image counted several times in the test figures, which narrows their
+        intervals falsely."""
+        split = self.splits[name]
+        in_test = self.cluster[(self.cluster > 0) & (split == TEST)]
+        counts = np.bincount(in_test, minlength=self.clusters + 1)
+        return sorted(set(np.flatnonzero(counts >= 2).tolist()) - set(self.crossing(name)))
+
     def conflicts(self) -> list[int]:
         """Clusters whose members carry different labels (blank labels are not a label)."""
         labelled = (self.cluster > 0) & (self.label != "")
@@ -236,6 +245,7 @@ def summary_markdown(result: Audit) -> str:
     ]
     for name in result.splits:
         lines.append(f"| clusters crossing split `{name}` (test and study rows) | {len(result.crossing(name))} |")
+        lines.append(f"| clusters repeated inside the test part of `{name}` | {len(result.repeated_in_test(name))} |")
     lines.append(f"| clusters with a label conflict | {len(conflicts)} |")
     lines.append("")
     if result.split_note:
@@ -255,6 +265,10 @@ def summary_markdown(result: Audit) -> str:
             lines[-2] += " Most flagged pairs are different lesions that look alike: consider a higher --threshold."
     for title, found in [
         *((f"Clusters crossing split `{name}`", result.crossing(name)) for name in result.splits),
+        *(
+            (f"Clusters repeated inside the test part of `{name}`", result.repeated_in_test(name))
+            for name in result.splits
+        ),
         ("Clusters with a label conflict", conflicts),
     ]:
         if found:
@@ -297,7 +311,10 @@ def audit_lines(result: Audit, out: Path) -> list[str]:
         f"{len(result.conflicts())} with a label conflict",
     ]
     for name in result.splits:
-        lines.append(f"  split {name}: {len(result.crossing(name))} clusters on both the test and the study side")
+        lines.append(
+            f"  split {name}: {len(result.crossing(name))} clusters on both the test and the study side, "
+            f"{len(result.repeated_in_test(name))} repeated inside the test part"
+        )
     if result.split_note:
         lines.append(f"  no split judged: {result.split_note}")
     if result.agreement is not None:

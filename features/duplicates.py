@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -87,6 +88,11 @@ OUTER_BLOCKS = 4
 block reads the file fewer times (a store of N rows is read about N / (OUTER_BLOCKS x block rows) times)."""
 
 
+PROGRESS_SECONDS = 30
+"""A search longer than this logs its progress at most this often."""
+log = logging.getLogger("features")
+
+
 @dataclass(frozen=True)
 class Screen:
     """The matrix product that finds candidate pairs: bfloat16 where the hardware multiplies it faster than
@@ -136,14 +142,17 @@ def near_pairs(
     *,
     outer_blocks: int = OUTER_BLOCKS,
     screen: Screen | None = None,
+    total: int = 0,
 ) -> Pairs:
     """Every pair of positions i < j whose cosine similarity is >= `threshold`, in (i, j) order.
 
     `blocks(start)` gives the rows from position `start` to the end, as blocks in order (of any sizes):
     it is called once for the outer loop, whose blocks are joined `outer_blocks` at a time, and once per
     outer block for the inner loop over the rows after it, so that only an outer and an inner block are
-    ever in memory. Pairs are screened by `screen` (default: `fastest_screen()`) and measured in float32."""
+    ever in memory. Pairs are screened by `screen` (default: `fastest_screen()`) and measured in float32.
+    `total`, the number of rows, lets a long search log its progress."""
     screen = screen or fastest_screen()
+    started = last_log = time.monotonic()
     firsts, seconds, sims = [], [], []
 
     def collect(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int) -> None:
@@ -170,6 +179,17 @@ def near_pairs(
                 collect(a, unit_rows(inner), start, offset)
             offset += len(inner)
         start += len(a)
+        if total and time.monotonic() - last_log > PROGRESS_SECONDS and start < total:
+            last_log = time.monotonic()
+            done = 1 - ((total - start) / total) ** 2  # share of the pairs compared
+            log.info(
+                "near-duplicate search: %d of %d rows against the rest (%.0f %% of the pairs), %.0f s, %.0f s left",
+                start,
+                total,
+                100 * done,
+                last_log - started,
+                (last_log - started) * (1 - done) / done,
+            )
     if not firsts:
         return Pairs(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     first, second = np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
@@ -205,7 +225,7 @@ def store_near_pairs(
 ) -> Pairs:
     """Near-duplicate pairs among `rows` (sorted store rows) of the backbone's embeddings, as store rows."""
     rows = np.asarray(rows, dtype=np.int64)
-    found = near_pairs(store_blocks(store, backbone, rows, block_rows), threshold)
+    found = near_pairs(store_blocks(store, backbone, rows, block_rows), threshold, total=len(rows))
     return Pairs(rows[found.first], rows[found.second], found.similarity)
 
 

@@ -120,16 +120,46 @@ def test_the_audit_finds_the_planted_duplicates_leak_and_conflict(planted: Plant
 
     assert [sorted(np.flatnonzero(result.cluster == k)) for k in result.crossing(name)] == [[p, q]]
     assert [sorted(np.flatnonzero(result.cluster == k)) for k in result.conflicts()] == [[c, d]]
+    # a cluster with both images in the test part is no leak, but weighs twice in the test figures
+    in_test = [sorted(pair) for pair in (planted.exact, planted.conflict) if planted.split[pair[0]] == TEST]
+    repeated = [sorted(np.flatnonzero(result.cluster == k)) for k in result.repeated_in_test(name)]
+    assert sorted(repeated) == sorted(in_test)
     summary = (out / "summary.md").read_text()
     assert "| exact duplicate pairs (same SHA-256) | 1 |" in summary
     assert "| near-duplicate pairs (not exact) | 2 |" in summary
     assert "| clusters (2 or more rows, joined by either kind) | 3 (6 rows) |" in summary
     assert f"| clusters crossing split `{name}` (test and study rows) | 1 |" in summary
     assert "| clusters with a label conflict | 1 |" in summary
+    assert f"| clusters repeated inside the test part of `{name}` | {len(in_test)} |" in summary
     # Two pairs at or above the threshold, one of them a lesion's two images; 60 lesions of two images,
     # less the one whose image was moved to a lesion of its own: 59 pairs of one lesion.
     assert (result.agreement.pairs, result.agreement.hits, result.agreement.group_pairs) == (2, 1, 59)
     assert "precision 0.500 (1 of 2 pairs are one lesion), recall 0.017 (of 59 pairs" in summary
+
+
+def test_clusters_are_judged_against_each_side_of_a_split():
+    from classify.audit import Audit
+
+    # clusters 1: test+study (a leak), 2: two test rows (repeated in the test figures), 3: study only,
+    # 4: one test row and one unused row (neither)
+    cluster = np.array([1, 1, 2, 2, 3, 3, 4, 4, 0])
+    split = np.array([TEST, 0, TEST, TEST, 1, 2, TEST, UNUSED, TEST], dtype=np.int8)
+    empty = np.zeros(0, np.int64)
+    result = Audit(
+        path=Path("s.h5"),
+        backbone="b",
+        threshold=0.95,
+        searched=np.arange(9),
+        image_id=np.array([f"i{k}" for k in range(9)]),
+        label=np.array(["mel"] * 9),
+        group=np.array([""] * 9),
+        pairs=Pairs(empty, empty, np.zeros(0, np.float32)),
+        exact=np.zeros(0, bool),
+        cluster=cluster,
+        splits={"s": split},
+    )
+    assert result.crossing("s") == [1]
+    assert result.repeated_in_test("s") == [2]
 
 
 def test_blockwise_search_equals_all_pairs_at_once():
