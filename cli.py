@@ -54,6 +54,7 @@ USER_ERRORS = {
     "classify.study": ("StudyError",),
     "classify.finetune": ("FinetuneError",),
     "classify.audit": ("AuditError",),
+    "classify.embedding_map": ("MapError",),
 }
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback.
 By module and name: a module that was never imported cannot have raised its error."""
@@ -140,6 +141,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         return 0
     print(headline(metrics))
     print(f"report: {Path(cfg.out) / 'report.md'}")
+    print(f"report.html: {Path(cfg.out) / 'report.html'}")
     return 0
 
 
@@ -162,6 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{args.run} on {where}: balanced accuracy {metrics['balanced_accuracy']:.3f}, AUC {metrics['auc']:.3f}, "
         f"n={metrics['n']} ({metrics['lesions']} lesions); report: {Path(metrics['folder']) / 'report.md'}"
     )
+    print(f"report.html: {Path(metrics['folder']) / 'report.html'}")
     for reason, n in metrics["excluded"].items():
         print(f"  left out, seen by the run: {n} images {reason}")
     near = metrics.get("near_duplicates")
@@ -191,6 +194,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     result = audit(args.features, backbone=args.backbone, threshold=args.threshold)
     out = write_audit(result, args.out or default_out(args.features))
     print("\n".join(audit_lines(result, out)))
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from classify.embedding_map import caption, colouring, compute_map, write_map_png
+
+    emap = compute_map(args.features, backbone=args.backbone, max_points=args.max_points, seed=args.seed)
+    colours = colouring(args.features, emap, args.color, run=args.run)
+    out = Path(args.out or Path(args.features).with_name(f"{Path(args.features).stem}-map-{args.color}.png"))
+    write_map_png(emap, colours, out)
+    print(f"{caption(emap, colours)}\nwrote {out}")
     return 0
 
 
@@ -241,6 +255,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     metrics = finetune(cfg)
     print(headline(metrics))
     print(f"report: {Path(cfg.out) / 'report.md'}")
+    print(f"report.html: {Path(cfg.out) / 'report.html'}")
     return 0
 
 
@@ -627,6 +642,28 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _map_arguments(parser: argparse.ArgumentParser) -> None:
+    from classify.embedding_map import COLOURINGS, MAX_POINTS
+
+    parser.add_argument("--features", required=True, help="the feature store to map")
+    parser.add_argument("--backbone", default=None, help="whose embeddings; needed only when the store holds several")
+    parser.add_argument(
+        "--color",
+        default="label",
+        metavar="|".join([*COLOURINGS, "COL"]),
+        help="colour the points by label, by study/test side of the split, or by a metadata column",
+    )
+    parser.add_argument("--run", default=None, help="with --color split: that run's split (default: fit's default)")
+    parser.add_argument(
+        "--max-points",
+        type=integer(2),
+        default=MAX_POINTS,
+        help="map at most this many images (a sample stratified by label)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="draws the sample of a larger store")
+    parser.add_argument("--out", default=None, help="the PNG to write (default: <store stem>-map-<color>.png)")
+
+
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     from features.duplicates import DEFAULT_THRESHOLD
     from features.rows import MEMORY_BUDGET
@@ -846,6 +883,12 @@ COMMANDS.update(
             cmd_audit,
             _audit_arguments,
             "python cli.py audit --features demo/isic_cc0.h5 --threshold 0.95 --out demo/isic_cc0-audit",
+        ),
+        "map": Command(
+            "a 2-D map (t-SNE) of a store's embeddings, coloured by label, split side or a metadata column",
+            cmd_map,
+            _map_arguments,
+            "python cli.py map --features demo/isic_cc0.h5 --color label --out demo/isic_cc0-map.png",
         ),
         "finetune": Command(
             "train the top blocks of a backbone with the head, from a fit run's head",

@@ -218,6 +218,20 @@ def evaluate_run(
         labels=labels[rows],
         proba=proba,
     )
+    from classify.html import write_html_report
+    from classify.visuals import gallery_section
+
+    gallery = gallery_section(
+        run.folder,
+        ids=ids[rows],
+        files=store.image_files()[rows],
+        labels=labels[rows],
+        proba=proba,
+        classes=run.classes,
+        decisions=run.decide(proba),
+        positive=run.card.get("positive"),
+    )
+    write_html_report(folder, [gallery])
     return metrics
 
 

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from classify.metrics import reliability_bins  # noqa: E402
 from classify.runs import write_text  # noqa: E402
@@ -55,7 +55,11 @@ __all__ = [
 PLOTS = "plots"
 CONFUSION, ROC, RELIABILITY = "confusion_matrix.png", "roc_curves.png", "reliability.png"
 EFFICIENCY = "label_efficiency.png"
-SHARED_PLOTS = ((CONFUSION, "confusion matrix"), (ROC, "ROC curves"), (RELIABILITY, "reliability"))
+SHARED_PLOTS = (
+    (CONFUSION, "confusion matrix"),
+    (ROC, "ROC and precision-recall curves"),
+    (RELIABILITY, "reliability"),
+)
 """Every run's plots (file under plots/, alt text), in the report's order."""
 
 
@@ -173,7 +177,7 @@ def write_run_report(
     plots.mkdir(exist_ok=True)
     classes = metrics["test"]["classes"]
     _confusion(plots / CONFUSION, np.array(metrics["test"]["confusion_matrix"]), classes)
-    _roc(plots / ROC, test_labels, test_proba, classes, metrics["test"].get("positive"))
+    _curves(plots / ROC, test_labels, test_proba, classes, metrics["test"], metrics["test"].get("positive"))
     _reliability(plots / RELIABILITY, test_labels, test_proba, classes, before=test_uncalibrated)
     for plot in parts.plots:
         plot.draw(plots / plot.name)
@@ -217,7 +221,7 @@ def write_evaluation_report(
     plots.mkdir(parents=True, exist_ok=True)
     classes = metrics["classes"]
     _confusion(plots / CONFUSION, np.array(metrics["confusion_matrix"]), classes)
-    _roc(plots / ROC, labels, proba, classes, metrics.get("positive"))
+    _curves(plots / ROC, labels, proba, classes, metrics, metrics.get("positive"))
     _reliability(plots / RELIABILITY, labels, proba, classes)
     here, own = "this evaluation", "the run's test rows"
     rows = [
@@ -576,32 +580,71 @@ def decision_sentence(decision: dict | None) -> str:
 
 
 def _confusion(path: Path, matrix: np.ndarray, classes: list[str]) -> None:
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(classes), 1.0 + 0.7 * len(classes)))
-    ax.imshow(matrix, cmap="Blues")
+    """Counts with each true class's shares beside them, shaded by share so that a small class's errors
+    show as plainly as a large one's."""
+    n = len(classes)
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = matrix / np.where(totals > 0, totals, 1)
+    side = max(4.5, 1.6 + 0.75 * n)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    size = 10 if n <= 5 else 8 if n <= 8 else 7
     for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+        ax.text(
+            j,
+            i,
+            f"{v}\n{100 * shares[i, j]:.0f} %",
+            ha="center",
+            va="center",
+            fontsize=size,
+            color="white" if shares[i, j] > 0.6 else "black",
+        )
+    ax.set_xticks(range(n), classes, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (test)")
+    ax.set_ylabel("true (row shares)")
+    ax.set_title("confusion matrix (test)", fontsize=11)
     _save(fig, path)
 
 
-def _roc(path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], positive: str | None) -> None:
-    fig, ax = plt.subplots(figsize=(5, 5))
-    shown = classes if len(classes) > 2 else [positive or classes[1]]  # two classes: one curve says it all
+def _curves(
+    path: Path, y: np.ndarray, proba: np.ndarray, classes: list[str], scored: dict, positive: str | None
+) -> None:
+    """ROC and precision-recall, one class against the rest (two classes: the positive one), with the
+    AUC (and its interval where the figures have one) in the legend and the run's operating point marked."""
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(10, 4.8))
+    shown = classes if len(classes) > 2 else [positive or classes[1]]
+    operating = scored.get("operating_point") or {}
     for c in shown:
         k = classes.index(c)
         truth = y == c
-        if truth.any() and not truth.all():
-            fpr, tpr, _ = roc_curve(truth, proba[:, k])
-            ax.plot(fpr, tpr, label=c)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.set_xlabel("1 - specificity")
-    ax.set_ylabel("sensitivity")
-    ax.set_title("ROC, one class against the rest (test)")
-    ax.legend(loc="lower right")
+        if not truth.any() or truth.all():
+            continue
+        fpr, tpr, _ = roc_curve(truth, proba[:, k])
+        auc = (scored.get("per_class") or {}).get(c, {}).get("auc")
+        interval = scored.get("ci95", {}).get("auc") if len(classes) == 2 else None
+        label = f"{c}: AUC {_fmt(auc)}" + (f" ({_fmt(interval[0])}-{_fmt(interval[1])})" if interval else "")
+        line = roc_ax.plot(fpr, tpr, label=label)[0]
+        precision, recall, _ = precision_recall_curve(truth, proba[:, k])
+        ap = average_precision_score(truth, proba[:, k])
+        pr_ax.plot(recall, precision, color=line.get_color(), label=f"{c}: average precision {ap:.3f}")
+        if operating and c == positive:
+            decided = proba[:, k] >= operating["threshold"]
+            sens, spec = np.mean(decided[truth]), np.mean(~decided[~truth])
+            prec = np.mean(truth[decided]) if decided.any() else np.nan
+            mark = f"operating point ({operating.get('rule') or 'set'}: threshold {operating['threshold']:.3f})"
+            roc_ax.plot(1 - spec, sens, marker="*", markersize=14, color="black", linestyle="", label=mark)
+            pr_ax.plot(sens, prec, marker="*", markersize=14, color="black", linestyle="", label=mark)
+    roc_ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc_ax.set_xlabel("1 - specificity")
+    roc_ax.set_ylabel("sensitivity")
+    roc_ax.set_title("ROC (test)", fontsize=11)
+    roc_ax.legend(loc="lower right", fontsize=8)
+    pr_ax.set_xlabel("recall (sensitivity)")
+    pr_ax.set_ylabel("precision")
+    pr_ax.set_ylim(0, 1.02)
+    pr_ax.set_title("precision-recall (test)", fontsize=11)
+    pr_ax.legend(loc="lower left", fontsize=8)
     _save(fig, path)
 
 
@@ -626,17 +669,44 @@ def _reliability(
 
 
 def _history(path: Path, trials: list[dict]) -> None:
+    """The best value so far as a step line, complete trials as dots and pruned ones as crosses at the
+    last value they reported (where they were stopped)."""
     done = [t for t in trials if t["value"] is not None]
+    pruned = [t for t in trials if t["state"] == "PRUNED" and t.get("pruned_at") is not None]
+    early = [t["number"] for t in trials if t["state"] == "PRUNED" and t.get("pruned_at") is None]
     fig, ax = plt.subplots(figsize=(6, 4))
     if done:
         numbers = [t["number"] for t in done]
         values = [t["value"] for t in done]
-        ax.scatter(numbers, values, label="trial")
-        ax.plot(numbers, np.maximum.accumulate(values), color="red", label="best so far")
-        ax.legend(loc="lower right")
+        ax.scatter(numbers, values, label=f"complete ({len(done)})", zorder=3)
+        last = max(t["number"] for t in trials)
+        best = np.maximum.accumulate(values)
+        ax.step([*numbers, last], [*best, best[-1]], where="post", color="red", label="best so far")
+    if pruned:
+        ax.scatter(
+            [t["number"] for t in pruned],
+            [t["pruned_at"] for t in pruned],
+            marker="x",
+            color="grey",
+            label=f"pruned ({len(pruned)}), at its last fold",
+            zorder=3,
+        )
+    if early:  # no fold finished: no score to place them at, so a tick on the axis
+        ax.plot(
+            early,
+            [0] * len(early),
+            marker="|",
+            markersize=12,
+            linestyle="",
+            color="grey",
+            transform=ax.get_xaxis_transform(),
+            label=f"pruned in its first fold ({len(early)})",
+        )
+    if done or pruned or early:
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("trial")
     ax.set_ylabel("cv balanced accuracy")
-    ax.set_title("optimisation history")
+    ax.set_title("optimisation history", fontsize=11)
     _save(fig, path)
 
 

@@ -519,6 +519,43 @@ def write_run(folder: Path, record: RunRecord) -> None:
         extraction=record.extraction,
         test_uncalibrated=record.test_uncalibrated if record.calibration.method != "none" else None,
     )
+    _write_html(folder, record, classes)
+
+
+def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
+    """report.html: report.md with the error gallery of the test rows and the map of the run's store."""
+    from classify.html import write_html_report
+    from classify.visuals import gallery_section, map_section
+
+    store = FeatureStore(record.store)
+    ids, proba = record.predictions["test"]
+    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
+    files = store.image_files()[[row_of[i] for i in ids]] if len(ids) else np.zeros(0, dtype=str)
+    decisions = (
+        record.operating_point.decide(proba, classes)
+        if record.operating_point
+        else np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
+    )
+    subgroups = [c for c in str(record.config.get("subgroups") or "").split(",") if c.strip()]
+    sections = [
+        gallery_section(
+            folder,
+            ids=np.asarray(ids),
+            files=files,
+            labels=np.asarray(record.test_labels),
+            proba=np.asarray(proba),
+            classes=classes,
+            decisions=decisions,
+            positive=record.positive,
+        ),
+        map_section(
+            Path(record.store),
+            backbone=record.inputs.backbones[0],
+            run_folder=folder,
+            column=subgroups[0].strip() if subgroups else "",
+        ),
+    ]
+    write_html_report(folder, sections)
 
 
 def _failed_csv(failed: dict[str, str]) -> str:

