@@ -55,6 +55,7 @@ USER_ERRORS = {
     "classify.finetune": ("FinetuneError",),
     "classify.audit": ("AuditError",),
     "classify.embedding_map": ("MapError",),
+    "classify.explain": ("ExplainError",),
 }
 """Errors caused by input or options: printed as one clear message, exit status 2, no traceback.
 By module and name: a module that was never imported cannot have raised its error."""
@@ -221,6 +222,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"--abstain-ood: {args.run} has no out-of-distribution description (a run of streamed embeddings, "
             "a fine-tuned run, or one made before there were any); fit it again, or drop the option"
         )
+    if args.explain:
+        from classify.explain import check_explainable
+        from classify.runs import load_run
+
+        check_explainable(load_run(args.run))  # refused before any image is embedded
     result = predict(args.run, args.images, args.batch_size, args.workers, args.device, args.root)
     ids = np.array(result.ids, dtype=object)
     decisions = result.decisions
@@ -236,6 +242,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if flagged:
         action = "decision abstain" if args.abstain_ood else "in_distribution false"
         print(f"  {flagged} look unlike the run's training images (out of distribution: {action})")
+    if args.explain and result.ids:
+        from classify.explain import write_explanations
+
+        written = write_explanations(args.run, args.images, args.explain, device=args.device, root=args.root)
+        print(f"wrote {len(written)} explanations to {args.explain}")
     for image_id, reason in result.failed.items():
         print(f"  failed: {image_id}: {reason}", file=sys.stderr)
     if not result.ids:
@@ -729,6 +740,12 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--abstain-ood",
         action="store_true",
         help="decision `abstain` for images out of the run's distribution (ood_score beyond its threshold)",
+    )
+    parser.add_argument(
+        "--explain",
+        default=None,
+        metavar="DIR",
+        help="also write DIR/<image id>.png: where the run looked (Grad-CAM, or occlusion for xgboost/knn heads)",
     )
     parser.add_argument("--batch-size", type=BATCH, default="auto", help="images per batch, or auto (per device)")
     parser.add_argument("--workers", type=WORKERS, default="auto", help="decoding processes, or auto (per machine)")

@@ -111,18 +111,6 @@ class Audit:
         return sorted(c for c, labels in seen.items() if len(labels) > 1)
 
 
-def _backbone(store: FeatureStore, backbone: str | None) -> str:
-    known = store.backbones
-    if not known:
-        raise AuditError(f"{store.path}: the store holds no embeddings; run `extract` first")
-    if backbone is None:
-        if len(known) > 1:
-            raise AuditError(f"{store.path} holds several backbones ({', '.join(known)}): name one with --backbone")
-        return known[0]
-    store.dim(backbone)  # an unknown backbone is a StoreError naming the ones the store has
-    return backbone
-
-
 def stored_splits(store: FeatureStore) -> dict[str, np.ndarray]:
     """The splits the store holds (`/splits/<name>`, written by earlier versions), by name; else the
     default split that `fit` makes. SplitError when there is none and the default cannot be made."""
@@ -144,7 +132,7 @@ def audit(
     if not 0 < threshold <= 1:
         raise AuditError(f"threshold {threshold}: it takes a cosine similarity in (0, 1]")
     store = FeatureStore(path)
-    backbone = _backbone(store, backbone)
+    backbone = store.pick_backbone(backbone)
     searched = np.flatnonzero(store.done(backbone))
     near = store_near_pairs(store, backbone, searched, threshold, block_rows=block_rows)
     same_i, same_j = exact_pairs(store.column("sha256"))

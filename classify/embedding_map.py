@@ -55,7 +55,6 @@ __all__ = [
     "compute_map",
     "map_svg",
     "palette",
-    "pick_backbone",
     "stratified_sample",
     "write_map_png",
 ]
@@ -127,19 +126,6 @@ class Colours:
         return {c: counted[c] for c in self.order}
 
 
-def pick_backbone(store: FeatureStore, backbone: str | None) -> str:
-    """The backbone named, or the store's only one; several and none named is an error listing them."""
-    known = store.backbones
-    if not known:
-        raise MapError(f"{store.path}: the store holds no embeddings; run `extract` first")
-    if backbone is None:
-        if len(known) > 1:
-            raise MapError(f"{store.path} holds several backbones ({', '.join(known)}): name one with --backbone")
-        return known[0]
-    store.dim(backbone)  # an unknown backbone is a StoreError naming the ones the store has
-    return backbone
-
-
 def stratified_sample(strata: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Sorted positions of `k` rows drawn at random so that each stratum keeps its share (to one row).
     Each row gets its quantile within its stratum in a seeded shuffle; the k lowest are taken, so every
@@ -168,7 +154,7 @@ def compute_map(
     if max_points < MIN_POINTS:
         raise MapError(f"max_points {max_points}: a map needs at least {MIN_POINTS} points")
     store = FeatureStore(store_path)
-    backbone = pick_backbone(store, backbone)
+    backbone = store.pick_backbone(backbone)
     embedded = np.flatnonzero(store.done(backbone))
     if len(embedded) < MIN_POINTS:
         raise MapError(f"{store.path}: {backbone} embedded {len(embedded)} images; a map needs at least {MIN_POINTS}")

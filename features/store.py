@@ -230,6 +230,19 @@ class FeatureStore:
             values = _strings(f[f"samples/{name}"])
         return np.array(values, dtype=str) if values else np.zeros(0, dtype=str)
 
+    def pick_backbone(self, backbone: str | None) -> str:
+        """The backbone named (StoreError naming the store's ones when it has no such), or the store's only
+        one when none is named; a store of several needs a name (`--backbone`)."""
+        known = self.backbones
+        if not known:
+            raise StoreError(f"{self.path}: the store holds no embeddings; run `extract` first")
+        if backbone is None:
+            if len(known) > 1:
+                raise StoreError(f"{self.path} holds several backbones ({', '.join(known)}): name one with --backbone")
+            return known[0]
+        self.backbone_attrs(backbone)
+        return backbone
+
     def image_files(self) -> np.ndarray:
         """Where each row's image file was read from: its path joined to the folder `extract` read the
         images from (the `data_root` attribute), as strings; the path as stored when there is none. The

@@ -26,7 +26,7 @@ from classify.embedding_map import (
 )
 from classify.runs import read_run_split
 from features.splits import TEST, UNUSED, SplitSpec, split_for
-from features.store import FeatureStore, Samples, write_blocks
+from features.store import FeatureStore, Samples, StoreError, write_blocks
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -96,7 +96,7 @@ def test_only_rows_the_backbone_embedded_are_mapped_and_several_backbones_need_a
     x = rng.normal(size=(n, 8)).astype(np.float32)
     path = tmp_path / "two.h5"
     write_blocks(path, samples, attrs, [(0, {"a": x[:60], "b": x[:60]}), (60, {"a": x[60:]})])
-    with pytest.raises(MapError, match="several backbones \\(a, b\\)"):
+    with pytest.raises(StoreError, match="several backbones \\(a, b\\)"):
         compute_map(path)
     assert compute_map(path, backbone="a").total == n
     partial = compute_map(path, backbone="b")
