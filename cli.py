@@ -245,8 +245,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.explain and result.ids:
         from classify.explain import write_explanations
 
-        written = write_explanations(args.run, args.images, args.explain, device=args.device, root=args.root)
+        skipped: dict[str, str] = {}
+        written = write_explanations(
+            args.run, args.images, args.explain, device=args.device, root=args.root, failed=skipped
+        )
         print(f"wrote {len(written)} explanations to {args.explain}")
+        for image_id, reason in skipped.items():
+            if image_id not in result.failed:  # an image predict could not read is listed below already
+                print(f"  not explained: {image_id}: {reason}", file=sys.stderr)
     for image_id, reason in result.failed.items():
         print(f"  failed: {image_id}: {reason}", file=sys.stderr)
     if not result.ids:

@@ -140,6 +140,10 @@ class Head(ClassifierMixin, BaseEstimator):
     name: ClassVar[str]
     streams: ClassVar[bool] = True
     """Whether `fit` learns from streamed rows (`StoreRows`) block by block."""
+    differentiable: ClassVar[bool] = False
+    """Whether the fitted head has a torch-module form (classify/finetune/model.py `head_module`), so that
+    gradients reach the backbone through it: fine-tuning can start from it and Grad-CAM explains it
+    (classify/explain.py; the others are explained by occlusion)."""
     PARAMS: ClassVar[dict[str, Allowed]]
     """Every parameter of `__init__` and the values it allows."""
     FITTED: ClassVar[tuple[str, ...]]
@@ -252,6 +256,7 @@ class LinearHead(Head):
 
     name = "linear"
     streams = False  # lbfgs needs every row in memory at once
+    differentiable = True
 
     DTYPE = np.float64
     FITTED = ("coef_", "intercept_", "mean_", "scale_")
@@ -351,6 +356,7 @@ class MLPHead(Head):
     the balanced accuracy of an inner (lesion-grouped) validation split; the best epoch is kept."""
 
     name = "mlp"
+    differentiable = True
     FITTED = ("model_", "mean_", "scale_")
     PARAMS = {
         "hidden": Allowed(

