@@ -236,6 +236,9 @@ def test_subgroups_of_a_fit_add_up_to_its_test_rows_and_evaluate_scores_them_els
     assert f"| images (lesions) | 200 ({external['lesions']}) | {test['n']} ({test['lesions']}) |" in report
     for plot in ("confusion_matrix.png", "roc_curves.png", "reliability.png"):
         assert (run / "evaluations" / "o" / "plots" / plot).stat().st_size > 1000
+    page = (run / "evaluations" / "o" / "report.html").read_text()  # the same sections, plots inlined
+    assert "<h2>Subgroups (scored rows)</h2>" in page and "<h2>Error gallery</h2>" in page
+    assert page.count('src="data:image/png;base64,') == 3 and 'src="plots/' not in page
     code, out, err = cli("evaluate", "--run", run, "--features", other)  # again: a new folder, the first kept
     assert code == 0 and str(run / "evaluations" / "o-2" / "report.md") in out
     assert json.loads((run / "evaluations" / "o" / "metrics.json").read_text())["subgroups"]

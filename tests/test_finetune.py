@@ -164,6 +164,7 @@ def test_epoch_0_scores_what_the_frozen_head_scored_and_outputs_are_reusable(tmp
     assert 0 < threshold < 1 and load_run(out).card["decision"] == config["decision"]
     for name in (
         "report.md",
+        "report.html",
         "metrics.json",
         "test_predictions.csv",
         "run.json",

@@ -38,12 +38,14 @@ def test_fit_writes_a_complete_honest_run(tmp_path, store, cli):
     code, out, err = cli("fit", "--features", store, "--head", "linear", "--out", run, *FAST)
     assert code == 0, err
     assert "test: balanced accuracy" in out and str(run / "report.md") in out
+    assert out.strip().splitlines()[-1] == f"report.html: {run / 'report.html'}"
     for name in (
         "config.json",
         "run.json",
         "study.json",
         "metrics.json",
         "report.md",
+        "report.html",
         "test_predictions.csv",
         "cv_predictions.csv",
         "plots/confusion_matrix.png",

@@ -10,7 +10,7 @@ import optuna
 import pytest
 
 from classify.heads import LinearHead
-from classify.study import STEPS_PER_FOLD, Objective, StudyError, open_study
+from classify.study import STEPS_PER_FOLD, Objective, StudyError, history, open_study, pruned_at
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -109,3 +109,26 @@ def test_objective_options_are_keyword_only() -> None:
     x, y, groups, folds = masked_signal(n=40)
     with pytest.raises(TypeError):
         Objective(LinearHead, x, y, groups, folds, 0)
+
+
+def test_a_pruned_trial_is_placed_at_its_last_fold_score_not_at_a_heads_own_scale():
+    """The history plot marks a pruned trial where it stopped: the mean score of the folds it finished
+    (the fold-end reports), never a within-fold report such as XGBoost's negative loss."""
+    study = optuna.create_study(direction="maximize")
+
+    def objective(trial: optuna.Trial) -> float:
+        if trial.number == 0:
+            return 0.8
+        trial.report(-0.4, 3)  # within fold 0: a head's own scale
+        if trial.number == 2:
+            trial.report(0.7, STEPS_PER_FOLD - 1)  # fold 0 finished: its score
+            trial.report(-0.3, STEPS_PER_FOLD + 5)
+        raise optuna.TrialPruned()
+
+    study.optimize(objective, n_trials=3)
+    assert [pruned_at(t) for t in study.trials] == [None, None, 0.7]
+    assert [(t["state"], t["pruned_at"]) for t in history(study)] == [
+        ("COMPLETE", None),
+        ("PRUNED", None),
+        ("PRUNED", 0.7),
+    ]
