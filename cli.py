@@ -670,7 +670,7 @@ def _map_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="|".join([*COLOURINGS, "COL"]),
         help="colour the points by label, by study/test side of the split, or by a metadata column",
     )
-    parser.add_argument("--run", default=None, help="with --color split: that run's split (default: fit's default)")
+    parser.add_argument("--run", default=None, help="with --color split: that run's split (else the split fit makes)")
     parser.add_argument(
         "--max-points",
         type=integer(2),
