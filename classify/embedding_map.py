@@ -37,7 +37,6 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import to_hex  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from classify.runs import load_run, read_run_split, run_split  # noqa: E402
 from classify.subgroups import MISSING, bin_values  # noqa: E402
@@ -67,8 +66,6 @@ PERPLEXITY = 30.0
 ITERATIONS = 500
 MIN_POINTS = 4
 """Fewer rows than this cannot be laid out by t-SNE."""
-ONE_THREAD_ROWS = 1000
-"""Maps of at most this many points run t-SNE on one thread (the same map, without the thread overhead)."""
 MAX_POINTS = 5000
 """Default cap on mapped rows: t-SNE's time grows faster than the rows, and a report's inline SVG holds
 one element per point."""
@@ -165,9 +162,7 @@ def compute_map(
         x = PCA(min(PCA_DIMS, len(x)), random_state=seed).fit_transform(x)
     perplexity = min(PERPLEXITY, (len(x) - 1) / 3)
     tsne = TSNE(2, perplexity=perplexity, init="pca", max_iter=ITERATIONS, random_state=seed)
-    # a small map is mostly per-iteration overhead, where OpenMP threads only spin against each other
-    with threadpool_limits(1 if len(x) <= ONE_THREAD_ROWS else None):
-        xy = tsne.fit_transform(x.astype(np.float64))
+    xy = tsne.fit_transform(x.astype(np.float64))
     return EmbeddingMap(
         image_id=store.column("image_id")[rows],
         xy=xy,

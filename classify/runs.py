@@ -525,7 +525,7 @@ def write_run(folder: Path, record: RunRecord) -> None:
 def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
     """report.html: report.md with the error gallery of the test rows and the map of the run's store."""
     from classify.html import write_html_report
-    from classify.visuals import gallery_section, map_section
+    from classify.visuals import gallery_section, map_column, map_section
 
     store = FeatureStore(record.store)
     ids, proba = record.predictions["test"]
@@ -536,7 +536,7 @@ def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
         if record.operating_point
         else np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
     )
-    subgroups = [c for c in str(record.config.get("subgroups") or "").split(",") if c.strip()]
+    subgroups = [c.strip() for c in str(record.config.get("subgroups") or "").split(",") if c.strip()]
     sections = [
         gallery_section(
             folder,
@@ -552,7 +552,7 @@ def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
             Path(record.store),
             backbone=record.inputs.backbones[0],
             run_folder=folder,
-            column=subgroups[0].strip() if subgroups else "",
+            column=map_column(store, subgroups),
         ),
     ]
     write_html_report(folder, sections)

@@ -16,7 +16,16 @@ import numpy as np
 
 from classify.html import HtmlSection, image_uri
 
-__all__ = ["GALLERY_OCCLUSION_PATCH", "GALLERY_SIZE", "MAP_POINTS", "gallery_section", "map_section", "worst_errors"]
+__all__ = [
+    "GALLERY_OCCLUSION_PATCH",
+    "GALLERY_SIZE",
+    "MAP_COLUMNS",
+    "MAP_POINTS",
+    "map_column",
+    "gallery_section",
+    "map_section",
+    "worst_errors",
+]
 
 log = logging.getLogger("classify")
 
@@ -121,6 +130,21 @@ def gallery_section(
             f"<p>{_probabilities(proba[i], classes)}</p></div>"
         )
     return HtmlSection(title, intro + '</p>\n<div class="gallery">' + "\n".join(cases) + "</div>")
+
+
+MAP_COLUMNS = ("fitzpatrick", "sex", "age", "localization", "site")
+"""Metadata columns the report's map is coloured by when the run names none (`--subgroups`), first found
+first: the ones a bias or a shortcut usually hides in."""
+
+
+def map_column(store, subgroups: list[str]) -> str:
+    """The metadata column of the report's map: the run's first `--subgroups` column, else the first of
+    MAP_COLUMNS the store has, else its first column; "" for a store without metadata."""
+    columns = store.meta_columns()
+    for name in [*subgroups, *MAP_COLUMNS, *columns]:
+        if name in columns:
+            return name
+    return ""
 
 
 def map_section(store_path: Path, *, backbone: str, run_folder: Path | None = None, column: str = "") -> HtmlSection:

@@ -30,6 +30,7 @@ from features.store import FeatureStore
 __all__ = [
     "BLOCK_ROWS",
     "DEFAULT_THRESHOLD",
+    "FAST_SCREEN_ROWS",
     "GroupAgreement",
     "OUTER_BLOCKS",
     "Pairs",
@@ -88,6 +89,8 @@ OUTER_BLOCKS = 4
 block reads the file fewer times (a store of N rows is read about N / (OUTER_BLOCKS x block rows) times)."""
 
 
+FAST_SCREEN_ROWS = 50_000
+"""Searches of fewer rows are screened in float32 (see `near_pairs`)."""
 PROGRESS_SECONDS = 30
 """A search longer than this logs its progress at most this often."""
 log = logging.getLogger("features")
@@ -150,8 +153,11 @@ def near_pairs(
     it is called once for the outer loop, whose blocks are joined `outer_blocks` at a time, and once per
     outer block for the inner loop over the rows after it, so that only an outer and an inner block are
     ever in memory. Pairs are screened by `screen` (default: `fastest_screen()`) and measured in float32.
-    `total`, the number of rows, lets a long search log its progress."""
-    screen = screen or fastest_screen()
+    `total`, the number of rows, lets a long search log its progress, and a search of at least
+    FAST_SCREEN_ROWS rows use `fastest_screen()` (a smaller one is screened in float32: the bfloat16
+    gain is seconds there, and AMX, once a process has used it, enlarges every signal frame)."""
+    if screen is None:
+        screen = fastest_screen() if total >= FAST_SCREEN_ROWS else Screen("cpu", "float32")
     started = last_log = time.monotonic()
     firsts, seconds, sims = [], [], []
 

@@ -12,7 +12,6 @@ import pytest
 from conftest import synthetic_store
 from sklearn.model_selection import cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
-from threadpoolctl import threadpool_limits
 
 from classify.embedding_map import (
     EmbeddingMap,
@@ -31,14 +30,6 @@ from features.store import FeatureStore, Samples, StoreError, write_blocks
 SVG = "{http://www.w3.org/2000/svg}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """t-SNE's OpenMP threads spin against every other process on a small shared machine; one thread
-    keeps these tests fast there and changes no result."""
-    with threadpool_limits(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two classes apart in the embeddings (a 5-nearest-neighbour classifier is right on all of them)."""
@@ -47,8 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def emap(store: Path) -> EmbeddingMap:
-    with threadpool_limits(1):
-        return compute_map(store, seed=0)
+    return compute_map(store, seed=0)
 
 
 def test_the_map_is_finite_and_the_same_for_a_seed(store, emap):

@@ -45,14 +45,11 @@ pytestmark = pytest.mark.skipif(not HAM.is_dir(), reason=f"real data folder {HAM
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One thread for torch and BLAS: batches of one image and 40-row fits gain nothing from a second,
+    """One thread for torch: batches of one image and 40-row fits gain nothing from a second,
     and on a shared machine a second thread that waits for a busy core slows every call many times."""
-    from threadpoolctl import threadpool_limits
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
+    yield
     torch.set_num_threads(before)
 
 
