@@ -25,6 +25,18 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("SKINLESION_CACHE", str(tmp_path_factory.getbasetemp() / "skinlesion-cache"))
 
 
+@pytest.fixture(autouse=True)
+def default_sigchld() -> None:
+    """Each test starts with SIGCHLD's default action. torch's DataLoader leaves a Python handler for it
+    in any process that iterated with workers (here: every in-process `extract` or `predict`); after
+    enough other tests in one process, delivering that handler's frame while a killed child was being
+    waited for failed with a kernel SIGSEGV (si_code SI_KERNEL in waitpid) that ended the whole run.
+    A command-line process never lives long enough to meet it."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 @pytest.fixture
 def compiled_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache of this test's own, for tests that count what is in it."""
