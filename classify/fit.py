@@ -208,8 +208,7 @@ def _columns(text: str) -> tuple[str, ...]:
 
 def _test_meta(store: FeatureStore, data: Data, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The metadata columns' values of the test rows, row for row."""
-    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
-    rows = np.array([row_of[i] for i in data.ids[data.test]], dtype=np.int64)
+    rows = store.rows_of(data.ids[data.test])
     return {c: values[rows] for c, values in store_meta(store, columns).items()}
 
 
@@ -299,7 +298,7 @@ def _fraction_runs(cfg: FitConfig, fractions: tuple[float, ...]) -> list[dict]:
     return [m for m in done if m]
 
 
-def efficiency_row(metrics: dict, folder: str) -> dict:
+def _efficiency_row(metrics: dict, folder: str) -> dict:
     """One row of the label-efficiency table: the share, the study rows it learned from, the test figures."""
     test = metrics["test"]
     return {
@@ -541,9 +540,10 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled, ef
             threshold=figures["threshold"],
             seed=cfg.seed,
         )
-    ood = _ood(store, data, settled.spec)
+    embeddings = None if isinstance(data.x, StoreRows) else _embeddings(store, data, settled.spec)
+    ood = _ood(data, embeddings)
     if ood is not None:
-        test_scores = ood.score(_embeddings(store, data, settled.spec, data.test))
+        test_scores = ood.score(embeddings[data.test])
         flagged = int(np.sum(~ood.in_distribution(test_scores)))
         metrics["test"]["ood"] = {
             "threshold": ood.threshold,
@@ -561,8 +561,8 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled, ef
         }
     if efficiency:
         metrics["label_efficiency"] = [
-            *(efficiency_row(m, f"fractions/{m['fraction']['share']:g}") for m in efficiency),
-            efficiency_row(metrics, "."),
+            *(_efficiency_row(m, f"fractions/{m['fraction']['share']:g}") for m in efficiency),
+            _efficiency_row(metrics, "."),
         ]
     if resolved["warning"]:
         metrics["warning"] = metrics["test"]["warning"] = metrics["cv"]["warning"] = resolved["warning"]
@@ -621,21 +621,19 @@ def _final(cfg: FitConfig, store: FeatureStore, data: Data, settled: Settled, ef
     return jsonable(metrics)
 
 
-def _embeddings(store: FeatureStore, data: Data, spec: InputSpec, rows: np.ndarray) -> np.ndarray:
-    """The backbone embeddings (the views' mean, no metadata) of `data`'s rows `rows`, row for row."""
-    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
-    picked = np.array([row_of[i] for i in data.ids[rows]], dtype=np.int64)
-    return read_embeddings(store, spec.backbones, all_views=False)[picked]
+def _embeddings(store: FeatureStore, data: Data, spec: InputSpec) -> np.ndarray:
+    """The backbone embeddings (the views' mean, no metadata) of `data`'s rows, row for row."""
+    return read_embeddings(store, spec.backbones, all_views=False)[store.rows_of(data.ids)]
 
 
-def _ood(store: FeatureStore, data: Data, spec: InputSpec) -> Ood | None:
-    """The out-of-distribution description of the study rows, its threshold set out of fold over the
-    study folds (classify/ood.py); None, with a log line, for streamed embeddings, which this would load
-    whole."""
-    if isinstance(data.x, StoreRows):
+def _ood(data: Data, embeddings: np.ndarray | None) -> Ood | None:
+    """The out-of-distribution description of the study rows (`embeddings`: `data`'s, row for row), its
+    threshold set out of fold over the study folds (classify/ood.py); None, with a log line, for
+    streamed embeddings (`embeddings` None), which this would load whole."""
+    if embeddings is None:
         log.info("embeddings streamed from disk: the run gets no out-of-distribution description")
         return None
-    x, y, folds = _embeddings(store, data, spec, data.study), data.y[data.study], data.folds[data.study]
+    x, y, folds = embeddings[data.study], data.y[data.study], data.folds[data.study]
     return fit_ood(x, y, threshold=out_of_fold_threshold(x, y, folds))
 
 

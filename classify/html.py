@@ -86,10 +86,10 @@ def _inline_images(body: str, folder: Path) -> str:
 
     def inline(match: re.Match) -> str:
         tag, src = match.group(0), html.unescape(match.group(1))
-        path = (folder / src).resolve()
-        mime = MIME.get(path.suffix.lower())
         if src.startswith("data:"):
             return tag
+        path = (folder / src).resolve()
+        mime = MIME.get(path.suffix.lower())
         if mime is None or not path.is_file() or folder.resolve() not in path.parents:
             alt = re.search(r'alt="([^"]*)"', tag)
             return f'<em class="note">[{alt.group(1) if alt else src}: not found]</em>'

@@ -203,7 +203,8 @@ def evaluate_run(
         folder / "metrics.json",
         {"store": str(store.path.resolve()), "rows": "test" if own else "all labelled, unseen", **metrics},
     )
-    write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes, run.decide(proba)))
+    decisions = run.decide(proba)
+    write_text(folder / "predictions.csv", predictions_csv(ids[rows], proba, run.classes, decisions))
     if challenge is not None:  # the scorer's own columns, beside the toolkit's CSV
         write_text(folder / "predictions.isic.csv", challenge_csv(challenge, ids[rows], proba, run.classes))
     from classify.report import write_evaluation_report  # matplotlib only when a report is written
@@ -228,7 +229,7 @@ def evaluate_run(
         labels=labels[rows],
         proba=proba,
         classes=run.classes,
-        decisions=run.decide(proba),
+        decisions=decisions,
         positive=run.card.get("positive"),
     )
     write_html_report(folder, [gallery])

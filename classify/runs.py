@@ -499,11 +499,7 @@ def write_run(folder: Path, record: RunRecord) -> None:
         write_json(folder / name, data)
     write_json(folder / "metrics.json", record.metrics)
     for part, (ids, proba) in record.predictions.items():
-        decisions = (
-            record.operating_point.decide(proba, classes)
-            if record.operating_point
-            else np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
-        )
+        decisions = _decisions(record, proba, classes)
         write_text(folder / f"{part}_predictions.csv", predictions_csv(ids, proba, classes, decisions))
     if record.failed:
         write_text(folder / FAILED_FILE, _failed_csv(record.failed))
@@ -522,6 +518,13 @@ def write_run(folder: Path, record: RunRecord) -> None:
     _write_html(folder, record, classes)
 
 
+def _decisions(record: RunRecord, proba: np.ndarray, classes: list[str]) -> np.ndarray:
+    """The run's decisions: at its operating point where it has one, else the most probable class."""
+    if record.operating_point:
+        return record.operating_point.decide(proba, classes)
+    return np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
+
+
 def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
     """report.html: report.md with the error gallery of the test rows and the map of the run's store."""
     from classify.html import write_html_report
@@ -529,13 +532,8 @@ def _write_html(folder: Path, record: RunRecord, classes: list[str]) -> None:
 
     store = FeatureStore(record.store)
     ids, proba = record.predictions["test"]
-    row_of = {image_id: row for row, image_id in enumerate(store.column("image_id"))}
-    files = store.image_files()[[row_of[i] for i in ids]] if len(ids) else np.zeros(0, dtype=str)
-    decisions = (
-        record.operating_point.decide(proba, classes)
-        if record.operating_point
-        else np.array(classes, dtype=object)[np.asarray(proba).argmax(axis=1)]
-    )
+    files = store.image_files()[store.rows_of(ids)]
+    decisions = _decisions(record, proba, classes)
     subgroups = [c.strip() for c in str(record.config.get("subgroups") or "").split(",") if c.strip()]
     sections = [
         gallery_section(

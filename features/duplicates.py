@@ -154,8 +154,8 @@ def near_pairs(
     outer block for the inner loop over the rows after it, so that only an outer and an inner block are
     ever in memory. Pairs are screened by `screen` (default: `fastest_screen()`) and measured in float32.
     `total`, the number of rows, lets a long search log its progress, and a search of at least
-    FAST_SCREEN_ROWS rows use `fastest_screen()` (a smaller one is screened in float32: the bfloat16
-    gain is seconds there, and AMX, once a process has used it, enlarges every signal frame)."""
+    FAST_SCREEN_ROWS rows use `fastest_screen()` (a smaller one is screened in float32: there the
+    bfloat16 gain is a fraction of a second, less than timing the two products costs)."""
     if screen is None:
         screen = fastest_screen() if total >= FAST_SCREEN_ROWS else Screen("cpu", "float32")
     started = last_log = time.monotonic()

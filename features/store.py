@@ -230,6 +230,11 @@ class FeatureStore:
             values = _strings(f[f"samples/{name}"])
         return np.array(values, dtype=str) if values else np.zeros(0, dtype=str)
 
+    def rows_of(self, image_ids) -> np.ndarray:
+        """The store rows holding `image_ids`, in their order (KeyError for an id the store lacks)."""
+        row_of = {image_id: row for row, image_id in enumerate(self.column("image_id"))}
+        return np.array([row_of[i] for i in image_ids], dtype=np.int64)
+
     def pick_backbone(self, backbone: str | None) -> str:
         """The backbone named (StoreError naming the store's ones when it has no such), or the store's only
         one when none is named; a store of several needs a name (`--backbone`)."""

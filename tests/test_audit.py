@@ -4,15 +4,13 @@ agreement of its pairs with lesion groups, on synthetic stores with planted dupl
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, synthetic_store
+from conftest import synthetic_store
 
 from classify.audit import audit, write_audit
 from features.duplicates import (
@@ -178,7 +176,7 @@ def test_blockwise_search_equals_all_pairs_at_once():
         assert np.all(found.first < found.second) and np.all(found.similarity >= 0.6)
 
 
-def test_the_bfloat16_screen_misses_no_pair_at_the_threshold(tmp_path: Path):
+def test_the_bfloat16_screen_misses_no_pair_at_the_threshold():
     # rows whose cosines to row 0 straddle the threshold by less than bfloat16's rounding: the screen
     # must pass them all on, and the float32 measure decide, exactly as a float32 search does
     rng = np.random.default_rng(4)
@@ -190,19 +188,7 @@ def test_the_bfloat16_screen_misses_no_pair_at_the_threshold(tmp_path: Path):
     other /= np.linalg.norm(other, axis=1, keepdims=True)
     cosines = threshold + np.linspace(-0.004, 0.004, 200)
     x = np.vstack([base, cosines[:, None] * base + np.sqrt(1 - cosines[:, None] ** 2) * other]).astype(np.float32)
-    # bfloat16 in a process of its own: AMX state, once used, enlarges every signal frame of the process
-    # it runs in, which the test process (with its signal handlers) is better without
-    np.save(tmp_path / "x.npy", x)
-    code = (
-        "import sys, numpy as np; sys.path.insert(0, sys.argv[1]); "
-        "from features.duplicates import Screen, array_blocks, near_pairs; "
-        "x = np.load(sys.argv[2]); p = near_pairs(array_blocks(x, 16), 0.95, screen=Screen('cpu', 'bfloat16')); "
-        "np.savez(sys.argv[3], first=p.first, second=p.second, similarity=p.similarity)"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, str(ROOT), str(tmp_path / "x.npy"), str(tmp_path / "low.npz")], check=True
-    )
-    low = Pairs(**np.load(tmp_path / "low.npz"))
+    low = near_pairs(array_blocks(x, 16), threshold, screen=Screen("cpu", "bfloat16"))
     exact = near_pairs(array_blocks(x, 16), threshold, screen=Screen("cpu", "float32"))
     expected = brute_force(x, threshold)
     assert 90 < sum(1 for i, _ in expected if i == 0) < 110
