@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -81,7 +83,9 @@ def visit(page: Path, *, width: int = 1200, height: int = 1600) -> PageVisit:
     executable = browser()
     if executable is None:
         raise RuntimeError("no Chromium on PATH: install Debian's `chromium` (.ci/run does)")
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
+    # Chromium's helper processes may still write into the profile for a moment after the browser is
+    # killed: the whole process group is killed, and a file they leave does not fail the cleanup
+    with tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 executable,
@@ -99,6 +103,7 @@ def visit(page: Path, *, width: int = 1200, height: int = 1600) -> PageVisit:
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,  # its renderer and GPU processes share its group, killed with it
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -122,7 +127,7 @@ def visit(page: Path, *, width: int = 1200, height: int = 1600) -> PageVisit:
             session.ws.close()
             return result
         finally:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
