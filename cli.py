@@ -452,6 +452,7 @@ def _backbone_option_arguments(parser: argparse.ArgumentParser, *, several: bool
 
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    from extract.decoding import DECODERS
     from extract.preprocess import VIEWS
     from extract.run import ExtractConfig
     from extract.runtimes import ALL_PRECISIONS, COMPILE_FROM, RUNTIMES
@@ -482,6 +483,13 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.runtime,
         choices=["auto", *RUNTIMES],
         help="auto: OpenVINO on CPUs where it is installed, else torch",
+    )
+    parser.add_argument(
+        "--decode",
+        default=d.decode,
+        choices=["auto", *DECODERS],
+        help="JPEG decoding: pil (in the loader workers) or torch (batches on the model's device: nvJPEG on "
+        "CUDA); auto: torch on CUDA, pil on CPUs",
     )
     parser.add_argument(
         "--compile",

@@ -338,6 +338,7 @@ def predict(
                     precision=recorded["precision"],
                     tta=recorded["views"],
                     runtime=recorded.get("runtime", "torch"),
+                    decode=recorded.get("decode") or "pil",  # runs from before --decode: Pillow
                     calibration=recorded.get("calibration") or "",
                     batch_size=batch_size,
                     workers=workers,

@@ -98,6 +98,7 @@ EXTRACTION_KEYS = (
     "precision",
     "views",
     "runtime",
+    "decode",
     "calibration",
     "pool",
     "input_size",
@@ -107,9 +108,10 @@ EXTRACTION_KEYS = (
     "identity",
 )
 """Per backbone, what the card records of the extraction: everything `predict` needs to embed new images
-the same way (`weights_option`, precision, views, runtime, calibration, and the backbone options pool,
-input size and CLIP projection: None where the store has none) and the fingerprint and identity that
-`check_fingerprints` compares. One list for every kind of run, so that no kind can drift."""
+the same way (`weights_option`, precision, views, runtime, decoder, calibration, and the backbone options
+pool, input size and CLIP projection: None where the store has none; a decoder of None is Pillow's, from
+before `--decode`) and the fingerprint and identity that `check_fingerprints` compares. One list for
+every kind of run, so that no kind can drift."""
 FAILED_FILE = "failed.csv"
 
 

@@ -20,8 +20,11 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
     "ImageError",
+    "decode_image",
     "file_sha256",
     "load_image",
+    "open_image",
+    "read_image_file",
     "to_rgb8",
 ]
 
@@ -58,6 +61,12 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
     The file is read once: its bytes are hashed and decoded from memory.
     Raises ImageError with a short reason for a missing, empty, truncated, corrupt or oversized file.
     """
+    data, sha256 = read_image_file(path)
+    return decode_image(data, path, max_pixels), sha256
+
+
+def read_image_file(path: str | Path) -> tuple[bytes, str]:
+    """A file's bytes and their SHA-256; ImageError for a missing, unreadable or empty file."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -69,33 +78,53 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[Image.Im
         raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
     if not data:
         raise ImageError("empty file (0 bytes)")
-    sha256 = hashlib.sha256(data).hexdigest()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A file's bytes opened by Pillow, header only (nothing decoded yet), after the decompression bomb
+    guard; ImageError for bytes that are no image Pillow knows."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"refused: {width}x{height} = {width * height} pixels is over the limit of "
-                    f"{max_pixels} (decompression bomb guard)"
-                )
-            img.load()
-    except ImageError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"refused as a decompression bomb: {exc}") from None
     except Image.UnidentifiedImageError:
-        if path.suffix.lower() == ".webp" and not features.check("webp"):
-            raise ImageError("cannot decode WebP: this Pillow was built without WebP support") from None
         raise ImageError("not an image (unrecognised file format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"truncated or corrupt image: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"refused: {width}x{height} = {width * height} pixels is over the limit of "
+            f"{max_pixels} (decompression bomb guard)"
+        )
+    return img
+
+
+def decode_image(data: bytes, path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A file's bytes decoded as upright 8-bit RGB (`path` names the file in a reason or warning)."""
+    path = Path(path)
+    try:
+        img = open_image(data, max_pixels)
+    except ImageError as exc:
+        if str(exc).startswith("not an image") and path.suffix.lower() == ".webp" and not features.check("webp"):
+            raise ImageError("cannot decode WebP: this Pillow was built without WebP support") from None
+        raise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused as a decompression bomb: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"truncated or corrupt image: {exc}") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as exc:  # a malformed EXIF block must not lose the image
         warnings.warn(f"{path}: EXIF orientation ignored ({exc})", stacklevel=2)
-    return to_rgb8(img), sha256
+    return to_rgb8(img)
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
@@ -51,18 +52,38 @@ class Preprocess:
     crop_mode: str = "center"
 
     def to_uint8(self, img: Image.Image) -> torch.Tensor:
-        """An RGB picture as a (3, crop, crop) uint8 tensor."""
+        """An RGB picture as a (3, crop, crop) uint8 tensor (Pillow resizes: `extract --decode pil`)."""
         mode = InterpolationMode(self.interpolation)
-        if self.crop_mode == "squash":
-            img = TF.resize(img, [self.resize, self.resize], interpolation=mode, antialias=True)
-        elif self.crop_mode == "border":
-            ratio = max(img.height, img.width) / self.resize
-            size = [round(img.height / ratio), round(img.width / ratio)]
-            img = _pad_to(TF.resize(img, size, interpolation=mode, antialias=True), self.crop, self.mean)
-        else:
-            img = TF.resize(img, self.resize, interpolation=mode, antialias=True)
+        img = TF.resize(img, self.resized_size(img.height, img.width), interpolation=mode, antialias=True)
+        if self.crop_mode == "border":
+            img = _pad_to(img, self.crop, self.mean)
         img = TF.center_crop(img, [self.crop, self.crop])
         return TF.pil_to_tensor(img)
+
+    def tensor_to_uint8(self, batch: torch.Tensor) -> torch.Tensor:
+        """The same recipe as `to_uint8` as tensor operations on the batch's device (`extract --decode
+        torch`): (B, 3, H, W) uint8 pictures of one size to (B, 3, crop, crop) uint8. torch's antialiased
+        resize is not Pillow's to the last bit (docs/feature-store.md has the difference)."""
+        height, width = batch.shape[-2:]
+        mode = InterpolationMode(self.interpolation)
+        batch = F2.resize(batch, self.resized_size(height, width), interpolation=mode, antialias=True)
+        if self.crop_mode == "border":
+            height, width = batch.shape[-2:]
+            dx, dy = max(self.crop - width, 0), max(self.crop - height, 0)
+            if dx or dy:
+                fill = [round(255 * v) for v in self.mean]
+                batch = F2.pad(batch, [dx // 2, dy // 2, (dx + 1) // 2, (dy + 1) // 2], fill=fill)
+        return F2.center_crop(batch, [self.crop, self.crop])
+
+    def resized_size(self, height: int, width: int) -> int | list[int]:
+        """The size a picture of `height` x `width` is resized to before the crop, as torchvision's
+        resize takes it (an int: the shorter side, the other in proportion)."""
+        if self.crop_mode == "squash":
+            return [self.resize, self.resize]
+        if self.crop_mode == "border":
+            ratio = max(height, width) / self.resize
+            return [round(height / ratio), round(width / ratio)]
+        return self.resize
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 to normalised float32 on the batch's device."""

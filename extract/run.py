@@ -36,7 +36,7 @@ from extract.backbones import (
     backbone_spec,
     build_backbone,
 )
-from extract.dataset import EachPreprocess, ImageDataset, collate_images
+from extract.decoding import DECODERS, auto_decode
 from extract.images import file_sha256
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import VIEWS, apply_views
@@ -80,6 +80,7 @@ __all__ = [
     "plan_rows",
     "refuse_other_settings",
     "resolve_calibration",
+    "resolve_decode",
     "resolve_device",
     "resolve_precision",
     "yield_to_the_model",
@@ -117,6 +118,9 @@ class ExtractConfig:
     device: str = "auto"
     precision: str = "auto"
     tta: str = "none"
+    decode: str = "auto"
+    """How JPEGs are decoded and resized (extract/decoding.py): `pil` in the DataLoader workers, `torch` in
+    batches on the model's device (nvJPEG on CUDA), `auto` = torch on CUDA devices, pil on CPUs."""
     runtime: str = "auto"
     """`torch`, `openvino` (CPU only, the `openvino` extra) or `auto` = OpenVINO where it is installed and
     the device is a CPU, torch elsewhere (extract/runtimes.py)."""
@@ -155,6 +159,7 @@ class ExtractConfig:
             device=device,
             precision=precision,
             runtime=runtime,
+            decode=resolve_decode(self.decode, device),
             batch_size=self.batch_size or (64 if device.startswith("cuda") else 16),
             workers=self.workers if self.workers >= 0 else default_workers(device),
         )
@@ -174,6 +179,14 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA device is available here (use --device cpu or auto)")
     return device
+
+
+def resolve_decode(decode: str, device: str) -> str:
+    if decode == "auto":
+        return auto_decode(device)
+    if decode not in DECODERS:
+        raise ConfigError(f"--decode {decode!r}: choose auto, {', '.join(DECODERS)}")
+    return decode
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -196,6 +209,8 @@ def _backbone_attrs(backbone: BackboneSpec, cfg: ExtractConfig) -> dict:
     """The store attributes of a backbone's embeddings, its fingerprint among them: the spec's identity
     and the run's precision, views, runtime (and int8 calibration), with the library versions."""
     identity = {**backbone.identity(), "precision": cfg.precision, "views": cfg.tta, "runtime": cfg.runtime}
+    if cfg.decode != "pil":  # stores decoded by Pillow keep the fingerprint they had before --decode
+        identity["decode"] = cfg.decode
     if cfg.precision == "int8":
         identity["calibration"] = cfg.calibration
     preprocess = backbone.preprocess
@@ -216,6 +231,7 @@ def _backbone_attrs(backbone: BackboneSpec, cfg: ExtractConfig) -> dict:
         "precision": cfg.precision,
         "views": cfg.tta,
         "runtime": cfg.runtime,
+        "decode": cfg.decode,
         "torch_version": str(torch.__version__),
         "torchvision_version": str(torchvision.__version__),
         **({"openvino_version": _openvino_version()} if cfg.runtime == "openvino" else {}),
@@ -517,12 +533,13 @@ def _embed(
         )
         for b in backbones
     }
+    decoder = DECODERS[cfg.decode](files, preprocesses)
     loader = DataLoader(
-        ImageDataset(files, EachPreprocess(preprocesses)),
+        decoder.dataset(),
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
-        collate_fn=collate_images,
-        pin_memory=device.type == "cuda",
+        collate_fn=decoder.collate,
+        pin_memory=device.type == "cuda" and decoder.pin_memory,
         worker_init_fn=yield_to_the_model if device.type == "cpu" else None,
     )
     pending = _Pending()
@@ -539,7 +556,8 @@ def _embed(
     )
     try:
         with torch.inference_mode(), cuda_settings(device, cfg.precision):
-            for positions, shas, tensors, failures in loader:
+            for batch in loader:
+                positions, shas, tensors, failures = decoder.finish(batch, device)
                 batch_rows = rows[positions]
                 pending.ids += [samples.image_id[r] for r in batch_rows]
                 pending.sha256 += shas
@@ -568,6 +586,13 @@ def _embed(
         progress.close()
     journal.write(pending.chunk())
     summary.steady_images_per_s = rate.steady()
+    if decoder.fallbacks:
+        log.info(
+            "--decode %s: %d of %d images went through Pillow (not a colour JPEG, or rejected by the batch decoder)",
+            cfg.decode,
+            decoder.fallbacks,
+            len(rows),
+        )
 
 
 def yield_to_the_model(worker_id: int) -> None:

@@ -54,7 +54,7 @@ class Summary:
         for name in store.backbones:
             a = store.backbone_attrs(name)
             random = "  RANDOM INIT (--weights none)" if a.get("random_init") else ""
-            options = "".join(f", {k} {a[k]}" for k in ("pool", "clip_embed") if k in a)
+            options = "".join(f", {k} {a[k]}" for k in ("pool", "clip_embed", "decode") if k in a)
             lines.append(
                 f"  {name}: {a['dim']}-d, {int(store.done(name).sum())}/{len(samples)} rows done, "
                 f"weights {a['weights']}, {a['input_size']} px{options}, {a['precision']}, views {a['views']}, "

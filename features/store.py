@@ -625,8 +625,16 @@ def _prepare_embeddings(f: h5py.File, n: int, layouts: list[BackboneLayout]) -> 
             if layout.views > 1:
                 shape = (n, layout.views, layout.dim)
                 group.create_dataset("views", shape, dtype, maxshape=(None,) + shape[1:], chunks=(rows,) + shape[1:])
-        root[name].attrs.update(layout.attrs)
+        _update_attrs(root[name].attrs, layout.attrs)
     return {name: root[name] for name in wanted}
+
+
+def _update_attrs(attrs: h5py.AttributeManager, values: dict) -> None:
+    """Write only the attributes that change: rewriting an equal one in a copied group leaves the old
+    value's space in HDF5's attribute heap, and a store must not grow from one rerun to the next."""
+    for key, value in values.items():
+        if key not in attrs or not np.array_equal(np.asarray(attrs[key]), np.asarray(value)):
+            attrs[key] = value
 
 
 def _write_rows(ds: h5py.Dataset, rows: np.ndarray, values: np.ndarray) -> None:

@@ -84,6 +84,7 @@ def write_run_folder(run_dir: Path, finished: Finished) -> dict:
             out=str(store_path),
             precision=fin.precision,
             tta=cfg.tta,
+            decode="pil",  # the pictures the backbone was fine-tuned on (classify/finetune/data.py)
             batch_size=cfg.batch_size,
             workers=cfg.workers,
             device=cfg.device,
