@@ -17,7 +17,8 @@ product in bf16 (`torch.matmul`, best of 5), measured again before each backbone
 shared machine it moves by 10-30 % from minute to minute; a backbone's cost per image is counted by
 `torch.utils.flop_counter` (2 FLOPs per multiply-add). The second table (`--heads`) fits the linear,
 mlp and xgboost heads on fp32, bf16, OpenVINO bf16 and int8 embeddings of ham10000_mel_nv_150
-(EfficientNet-Lite0, real weights) and compares their test scores.
+(EfficientNet-Lite0, real weights) and compares their test scores; `--embeddings` picks other stores
+of EMBEDDINGS, e.g. fp32 decoded by Pillow and by torch (`extract --decode`, bench/decode.py).
 
     python bench/extract.py [--backbones resnet50,vgg11,...] [--images 960] [--heads] [--trials 10]
     python bench/extract.py --backbones timm:vit_small_patch14_dinov2.lvd142m@224,timm:convnext_tiny
@@ -128,7 +129,13 @@ def naive(name: str, csv_path: Path) -> dict:
 
 
 def tool(
-    name: str, csv_path: Path, out: Path, precision: str = "auto", compile: str = "auto", runtime: str = "auto"
+    name: str,
+    csv_path: Path,
+    out: Path,
+    precision: str = "auto",
+    compile: str = "auto",
+    runtime: str = "auto",
+    decode: str = "auto",
 ) -> dict:
     """`cli.py extract` with its defaults (or the given options), timed from the call to the finished
     store."""
@@ -147,6 +154,7 @@ def tool(
             precision=precision,
             compile=compile,
             runtime=runtime,
+            decode=decode,
         )
     )
     seconds = time.monotonic() - started
@@ -207,7 +215,7 @@ def measure(name: str, mode: str, csv_path: Path, work: Path) -> dict:
 SEEDS = 5
 
 
-def heads_table(work: Path, trials: int) -> None:
+def heads_table(work: Path, trials: int, labels: list[str]) -> None:
     """Test scores of each head on fp32 and on bf16 embeddings (torch's, and OpenVINO's) of the same
     images and split: tuned by its own study on each store, and with the same parameters (the fp32
     study's best) on all, which
@@ -221,22 +229,23 @@ def heads_table(work: Path, trials: int) -> None:
     from classify.fit import FitConfig, fit
 
     logging.disable(logging.INFO)
+    embeddings = {label: EMBEDDINGS[label] for label in labels}
     stores = {}
-    for label, options in EMBEDDINGS.items():
+    for label, options in embeddings.items():
         stores[label] = work / f"ham-lite0-{label.replace(' ', '-')}.h5"
         if not stores[label].exists():
             tool("efficientnet_lite0", DATA / "labels.csv", stores[label], **options)
-    others = [label for label in EMBEDDINGS if label != "fp32"]
+    others = [label for label in embeddings if label != "fp32"]
     print(
         "\n| head | "
-        + " | ".join(f"{label}: test BA / AUC" for label in EMBEDDINGS)
+        + " | ".join(f"{label}: test BA / AUC" for label in embeddings)
         + "".join(f" | AUC, {label} - fp32" for label in others)
         + f" | same parameters, mean of {SEEDS} seeds: "
-        + " | ".join(f"{label}: BA / AUC (sd)" for label in EMBEDDINGS)
+        + " | ".join(f"{label}: BA / AUC (sd)" for label in embeddings)
         + "".join(f" | AUC, {label} - fp32" for label in others)
         + " |"
     )
-    print("|" + " --- |" * (1 + 2 * (len(EMBEDDINGS) + len(others))))
+    print("|" + " --- |" * (1 + 2 * (len(embeddings) + len(others))))
     for head in ("linear", "mlp", "xgboost"):
         tuned, same = {}, {}
         for label, store in stores.items():
@@ -251,10 +260,10 @@ def heads_table(work: Path, trials: int) -> None:
             runs = [fixed_params_test(data, head, {**params, "random_state": seed}) for seed in range(SEEDS)]
             same[label] = {k: float(np.mean([r[k] for r in runs])) for k in ("balanced_accuracy", "auc")}
             same[label]["sd"] = float(np.std([r["auc"] for r in runs]))
-        cells = [f"{tuned[k]['balanced_accuracy']:.3f} / {tuned[k]['auc']:.3f}" for k in EMBEDDINGS]
+        cells = [f"{tuned[k]['balanced_accuracy']:.3f} / {tuned[k]['auc']:.3f}" for k in embeddings]
         cells += [f"{tuned[k]['auc'] - tuned['fp32']['auc']:+.3f}" for k in others]
         cells += [
-            f"{same[k]['balanced_accuracy']:.3f} / {same[k]['auc']:.3f} ({same[k]['sd']:.3f})" for k in EMBEDDINGS
+            f"{same[k]['balanced_accuracy']:.3f} / {same[k]['auc']:.3f} ({same[k]['sd']:.3f})" for k in embeddings
         ]
         cells += [f"{same[k]['auc'] - same['fp32']['auc']:+.3f}" for k in others]
         print(f"| {head} | {' | '.join(cells)} |", flush=True)
@@ -265,6 +274,7 @@ EMBEDDINGS = {
     "bf16": {"precision": "bf16", "runtime": "torch"},
     "openvino bf16": {"precision": "bf16", "runtime": "openvino"},
     "openvino int8": {"precision": "int8", "runtime": "openvino"},
+    "torch decode": {"precision": "fp32", "runtime": "torch", "decode": "torch"},
 }
 """The stores the heads table compares, by label: the options `cli.py extract` makes each with."""
 
@@ -298,6 +308,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=960)
     parser.add_argument("--heads", action="store_true", help="also the fp32 against bf16 heads table")
     parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument(
+        "--embeddings",
+        default="fp32,bf16,openvino bf16,openvino int8",
+        help=f"the heads table's stores, comma-separated, fp32 first (of: {', '.join(EMBEDDINGS)})",
+    )
     parser.add_argument("--work", default=None, help="folder for stores and runs (default: a temporary one)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -359,7 +374,7 @@ def main() -> None:
             flush=True,
         )
     if args.heads:
-        heads_table(work, args.trials)
+        heads_table(work, args.trials, args.embeddings.split(","))
 
 
 if __name__ == "__main__":

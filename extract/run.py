@@ -82,6 +82,7 @@ __all__ = [
     "resolve_calibration",
     "resolve_decode",
     "resolve_device",
+    "stored_decode",
     "resolve_precision",
     "yield_to_the_model",
 ]
@@ -120,7 +121,8 @@ class ExtractConfig:
     tta: str = "none"
     decode: str = "auto"
     """How JPEGs are decoded and resized (extract/decoding.py): `pil` in the DataLoader workers, `torch` in
-    batches on the model's device (nvJPEG on CUDA), `auto` = torch on CUDA devices, pil on CPUs."""
+    batches on the model's device (nvJPEG on CUDA), `auto` = the decoder of the embeddings already in --out,
+    else torch on CUDA devices and `decoding.AUTO_ON_CPU` on CPUs."""
     runtime: str = "auto"
     """`torch`, `openvino` (CPU only, the `openvino` extra) or `auto` = OpenVINO where it is installed and
     the device is a CPU, torch elsewhere (extract/runtimes.py)."""
@@ -159,7 +161,7 @@ class ExtractConfig:
             device=device,
             precision=precision,
             runtime=runtime,
-            decode=resolve_decode(self.decode, device),
+            decode=resolve_decode(self.decode, device, Path(self.out)),
             batch_size=self.batch_size or (64 if device.startswith("cuda") else 16),
             workers=self.workers if self.workers >= 0 else default_workers(device),
         )
@@ -181,12 +183,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_decode(decode: str, device: str) -> str:
+def resolve_decode(decode: str, device: str, out: Path | None = None) -> str:
+    """`auto`: the decoder of the embeddings already in `out` where it holds some, else the device's
+    (`auto_decode`). Following the store keeps the promise that rerunning a command resumes it: a store
+    made before --decode existed, or on another kind of device, is extended, not refused for other
+    settings."""
     if decode == "auto":
-        return auto_decode(device)
+        return stored_decode(out) or auto_decode(device)
     if decode not in DECODERS:
         raise ConfigError(f"--decode {decode!r}: choose auto, {', '.join(DECODERS)}")
     return decode
+
+
+def stored_decode(out: Path | None) -> str | None:
+    """The one decoder of the store's embeddings (`pil` for those from before --decode), or None: no
+    store there (an unreadable file is reported by the run itself), no embeddings, or several decoders."""
+    if out is None or not out.is_file():
+        return None
+    try:
+        store = FeatureStore(out)
+        decoders = {str(store.backbone_attrs(name).get("decode", "pil")) for name in store.backbones}
+    except StoreError:
+        return None
+    return decoders.pop() if len(decoders) == 1 else None
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY
-from imagefiles import EXIF_ORIENTATION, lesion, lesion_set, mixed_folder, save
+from imagefiles import EXIF_ORIENTATION, csv_data_set, lesion, lesion_set, mixed_folder, save
 from PIL import Image, ImageOps
 
-from extract.decoding import ORIENTATIONS, PilDecoder, TorchDecoder, auto_decode, orient
+from extract.decoding import DECODERS, ORIENTATIONS, PilDecoder, TorchDecoder, auto_decode, orient
 from extract.preprocess import CROP_MODES, Preprocess
-from extract.run import ConfigError, ExtractConfig
+from extract.run import ConfigError, ExtractConfig, stored_decode
 from features.store import FeatureStore
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -109,6 +109,26 @@ def test_auto_picks_the_batch_decoder_on_cuda_only_and_a_wrong_name_is_refused()
     assert ExtractConfig(backbone=TINY, device="cpu").resolved().decode == "pil"
     with pytest.raises(ConfigError, match="--decode 'nvjpeg'"):
         ExtractConfig(backbone=TINY, device="cpu", decode="nvjpeg").resolved()
+
+
+def test_auto_follows_the_decoder_of_the_store_it_extends(tmp_path, cli):
+    """Rerunning a command resumes it: a store made with the other decoder (before --decode existed, or
+    on another kind of device) is extended with its own, not refused for other settings."""
+    manifest = csv_data_set(tmp_path / "data", 6)
+    first = tmp_path / "data" / "first.csv"
+    first.write_text("".join(manifest.read_text().splitlines(keepends=True)[:4]))
+    other = next(d for d in DECODERS if d != auto_decode("cpu"))
+    out = tmp_path / "store.h5"
+    code, _, err = _extract(cli, first, out, "--decode", other)
+    assert code == 0, err
+    assert stored_decode(out) == other
+    assert ExtractConfig(backbone=TINY, device="cpu", out=str(out)).resolved().decode == other
+    code, stdout, err = _extract(cli, manifest, out)  # --decode auto
+    assert code == 0, err
+    assert f"{TINY} 3 in" in stdout  # only the three images not in the store yet
+    store = FeatureStore(out)
+    assert store.done(TINY).all() and store.backbone_attrs(TINY)["decode"] == other
+    assert stored_decode(tmp_path / "none.h5") is None
 
 
 def _extract(cli, data, out, *extra):
