@@ -224,7 +224,7 @@ FINGERPRINTS = {
     ("efficientnet_lite2", "default"): "4d93cc29db7d88fb",
     (TINY, "none"): "fd0855ba0e28ff07",
 }
-"""Fingerprints (fp32, --tta none, --runtime torch) that stores written before backbones had specs
+"""Fingerprints (fp32, --tta none, --runtime torch, --decode pil) that stores written before backbones had specs
 record, from a built backbone: a spec must give the same, or existing stores stop being extended (Lite1
 and Lite2 came later: their entries pin what their stores have recorded since)."""
 
@@ -241,7 +241,7 @@ def test_identity_without_building_is_the_built_backbones(name, weights, monkeyp
         monkeypatch.setattr(type(get_family(name)), "architecture", no_building)
     spec = backbone_spec(name, weights)
     assert spec == built.spec and spec.dim == built.dim == built.module.embedding_dim
-    cfg = ExtractConfig(backbone=name, weights=weights, precision="fp32", tta="none", runtime="torch")
+    cfg = ExtractConfig(backbone=name, weights=weights, precision="fp32", tta="none", runtime="torch", decode="pil")
     [layout] = backbone_layouts(cfg)
     assert layout.name == name and layout.dim == built.dim
     assert layout.attrs["fingerprint"] == FINGERPRINTS[name, weights]
