@@ -25,7 +25,8 @@ short still says something):
    lower of its two bounds (the model alone at the extract batch size, bf16; the torch decoder alone
    with extract's worker count, steady), printed as PASS or FAIL with the figures.
 
-Images: the given folder's JPEGs (default: ../shared/data/isic_cc0_200, 600 px, CC0) repeated under new
+Images: the given folder's JPEGs (default: isic_cc0_200, 600 px, CC0, from ../shared/data or from the
+checkout's own shared/data, where a lent GPU machine gets it; else the 341 px sample) repeated under new
 ids. Weights: one random init per backbone saved to a file, the same on both devices (speed does not
 depend on the weights' values). Results go to --out as JSON after every step, and as markdown tables
 at the end.
@@ -62,7 +63,11 @@ from extract.run import ExtractConfig, cuda_settings, extract  # noqa: E402
 from features.store import FeatureStore  # noqa: E402
 
 BACKBONES = "resnet50,efficientnet_lite0,densenet121,inception_v3,vgg11"
-DEFAULT_IMAGES = [ROOT.parent / "shared" / "data" / "isic_cc0_200" / "images", ROOT / "samples" / "isic_cc0" / "images"]
+DEFAULT_IMAGES = [
+    ROOT.parent / "shared" / "data" / "isic_cc0_200" / "images",
+    ROOT / "shared" / "data" / "isic_cc0_200" / "images",  # copied into the checkout for a lent GPU machine
+    ROOT / "samples" / "isic_cc0" / "images",  # 341x256: smaller than the 600x450 the GPU figures are of
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PARTS = ("ceilings", "decode", "extract", "naive", "model", "agreement", "extras", "precisions")
 MODEL_BATCHES = (64, 256)
