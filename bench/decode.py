@@ -9,6 +9,9 @@
    `cli.py extract` as a user runs it (every option at its default but --decode) with each decoder, in
    fresh processes, on the 2000 images and on the 600x450 ones repeated to 960, after one warm-up run
    that fills the compiled-model cache.
+3. How a worker hands a file's bytes to the main process: as a tensor per image (torch moves it through
+   shared memory, one file descriptor each) or as `bytes` (pickled); images/s through a DataLoader with
+   two workers and nothing else to do. `--decode torch` sends bytes.
 
 The heads' test scores on either store come from `bench/extract.py`:
 
@@ -29,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,8 +85,6 @@ def agreement(folder: Path, work: Path) -> dict:
 
 def decode_alone(files: list[Path]) -> dict[str, float]:
     """Images/s of each decoder's work without a model, on one core (torch's threads set to one)."""
-    import torch
-
     from extract.backbones import load_backbone
     from extract.decoding import DECODERS
 
@@ -89,13 +92,41 @@ def decode_alone(files: list[Path]) -> dict[str, float]:
     recipe = load_backbone(BACKBONE, "default").preprocess
     rates = {}
     for decode in DECODES:
-        decoder = DECODERS[decode](files, [recipe])
+        decoder = DECODERS[decode](files, [recipe], torch.device("cpu"))
         dataset = decoder.dataset()
         started = time.perf_counter()
         for start in range(0, len(files), 16):
             items = [dataset[i] for i in range(start, min(start + 16, len(files)))]
             decoder.finish(decoder.collate(items), torch.device("cpu"))
         rates[decode] = len(files) / (time.perf_counter() - started)
+    return rates
+
+
+class _Files(Dataset):
+    """The 600x450 files' bytes, as `bytes` or as a tensor per image."""
+
+    def __init__(self, datas: list[bytes], n: int, as_tensor: bool):
+        self.datas, self.n, self.as_tensor = datas, n, as_tensor
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        data = self.datas[i % len(self.datas)]
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.as_tensor else data
+
+
+def transfer(files: list[Path], n: int = 4096) -> dict[str, float]:
+    """Images/s of file bytes from two loader workers to the main process, by how they travel."""
+    datas = [path.read_bytes() for path in files]
+    rates = {}
+    for label, as_tensor in (("tensor per image", True), ("bytes", False)):
+        loader = DataLoader(_Files(datas, n, as_tensor), batch_size=64, num_workers=2, collate_fn=list)
+        started = time.perf_counter()
+        for batch in loader:
+            if not as_tensor:  # the main process makes the tensors the decoder takes
+                [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in batch]
+        rates[label] = n / (time.perf_counter() - started)
     return rates
 
 
@@ -136,6 +167,10 @@ def main() -> None:
     print(f"\n| decoding alone, one core, {len(files)} 600x450 JPEGs, images/s | " + " | ".join(DECODES) + " |")
     print("| --- | --- | --- |")
     print("| read, decode, resize, crop | " + " | ".join(f"{rates[d]:.0f}" for d in DECODES) + " |", flush=True)
+    moved = transfer(files)
+    print("\n| file bytes from 2 loader workers, images/s | " + " | ".join(moved) + " |")
+    print("| --- | --- | --- |")
+    print("| 4096 files of 600x450 | " + " | ".join(f"{v:.0f}" for v in moved.values()) + " |", flush=True)
 
     sets = {
         f"{DATA.name} (2000 at 150 px)": (DATA / "labels.csv", DATA),

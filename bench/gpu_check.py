@@ -164,12 +164,13 @@ def decode_one_core(files: list[Path], n: int) -> dict:
 def decode_loader(files: list[Path], n: int, workers: int, batch: int, device: str, decode: str) -> dict:
     """`extract`'s own DataLoader and decoder (`--decode pil`: decode, resize, crop, collate, pin in the
     workers; `torch`: the workers read the files, the main process decodes, resizes and crops each batch
-    on the device) with no model: the most `extract` can reach with this decoder."""
+    on the GPU; on a CPU device the workers decode with torchvision) with no model: the most `extract`
+    can reach with this decoder."""
     from torch.utils.data import DataLoader
 
     dev = torch.device(device)
     decoder = DECODERS[decode](
-        [files[i % len(files)] for i in range(n)], [load_backbone("resnet50", "none").preprocess]
+        [files[i % len(files)] for i in range(n)], [load_backbone("resnet50", "none").preprocess], dev
     )
     loader = DataLoader(
         decoder.dataset(),

@@ -2,13 +2,14 @@
 
 `pil` decodes, orients, resizes and crops every image in the DataLoader workers with Pillow, by the
 policy of extract/images.py. On a GPU that bounds extraction: the CPU cores decode fewer JPEGs per
-second than the model embeds (docs/results.md). `torch` has the workers only read the files (and the
-JPEG header: size, colour mode, EXIF orientation); the main process decodes whole batches of JPEGs with
-`torchvision.io.decode_jpeg` on the model's device (nvJPEG on CUDA, libjpeg-turbo on a CPU) and orients,
-resizes and crops them there as tensor operations, by the same recipe (`Preprocess.tensor_to_uint8`).
-Every other file (PNG, TIFF, a CMYK or greyscale JPEG, one without its end marker) and every JPEG the
-batch decoder rejects goes through the `pil` path, one image at a time, so a bad file is listed under
-/failed with Pillow's reason and the rest of its batch is embedded.
+second than the model embeds (docs/results.md). `torch` decodes JPEGs with `torchvision.io.decode_jpeg`
+and orients, resizes and crops them as tensor operations, by the same recipe
+(`Preprocess.tensor_to_uint8`). On a GPU the workers only read the files (and the JPEG header: size,
+colour mode, EXIF orientation) and the main process decodes whole batches on the device (nvJPEG); on a
+CPU the workers decode (libjpeg-turbo), in parallel with the model as the `pil` workers do. Every other
+file (PNG, TIFF, a CMYK or greyscale JPEG, one without its end marker) and every JPEG the decoder
+rejects goes through Pillow, one image at a time, so a bad file is listed under /failed with Pillow's
+reason and the rest of its batch is embedded.
 
 Both give the same pictures up to the resize's rounding (torch's antialiased resize is not Pillow's to
 the last bit), so the decoder is part of a store's fingerprint (`pil` stores keep the fingerprint they
@@ -33,15 +34,17 @@ from extract.images import ImageError, decode_image, open_image, read_image_file
 from extract.preprocess import Preprocess
 
 __all__ = [
+    "AUTO_DECODE",
     "DECODERS",
+    "Decoded",
     "Decoder",
     "Encoded",
     "EncodedBatch",
     "EncodedDataset",
     "PilDecoder",
     "TorchDecoder",
-    "auto_decode",
     "batch_decodable",
+    "collate_encoded",
     "decode_jpegs",
     "orient",
 ]
@@ -70,7 +73,7 @@ class PilDecoder:
     pin_memory = True
     fallbacks = 0
 
-    def __init__(self, files: Sequence[Path], preprocesses: Sequence[Preprocess]):
+    def __init__(self, files: Sequence[Path], preprocesses: Sequence[Preprocess], device: torch.device):
         self.files, self.preprocesses = list(files), list(preprocesses)
 
     def dataset(self) -> Dataset:
@@ -85,19 +88,37 @@ class PilDecoder:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A JPEG file's bytes as the batch decoder takes them, and its EXIF orientation (1-8)."""
+    """A JPEG file's bytes and its EXIF orientation (1-8), for the main process to decode. Bytes, not a
+    tensor, between processes: a worker's tensor travels through shared memory, one file descriptor
+    each, and receiving one per image held the loader to a sixth of the rate of pickled bytes
+    (bench/decode.py)."""
 
-    data: torch.Tensor
+    data: bytes
     orientation: int
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A picture decoded in the worker: one (3, crop, crop) uint8 tensor per preprocessing, and whether
+    Pillow decoded it (a file the batch decoder does not take) rather than torchvision."""
+
+    tensors: list[torch.Tensor]
+    pillow: bool
+
+
 class EncodedBatch(NamedTuple):
-    """A batch of EncodedDataset items: dataset positions of the readable files, their SHA-256, each one's
-    payload (Encoded bytes, or the `pil` path's per-preprocess tensors), and position -> reason."""
+    """A batch of EncodedDataset items, collated in the worker: dataset positions of the readable files
+    and their SHA-256 (one per item), the items to decode in the main process (item -> Encoded), the
+    pictures of the items decoded in the worker stacked per preprocessing (items `decoded_items`, in
+    that order; one tensor each, so they cross between processes as a few blocks), how many of those
+    Pillow decoded, and position -> reason for the files that could not be used."""
 
     positions: list[int]
     sha256: list[str]
-    payloads: list["Encoded | list[torch.Tensor]"]
+    encoded: dict[int, Encoded]
+    decoded: list[torch.Tensor] | None
+    decoded_items: list[int]
+    pillow: int
     failed: dict[int, str]
 
 
@@ -117,11 +138,14 @@ def _orientation(img: Image.Image) -> int:
 
 
 class EncodedDataset(Dataset):
-    """`files[i]` read, not decoded, where the batch decoder takes it; decoded by the `pil` path here (in
-    the worker) where it does not. Never raises: item (i, SHA-256, payload or None, reason)."""
+    """`files[i]` for the torch decoder. A JPEG the batch decoder takes is only read (`Encoded`), or with
+    `decode_here` decoded here by torchvision, in the worker, by the same operations the main process
+    would run (what a CPU device does: there the workers are the cores that decode in parallel with the
+    model). Any other file is decoded here by Pillow. Never raises: item (i, SHA-256, payload or None,
+    reason)."""
 
-    def __init__(self, files: Sequence[Path], preprocesses: Sequence[Preprocess]):
-        self.files = list(files)
+    def __init__(self, files: Sequence[Path], preprocesses: Sequence[Preprocess], decode_here: bool):
+        self.files, self.preprocesses, self.decode_here = list(files), list(preprocesses), decode_here
         self.each = EachPreprocess(preprocesses)
 
     def __len__(self) -> int:
@@ -132,9 +156,14 @@ class EncodedDataset(Dataset):
             data, sha256 = read_image_file(self.files[i])
             img = open_image(data)
             if batch_decodable(img, data):
-                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return i, sha256, Encoded(encoded, _orientation(img)), ""
-            return i, sha256, self.each(decode_image(data, self.files[i])), ""
+                encoded = Encoded(data, _orientation(img))
+                if not self.decode_here:
+                    return i, sha256, encoded, ""
+                [picture] = decode_jpegs([data], torch.device("cpu"))
+                if picture is not None:
+                    picture = orient(picture, encoded.orientation)[None]
+                    return i, sha256, Decoded([p.tensor_to_uint8(picture)[0] for p in self.preprocesses], False), ""
+            return i, sha256, Decoded(self.each(decode_image(data, self.files[i])), True), ""
         except ImageError as exc:
             return i, "", None, str(exc)
         except Exception as exc:  # one odd file must never stop a long run
@@ -144,13 +173,21 @@ class EncodedDataset(Dataset):
 def collate_encoded(items: list[tuple[int, str, object, str]]) -> EncodedBatch:
     good = [item for item in items if item[2] is not None]
     failed = {i: reason for i, _, payload, reason in items if payload is None}
-    return EncodedBatch([i for i, *_ in good], [sha for _, sha, *_ in good], [p for _, _, p, _ in good], failed)
+    payloads = [payload for _, _, payload, _ in good]
+    encoded = {k: p for k, p in enumerate(payloads) if isinstance(p, Encoded)}
+    done = [k for k, p in enumerate(payloads) if isinstance(p, Decoded)]
+    decoded = None
+    if done:
+        decoded = [torch.stack([payloads[k].tensors[j] for k in done]) for j in range(len(payloads[done[0]].tensors))]
+    pillow = sum(payloads[k].pillow for k in done)
+    return EncodedBatch([i for i, *_ in good], [sha for _, sha, *_ in good], encoded, decoded, done, pillow, failed)
 
 
-def decode_jpegs(files: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """JPEG bytes to (3, H, W) uint8 RGB on `device`, as one batch (nvJPEG decodes a list at once on
-    CUDA); when the batch fails (the decoder gives no partial results), each file again on its own, and
-    None for a file that fails alone."""
+def decode_jpegs(encoded: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files' bytes to (3, H, W) uint8 RGB on `device`, as one batch (nvJPEG decodes a list at once
+    on CUDA); when the batch fails (the decoder gives no partial results), each file again on its own,
+    and None for a file that fails alone."""
+    files = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its decoders in favour of TorchCodec, which is not a dependency yet
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -186,56 +223,71 @@ def orient(x: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 class TorchDecoder:
-    """Batches of JPEGs decoded, oriented, resized and cropped on the model's device."""
+    """JPEGs decoded by torchvision, oriented, resized and cropped by tensor operations: in batches on the
+    model's device when it is a GPU, in the loader workers when it is the CPU."""
 
     name = "torch"
     pin_memory = False  # the workers send file bytes; the decoder copies them to the device itself
 
-    def __init__(self, files: Sequence[Path], preprocesses: Sequence[Preprocess]):
+    def __init__(
+        self,
+        files: Sequence[Path],
+        preprocesses: Sequence[Preprocess],
+        device: torch.device,
+        *,
+        in_workers: bool | None = None,
+    ):
         self.files, self.preprocesses = list(files), list(preprocesses)
+        self.in_workers = device.type == "cpu" if in_workers is None else in_workers
+        """Decode in the loader workers (a CPU device) or in batches in the main process (a GPU; tests
+        run that path on the CPU too)."""
         self.each = EachPreprocess(preprocesses)
         self.fallbacks = 0
 
     def dataset(self) -> Dataset:
-        return EncodedDataset(self.files, self.preprocesses)
+        return EncodedDataset(self.files, self.preprocesses, decode_here=self.in_workers)
 
     def collate(self, items: list) -> EncodedBatch:
         return collate_encoded(items)
 
     def finish(self, batch: EncodedBatch, device: torch.device) -> ImageBatch:
         failed = dict(batch.failed)
-        jpegs = [k for k, p in enumerate(batch.payloads) if isinstance(p, Encoded)]
-        decoded = decode_jpegs([batch.payloads[k].data for k in jpegs], device) if jpegs else []
+        items = list(batch.encoded)
+        decoded = decode_jpegs([batch.encoded[k].data for k in items], device) if items else []
         pictures: dict[int, torch.Tensor] = {}  # item -> upright (3, H, W) on the device
-        pixels: dict[int, list[torch.Tensor]] = {}  # item -> the `pil` path's tensors, one per preprocess
-        for k, picture in zip(jpegs, decoded):
+        rescued: dict[int, list[torch.Tensor]] = {}  # item -> Pillow's tensors, one per preprocess
+        for k, picture in zip(items, decoded):
             if picture is not None:
-                pictures[k] = orient(picture, batch.payloads[k].orientation)
+                pictures[k] = orient(picture, batch.encoded[k].orientation)
                 continue
             position = batch.positions[k]
             try:  # rejected by the batch decoder: Pillow decides, and gives the reason if it fails too
-                data = batch.payloads[k].data.numpy().tobytes()
-                pixels[k] = self.each(decode_image(data, self.files[position]))
+                rescued[k] = self.each(decode_image(batch.encoded[k].data, self.files[position]))
             except ImageError as exc:
                 failed[position] = str(exc)
             except Exception as exc:  # one odd file must never stop a long run
                 failed[position] = f"unexpected error: {type(exc).__name__}: {exc}"
-        pixels.update({k: p for k, p in enumerate(batch.payloads) if not isinstance(p, Encoded)})
-        self.fallbacks += len(pixels)
-        kept = sorted([*pictures, *pixels])
+        self.fallbacks += batch.pillow + len(rescued)
+        kept = sorted([*pictures, *rescued, *batch.decoded_items])
         if not kept:
             return ImageBatch([], [], None, failed)
+        positions, sha256 = [batch.positions[k] for k in kept], [batch.sha256[k] for k in kept]
+        if kept == batch.decoded_items:  # all decoded in the workers (a CPU device): nothing to place
+            return ImageBatch(positions, sha256, [x.to(device) for x in batch.decoded], failed)
         row = {k: r for r, k in enumerate(kept)}
         images = []
         for index, preprocess in enumerate(self.preprocesses):
             out = torch.empty((len(kept), 3, preprocess.crop, preprocess.crop), dtype=torch.uint8, device=device)
-            for items in _by_shape(pictures).values():
-                rows = torch.tensor([row[k] for k in items], device=device)
-                out[rows] = preprocess.tensor_to_uint8(torch.stack([pictures[k] for k in items]))
-            for k, tensors in pixels.items():
+            for group in _by_shape(pictures).values():
+                rows = torch.tensor([row[k] for k in group], device=device)
+                out[rows] = preprocess.tensor_to_uint8(torch.stack([pictures[k] for k in group]))
+            for k, tensors in rescued.items():
                 out[row[k]] = tensors[index].to(device)
+            if batch.decoded is not None:
+                rows = torch.tensor([row[k] for k in batch.decoded_items], device=device)
+                out[rows] = batch.decoded[index].to(device)
             images.append(out)
-        return ImageBatch([batch.positions[k] for k in kept], [batch.sha256[k] for k in kept], images, failed)
+        return ImageBatch(positions, sha256, images, failed)
 
 
 def _by_shape(pictures: dict[int, torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -248,14 +300,10 @@ def _by_shape(pictures: dict[int, torch.Tensor]) -> dict[tuple[int, ...], list[i
 
 
 DECODERS: dict[str, type] = {"pil": PilDecoder, "torch": TorchDecoder}
-"""`extract --decode` choices: name -> decoder class, built with (files, preprocesses)."""
+"""`extract --decode` choices: name -> decoder class, built with (files, preprocesses, the model's device)."""
 
-AUTO_ON_CPU = "pil"
-"""What `--decode auto` picks on a CPU: on this project's 2-core machine the model bounds extraction and
-the `pil` path decodes in the workers at the lowest priority, in the cycles the model leaves, where the
-`torch` path decodes in the model's own process (docs/results.md has both measured)."""
-
-
-def auto_decode(device: str) -> str:
-    """`--decode auto`: the batch decoder on CUDA devices (nvJPEG), AUTO_ON_CPU elsewhere."""
-    return "torch" if device.startswith("cuda") else AUTO_ON_CPU
+AUTO_DECODE = "torch"
+"""What `--decode auto` picks for a new store, on any device. On a GPU, nvJPEG lifts the bound of CPU
+decoding. On a CPU the workers decode with libjpeg-turbo and torch's resize, which did twice Pillow's
+images per core on 600x450 JPEGs, so `extract` ran 15-25 % faster on them and the same on 150 px ones,
+where the model bounds it (docs/results.md, bench/decode.py)."""

@@ -36,7 +36,7 @@ from extract.backbones import (
     backbone_spec,
     build_backbone,
 )
-from extract.decoding import DECODERS, auto_decode
+from extract.decoding import AUTO_DECODE, DECODERS
 from extract.images import file_sha256
 from extract.manifest import Manifest, read_manifest
 from extract.preprocess import VIEWS, apply_views
@@ -120,9 +120,9 @@ class ExtractConfig:
     precision: str = "auto"
     tta: str = "none"
     decode: str = "auto"
-    """How JPEGs are decoded and resized (extract/decoding.py): `pil` in the DataLoader workers, `torch` in
-    batches on the model's device (nvJPEG on CUDA), `auto` = the decoder of the embeddings already in --out,
-    else torch on CUDA devices and `decoding.AUTO_ON_CPU` on CPUs."""
+    """How JPEGs are decoded and resized (extract/decoding.py): `pil` (Pillow in the DataLoader workers),
+    `torch` (torchvision: in batches on a GPU with nvJPEG, in the workers on a CPU), `auto` = the decoder
+    of the embeddings already in --out, else `decoding.AUTO_DECODE`."""
     runtime: str = "auto"
     """`torch`, `openvino` (CPU only, the `openvino` extra) or `auto` = OpenVINO where it is installed and
     the device is a CPU, torch elsewhere (extract/runtimes.py)."""
@@ -161,7 +161,7 @@ class ExtractConfig:
             device=device,
             precision=precision,
             runtime=runtime,
-            decode=resolve_decode(self.decode, device, Path(self.out)),
+            decode=resolve_decode(self.decode, Path(self.out)),
             batch_size=self.batch_size or (64 if device.startswith("cuda") else 16),
             workers=self.workers if self.workers >= 0 else default_workers(device),
         )
@@ -183,13 +183,12 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_decode(decode: str, device: str, out: Path | None = None) -> str:
-    """`auto`: the decoder of the embeddings already in `out` where it holds some, else the device's
-    (`auto_decode`). Following the store keeps the promise that rerunning a command resumes it: a store
-    made before --decode existed, or on another kind of device, is extended, not refused for other
-    settings."""
+def resolve_decode(decode: str, out: Path | None = None) -> str:
+    """`auto`: the decoder of the embeddings already in `out` where it holds some, else AUTO_DECODE.
+    Following the store keeps the promise that rerunning a command resumes it: a store made before
+    --decode existed (Pillow's) is extended, not refused for other settings."""
     if decode == "auto":
-        return stored_decode(out) or auto_decode(device)
+        return stored_decode(out) or AUTO_DECODE
     if decode not in DECODERS:
         raise ConfigError(f"--decode {decode!r}: choose auto, {', '.join(DECODERS)}")
     return decode
@@ -552,7 +551,7 @@ def _embed(
         )
         for b in backbones
     }
-    decoder = DECODERS[cfg.decode](files, preprocesses)
+    decoder = DECODERS[cfg.decode](files, preprocesses, device)
     loader = DataLoader(
         decoder.dataset(),
         batch_size=cfg.batch_size,

@@ -17,7 +17,7 @@ from conftest import TINY
 from imagefiles import EXIF_ORIENTATION, csv_data_set, lesion, lesion_set, mixed_folder, save
 from PIL import Image, ImageOps
 
-from extract.decoding import DECODERS, ORIENTATIONS, PilDecoder, TorchDecoder, auto_decode, orient
+from extract.decoding import AUTO_DECODE, DECODERS, ORIENTATIONS, Encoded, PilDecoder, TorchDecoder, orient
 from extract.preprocess import CROP_MODES, Preprocess
 from extract.run import ConfigError, ExtractConfig, stored_decode
 from features.store import FeatureStore
@@ -70,8 +70,12 @@ def _batch(decoder, n: int, device: str):
     return decoder.finish(decoder.collate(items), torch.device(device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_batch_with_bad_files_keeps_its_good_images_and_lists_the_bad_with_pillows_reasons(tmp_path, device):
+@pytest.mark.parametrize("device,in_workers", [(d, w) for d in DEVICES for w in (True, False)])
+def test_a_batch_with_bad_files_keeps_its_good_images_and_lists_the_bad_with_pillows_reasons(
+    tmp_path, device, in_workers
+):
+    """In the workers (a CPU device's way) or in one batch in the main process (a GPU's, here on each
+    device this machine has)."""
     kinds = mixed_folder(tmp_path)  # JPEGs, PNGs (alpha, 16-bit, EXIF), CMYK, truncated, empty, text
     upright = lesion(40, size=(64, 48))
     stored = np.ascontiguousarray(np.rot90(upright, k=1))  # turned a quarter counter-clockwise...
@@ -84,8 +88,12 @@ def test_a_batch_with_bad_files_keeps_its_good_images_and_lists_the_bad_with_pil
     names = [p.stem for p in files]
     recipe = Preprocess(40, 32, MEAN, STD)
 
-    torch_decoder, pil_decoder = TorchDecoder(files, [recipe]), PilDecoder(files, [recipe])
+    on = torch.device(device)
+    torch_decoder = TorchDecoder(files, [recipe], on, in_workers=in_workers)
+    pil_decoder = PilDecoder(files, [recipe], on)
     by_torch, by_pil = _batch(torch_decoder, len(files), device), _batch(pil_decoder, len(files), device)
+    _, _, payload, _ = torch_decoder.dataset()[names.index("upright")]
+    assert isinstance(payload, Encoded) != in_workers  # a JPEG is only read when the main process decodes
 
     assert {names[p] for p in by_torch.positions} == {i for i, k in kinds.items() if k == "good"}
     assert {names[p]: r for p, r in by_torch.failed.items()} == {names[p]: r for p, r in by_pil.failed.items()}
@@ -103,10 +111,10 @@ def test_a_batch_with_bad_files_keeps_its_good_images_and_lists_the_bad_with_pil
     assert torch_decoder.fallbacks == sum(1 for name in row if name not in jpegs)
 
 
-def test_auto_picks_the_batch_decoder_on_cuda_only_and_a_wrong_name_is_refused():
-    assert auto_decode("cuda") == auto_decode("cuda:1") == "torch"
-    assert auto_decode("cpu") == "pil"
-    assert ExtractConfig(backbone=TINY, device="cpu").resolved().decode == "pil"
+def test_auto_picks_torch_for_a_new_store_and_a_wrong_name_is_refused(tmp_path):
+    assert AUTO_DECODE == "torch"
+    new = str(tmp_path / "new.h5")
+    assert ExtractConfig(backbone=TINY, device="cpu", out=new).resolved().decode == "torch"
     with pytest.raises(ConfigError, match="--decode 'nvjpeg'"):
         ExtractConfig(backbone=TINY, device="cpu", decode="nvjpeg").resolved()
 
@@ -117,7 +125,7 @@ def test_auto_follows_the_decoder_of_the_store_it_extends(tmp_path, cli):
     manifest = csv_data_set(tmp_path / "data", 6)
     first = tmp_path / "data" / "first.csv"
     first.write_text("".join(manifest.read_text().splitlines(keepends=True)[:4]))
-    other = next(d for d in DECODERS if d != auto_decode("cpu"))
+    other = next(d for d in DECODERS if d != AUTO_DECODE)
     out = tmp_path / "store.h5"
     code, _, err = _extract(cli, first, out, "--decode", other)
     assert code == 0, err

@@ -21,7 +21,7 @@ from conftest import ROOT, TINY
 from imagefiles import csv_data_set, lesion, mixed_folder, save, lesion_set
 
 import extract.run as run
-from extract import compiled, dataset, runtimes
+from extract import compiled, dataset, decoding, runtimes
 from extract.backbones import TorchvisionFamily, backbone_spec, get_family
 from extract.manifest import read_manifest
 from extract.runtimes import RuntimeUnavailable
@@ -117,18 +117,24 @@ def test_store_layout_follows_format_1(tmp_path):
         assert f["samples/sha256"].asstr()[0] == hashlib.sha256((tmp_path / "img/im000.jpg").read_bytes()).hexdigest()
 
 
-def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch):
+READS = {"pil": (dataset, "load_image"), "torch": (decoding, "read_image_file")}
+"""Where each decoder reads (and, with --workers 0, decodes) a file in this process."""
+
+
+@pytest.mark.parametrize("decode", list(READS))
+def test_several_backbones_decode_each_image_once(tmp_path, monkeypatch, decode):
     manifest = csv_data_set(tmp_path, 6)
     calls = []
-    original = dataset.load_image
-    monkeypatch.setattr(dataset, "load_image", lambda path: calls.append(path) or original(path))
+    module, name = READS[decode]
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda path: calls.append(path) or original(path))
     both = f"{TINY},efficientnet_lite0"
-    summary = _extract(manifest, tmp_path / "both.h5", backbone=both)
+    summary = _extract(manifest, tmp_path / "both.h5", backbone=both, decode=decode)
     assert len(calls) == 6
     assert summary.embedded == {TINY: 6, "efficientnet_lite0": 6}
     store = FeatureStore(tmp_path / "both.h5")
     assert store.backbones == sorted([TINY, "efficientnet_lite0"])
-    alone = _extract(manifest, tmp_path / "lite.h5", backbone="efficientnet_lite0")
+    alone = _extract(manifest, tmp_path / "lite.h5", backbone="efficientnet_lite0", decode=decode)
     assert alone.embedded == {"efficientnet_lite0": 6}
     # each backbone got its own preprocessing (Lite0: (x - 127) / 128), not the other's
     np.testing.assert_allclose(
@@ -349,23 +355,25 @@ def test_backbones_command_lists_the_registry(cli):
     assert "torchvision:<name>" in out
 
 
-def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch):
+@pytest.mark.parametrize("decode", list(READS))
+def test_ctrl_c_keeps_the_rows_already_embedded(tmp_path, monkeypatch, decode):
     manifest = csv_data_set(tmp_path, 8)
     out = tmp_path / "s.h5"
-    original, calls = dataset.load_image, []
+    module, name = READS[decode]
+    original, calls = getattr(module, name), []
 
-    def interrupted(path):  # Ctrl-C while the fifth image is decoded (in this process: --workers 0)
+    def interrupted(path):  # Ctrl-C while the fifth image is read (in this process: --workers 0)
         calls.append(path)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return original(path)
 
-    monkeypatch.setattr(dataset, "load_image", interrupted)
+    monkeypatch.setattr(module, name, interrupted)
     with pytest.raises(KeyboardInterrupt):
-        _extract(manifest, out, batch_size=2, flush_rows=100)
+        _extract(manifest, out, batch_size=2, flush_rows=100, decode=decode)
     monkeypatch.undo()
     assert sum(len(ids) for ids in Journal(journal_folder(out)).done_ids().values()) == 4  # 2 batches
-    assert _extract(manifest, out).embedded == {TINY: 4}
+    assert _extract(manifest, out, decode=decode).embedded == {TINY: 4}
     assert FeatureStore(out).done(TINY).all()
 
 
