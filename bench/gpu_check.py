@@ -2,7 +2,7 @@
 
 `extract --decode pil` decodes, resizes and crops with Pillow in the DataLoader's workers (the path the
 README's first GPU figures measured); `--decode torch` has the workers only read the JPEG files and
-decodes whole batches with nvJPEG, then resizes and crops, on the GPU (`auto` picks it on CUDA). Both
+decodes whole batches with nvJPEG, then resizes and crops, on the GPU (`auto` picks it for a new store). Both
 are measured side by side. What it measures, in this order (the most important first, so a run cut
 short still says something):
 
