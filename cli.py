@@ -243,12 +243,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         action = "decision abstain" if args.abstain_ood else "in_distribution false"
         print(f"  {flagged} look unlike the run's training images (out of distribution: {action})")
     if args.explain and result.ids:
-        from classify.explain import write_explanations
+        from classify.explain import explain, write_explanations
 
         skipped: dict[str, str] = {}
-        written = write_explanations(
-            args.run, args.images, args.explain, device=args.device, root=args.root, failed=skipped
-        )
+        explained = explain(args.run, args.images, device=args.device, root=args.root, failed=skipped)
+        written = write_explanations(explained, args.explain)
         print(f"wrote {len(written)} explanations to {args.explain}")
         for image_id, reason in skipped.items():
             if image_id not in result.failed:  # an image predict could not read is listed below already
@@ -488,8 +487,8 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
         "--decode",
         default=d.decode,
         choices=["auto", *DECODERS],
-        help="JPEG decoding: pil (in the loader workers) or torch (batches on the model's device: nvJPEG on "
-        "CUDA); auto: torch on CUDA, pil on CPUs",
+        help="JPEG decoding: pil (Pillow in the loader workers) or torch (torchvision: batches on a GPU with "
+        "nvJPEG, in the workers on a CPU); auto: the store's own when --out has embeddings, else torch",
     )
     parser.add_argument(
         "--compile",

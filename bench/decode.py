@@ -76,8 +76,8 @@ def agreement(folder: Path, work: Path) -> dict:
                 decode=decode,
             )
             extract(cfg)
-        store_ = FeatureStore(store)
-        embeddings[decode] = store_.embeddings(BACKBONE)[store_.done(BACKBONE)]
+        made = FeatureStore(store)
+        embeddings[decode] = made.embeddings(BACKBONE)[made.done(BACKBONE)]
     a, b = embeddings["torch"], embeddings["pil"]
     error = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
     return {"images": len(b), "mean": float(error.mean()), "max": float(error.max())}

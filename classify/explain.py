@@ -28,14 +28,14 @@ calibrated as the run was, so it can differ from `predict`'s by the store's roun
 
 A run whose head reads several backbones or metadata columns is refused (`ExplainError`): a heatmap
 over one image cannot show the share of another backbone's input or of the patient's age. Images that
-cannot be read are not explained and do not stop the others: `explain` and `write_explanations` add
-them, image id -> reason, to the `failed` dict their caller passes (`predict`'s reasons).
+cannot be read are not explained and do not stop the others: `explain` adds them, image id -> reason,
+to the `failed` dict its caller passes (`predict`'s reasons).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from classify.finetune.model import head_module
 from classify.runs import Run, load_run, recorded_options, weights_option
 from extract.backbones import Backbone, get_family, load_backbone
-from extract.images import ImageError, load_image
+from extract.images import failure_reason, load_image
 from extract.manifest import read_paths
 from extract.preprocess import VIEWS, apply_views
 from extract.run import resolve_device
@@ -375,11 +375,8 @@ def _pictures(
     for row, image_id in enumerate(manifest.image_id):
         try:
             picture, _ = load_image(manifest.file(row))
-        except ImageError as exc:
-            failed[image_id] = str(exc)
-            continue
         except Exception as exc:  # one odd file must not lose the others (as extraction treats it)
-            failed[image_id] = f"unexpected error: {type(exc).__name__}: {exc}"
+            failed[image_id] = failure_reason(exc)
             continue
         yield image_id, picture
 
@@ -394,36 +391,24 @@ def explain(
     occlusion: Occlusion = Occlusion(),
     root: str | Path | None = None,
     failed: dict[str, str] | None = None,
-) -> list[Explanation]:
-    """Explain image files, folders of them or a manifest CSV (its paths relative to `root`) with a run.
+) -> Iterator[Explanation]:
+    """Explain image files, folders of them or a manifest CSV (its paths relative to `root`) with a run,
+    one image at a time as the iterator is read (a run that cannot be explained is refused at once).
     Images that cannot be read are left out, and added to `failed` (image id -> reason) where given."""
     explainer = load_explainer(run_dir, device=device, method=method, occlusion=occlusion)
     failed = {} if failed is None else failed
-    return [explain_picture(explainer, i, p, target=target) for i, p in _pictures(paths, root, failed)]
+    return (explain_picture(explainer, i, p, target=target) for i, p in _pictures(paths, root, failed))
 
 
-def write_explanations(
-    run_dir: str | Path,
-    paths: list[str | Path],
-    out_dir: str | Path,
-    *,
-    device: str = "auto",
-    method: str = "auto",
-    target: str | None = None,
-    occlusion: Occlusion = Occlusion(),
-    root: str | Path | None = None,
-    failed: dict[str, str] | None = None,
-) -> list[Path]:
-    """`explain`, each image written as it is done to OUT_DIR/<image id>.png (`save_overlay`); returns
-    the files written. Images that cannot be read are left out, and added to `failed` where given."""
-    explainer = load_explainer(run_dir, device=device, method=method, occlusion=occlusion)
+def write_explanations(explanations: Iterable[Explanation], out_dir: str | Path) -> list[Path]:
+    """Each explanation written as it comes to OUT_DIR/<image id>.png (`save_overlay`), so that only one
+    is held at a time; returns the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    failed = {} if failed is None else failed
     written = []
-    for image_id, picture in _pictures(paths, root, failed):
-        path = out_dir / f"{stored_name(image_id)}.png"
-        save_overlay(explain_picture(explainer, image_id, picture, target=target), path)
+    for explanation in explanations:
+        path = out_dir / f"{stored_name(explanation.image_id)}.png"
+        save_overlay(explanation, path)
         written.append(path)
     return written
 

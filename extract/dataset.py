@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from extract.images import ImageError, load_image
+from extract.images import failure_reason, load_image
 from extract.preprocess import Preprocess
 
 __all__ = ["EachPreprocess", "ImageBatch", "ImageDataset", "collate_images"]
@@ -49,10 +49,8 @@ class ImageDataset(Dataset):
         try:
             img, sha256 = load_image(self.files[i])
             return i, sha256, self.transform(img), ""
-        except ImageError as exc:
-            return i, "", None, str(exc)
         except Exception as exc:  # one odd file must never stop a long run
-            return i, "", None, f"unexpected error: {type(exc).__name__}: {exc}"
+            return i, "", None, failure_reason(exc)
 
 
 class ImageBatch(NamedTuple):

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from extract.dataset import EachPreprocess, ImageBatch, ImageDataset, collate_images
-from extract.images import ImageError, decode_image, open_image, read_image_file
+from extract.images import decode_image, failure_reason, open_image, read_image_file
 from extract.preprocess import Preprocess
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "collate_encoded",
     "decode_jpegs",
     "orient",
+    "resize_all",
 ]
 
 
@@ -54,7 +55,6 @@ class Decoder(Protocol):
     """What `extract` needs of a decoder: a dataset and collate function for the DataLoader's workers,
     and `finish`, run in the main process on each batch, which gives the pictures on the device."""
 
-    name: str
     pin_memory: bool
     fallbacks: int
     """Images the `pil` path decoded although this decoder was asked for (reported at the end)."""
@@ -69,7 +69,6 @@ class Decoder(Protocol):
 class PilDecoder:
     """Pillow in the workers: the batch arrives decoded and cropped; the model's device gets it."""
 
-    name = "pil"
     pin_memory = True
     fallbacks = 0
 
@@ -90,8 +89,8 @@ class PilDecoder:
 class Encoded:
     """A JPEG file's bytes and its EXIF orientation (1-8), for the main process to decode. Bytes, not a
     tensor, between processes: a worker's tensor travels through shared memory, one file descriptor
-    each, and receiving one per image held the loader to a sixth of the rate of pickled bytes
-    (bench/decode.py)."""
+    each, and receiving one per image is far slower than pickled bytes (docs/results.md, measured by
+    bench/decode.py)."""
 
     data: bytes
     orientation: int
@@ -156,18 +155,15 @@ class EncodedDataset(Dataset):
             data, sha256 = read_image_file(self.files[i])
             img = open_image(data)
             if batch_decodable(img, data):
-                encoded = Encoded(data, _orientation(img))
                 if not self.decode_here:
-                    return i, sha256, encoded, ""
+                    return i, sha256, Encoded(data, _orientation(img)), ""
                 [picture] = decode_jpegs([data], torch.device("cpu"))
                 if picture is not None:
-                    picture = orient(picture, encoded.orientation)[None]
-                    return i, sha256, Decoded([p.tensor_to_uint8(picture)[0] for p in self.preprocesses], False), ""
+                    upright = [orient(picture, _orientation(img))]
+                    return i, sha256, Decoded([resize_all(p, upright)[0] for p in self.preprocesses], False), ""
             return i, sha256, Decoded(self.each(decode_image(data, self.files[i])), True), ""
-        except ImageError as exc:
-            return i, "", None, str(exc)
         except Exception as exc:  # one odd file must never stop a long run
-            return i, "", None, f"unexpected error: {type(exc).__name__}: {exc}"
+            return i, "", None, failure_reason(exc)
 
 
 def collate_encoded(items: list[tuple[int, str, object, str]]) -> EncodedBatch:
@@ -226,7 +222,6 @@ class TorchDecoder:
     """JPEGs decoded by torchvision, oriented, resized and cropped by tensor operations: in batches on the
     model's device when it is a GPU, in the loader workers when it is the CPU."""
 
-    name = "torch"
     pin_memory = False  # the workers send file bytes; the decoder copies them to the device itself
 
     def __init__(
@@ -263,10 +258,8 @@ class TorchDecoder:
             position = batch.positions[k]
             try:  # rejected by the batch decoder: Pillow decides, and gives the reason if it fails too
                 rescued[k] = self.each(decode_image(batch.encoded[k].data, self.files[position]))
-            except ImageError as exc:
-                failed[position] = str(exc)
             except Exception as exc:  # one odd file must never stop a long run
-                failed[position] = f"unexpected error: {type(exc).__name__}: {exc}"
+                failed[position] = failure_reason(exc)
         self.fallbacks += batch.pillow + len(rescued)
         kept = sorted([*pictures, *rescued, *batch.decoded_items])
         if not kept:
@@ -275,28 +268,34 @@ class TorchDecoder:
         if kept == batch.decoded_items:  # all decoded in the workers (a CPU device): nothing to place
             return ImageBatch(positions, sha256, [x.to(device) for x in batch.decoded], failed)
         row = {k: r for r, k in enumerate(kept)}
+
+        def rows(items: list[int]) -> torch.Tensor:
+            return torch.tensor([row[k] for k in items], device=device)
+
         images = []
         for index, preprocess in enumerate(self.preprocesses):
             out = torch.empty((len(kept), 3, preprocess.crop, preprocess.crop), dtype=torch.uint8, device=device)
-            for group in _by_shape(pictures).values():
-                rows = torch.tensor([row[k] for k in group], device=device)
-                out[rows] = preprocess.tensor_to_uint8(torch.stack([pictures[k] for k in group]))
-            for k, tensors in rescued.items():
-                out[row[k]] = tensors[index].to(device)
+            if pictures:
+                out[rows(list(pictures))] = resize_all(preprocess, list(pictures.values()))
+            if rescued:
+                out[rows(list(rescued))] = torch.stack([tensors[index] for tensors in rescued.values()]).to(device)
             if batch.decoded is not None:
-                rows = torch.tensor([row[k] for k in batch.decoded_items], device=device)
-                out[rows] = batch.decoded[index].to(device)
+                out[rows(batch.decoded_items)] = batch.decoded[index].to(device)
             images.append(out)
         return ImageBatch(positions, sha256, images, failed)
 
 
-def _by_shape(pictures: dict[int, torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
-    """Items grouped by picture size, so that each size is resized as one batch (an archive's images
-    mostly share a few sizes)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for k, picture in pictures.items():
-        groups.setdefault(tuple(picture.shape), []).append(k)
-    return groups
+def resize_all(preprocess: Preprocess, pictures: list[torch.Tensor]) -> torch.Tensor:
+    """Upright (3, H, W) uint8 pictures of any sizes through `preprocess.tensor_to_uint8`, each size as
+    one batch (an archive's images mostly share a few sizes): (N, 3, crop, crop) in their order."""
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for k, picture in enumerate(pictures):
+        by_size.setdefault(tuple(picture.shape), []).append(k)
+    shape = (len(pictures), 3, preprocess.crop, preprocess.crop)
+    out = torch.empty(shape, dtype=torch.uint8, device=pictures[0].device)
+    for ks in by_size.values():
+        out[ks] = preprocess.tensor_to_uint8(torch.stack([pictures[k] for k in ks]))
+    return out
 
 
 DECODERS: dict[str, type] = {"pil": PilDecoder, "torch": TorchDecoder}
@@ -304,6 +303,6 @@ DECODERS: dict[str, type] = {"pil": PilDecoder, "torch": TorchDecoder}
 
 AUTO_DECODE = "torch"
 """What `--decode auto` picks for a new store, on any device. On a GPU, nvJPEG lifts the bound of CPU
-decoding. On a CPU the workers decode with libjpeg-turbo and torch's resize, which did twice Pillow's
-images per core on 600x450 JPEGs, so `extract` ran 15-25 % faster on them and the same on 150 px ones,
-where the model bounds it (docs/results.md, bench/decode.py)."""
+decoding. On a CPU the workers decode with libjpeg-turbo and torch's vectorised resize, faster per core
+than Pillow, so `extract` ran faster on full-size JPEGs and no slower on small ones, where the model
+bounds it (docs/results.md, measured by bench/decode.py)."""

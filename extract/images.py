@@ -21,6 +21,7 @@ __all__ = [
     "MAX_PIXELS",
     "ImageError",
     "decode_image",
+    "failure_reason",
     "file_sha256",
     "load_image",
     "open_image",
@@ -44,6 +45,14 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 class ImageError(Exception):
     """An image that cannot be used; the message is the reason recorded under /failed."""
+
+
+def failure_reason(exc: Exception) -> str:
+    """The reason recorded for an image that raised `exc` while it was read: an ImageError's message, or
+    the unexpected error named (one odd file must never stop a long run, but must say what happened)."""
+    if isinstance(exc, ImageError):
+        return str(exc)
+    return f"unexpected error: {type(exc).__name__}: {exc}"
 
 
 def file_sha256(path: str | Path) -> str:

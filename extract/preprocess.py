@@ -55,8 +55,9 @@ class Preprocess:
         """An RGB picture as a (3, crop, crop) uint8 tensor (Pillow resizes: `extract --decode pil`)."""
         mode = InterpolationMode(self.interpolation)
         img = TF.resize(img, self.resized_size(img.height, img.width), interpolation=mode, antialias=True)
-        if self.crop_mode == "border":
-            img = _pad_to(img, self.crop, self.mean)
+        padding = self.border_padding(img.height, img.width)
+        if padding:
+            img = TF.pad(img, padding, fill=self.fill)
         img = TF.center_crop(img, [self.crop, self.crop])
         return TF.pil_to_tensor(img)
 
@@ -67,12 +68,9 @@ class Preprocess:
         height, width = batch.shape[-2:]
         mode = InterpolationMode(self.interpolation)
         batch = F2.resize(batch, self.resized_size(height, width), interpolation=mode, antialias=True)
-        if self.crop_mode == "border":
-            height, width = batch.shape[-2:]
-            dx, dy = max(self.crop - width, 0), max(self.crop - height, 0)
-            if dx or dy:
-                fill = [round(255 * v) for v in self.mean]
-                batch = F2.pad(batch, [dx // 2, dy // 2, (dx + 1) // 2, (dy + 1) // 2], fill=fill)
+        padding = self.border_padding(*batch.shape[-2:])
+        if padding:
+            batch = F2.pad(batch, padding, fill=list(self.fill))
         return F2.center_crop(batch, [self.crop, self.crop])
 
     def resized_size(self, height: int, width: int) -> int | list[int]:
@@ -84,6 +82,19 @@ class Preprocess:
             ratio = max(height, width) / self.resize
             return [round(height / ratio), round(width / ratio)]
         return self.resize
+
+    def border_padding(self, height: int, width: int) -> list[int] | None:
+        """`border` mode: the (left, top, right, bottom) padding that centres a resized picture smaller
+        than the crop in it (timm's CenterCropOrPad); None when nothing is padded."""
+        dx, dy = max(self.crop - width, 0), max(self.crop - height, 0)
+        if self.crop_mode != "border" or not (dx or dy):
+            return None
+        return [dx // 2, dy // 2, (dx + 1) // 2, (dy + 1) // 2]
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """The mean colour in 0-255, what `border` pads with."""
+        return tuple(round(255 * v) for v in self.mean)
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 to normalised float32 on the batch's device."""
@@ -99,16 +110,6 @@ class Preprocess:
         if self.crop_pct is None:
             del values["crop_pct"], values["crop_mode"]
         return values
-
-
-def _pad_to(img: Image.Image, size: int, mean: tuple[float, float, float]) -> Image.Image:
-    """Pad a picture smaller than `size` to it, centred, with the mean colour (timm's CenterCropOrPad)."""
-    width, height = img.size
-    if width >= size and height >= size:
-        return img
-    dx, dy = max(size - width, 0), max(size - height, 0)
-    fill = tuple(round(255 * v) for v in mean)
-    return TF.pad(img, [dx // 2, dy // 2, (dx + 1) // 2, (dy + 1) // 2], fill=fill)
 
 
 def _rot(k: int, flip: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -166,9 +166,8 @@ def test_write_explanations_writes_a_captioned_png_per_readable_image(made, tmp_
     images = [HAM / "images" / f"{i}.jpg" for i in _ids(made, "mel", 1) + _ids(made, "nv", 1)]
     occlusion = Occlusion(patch=112, stride=112)
     failed = {}
-    written = write_explanations(
-        made / head, [*images, broken], tmp_path / "out", device="cpu", occlusion=occlusion, failed=failed
-    )
+    explained = explain(made / head, [*images, broken], device="cpu", occlusion=occlusion, failed=failed)
+    written = write_explanations(explained, tmp_path / "out")
     assert [p.name for p in written] == [f"{p.stem}.png" for p in images]
     assert list(failed) == ["broken"] and "not an image" in failed["broken"]
     for path in written:
@@ -176,7 +175,7 @@ def test_write_explanations_writes_a_captioned_png_per_readable_image(made, tmp_
         assert png.size == (224, 224) and png.mode == "RGB"
         assert png.text["method"] == method and png.text["target"] == "mel"
         assert 0 <= float(png.text["probability"]) <= 1
-    done = explain(made / head, [broken, images[0]], device="cpu", occlusion=occlusion)
+    done = list(explain(made / head, [broken, images[0]], device="cpu", occlusion=occlusion))
     assert [(e.image_id, e.method) for e in done] == [(images[0].stem, method)]
     drawn = np.asarray(overlay(done[0]))
     assert (drawn[:12, :60] == 255).all(axis=-1).any(), "the caption is drawn on the picture"
